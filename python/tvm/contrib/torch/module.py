@@ -1,0 +1,105 @@
+"""``nn.Module`` wrappers around the ``torch.classes.tvm_class`` custom classes."""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+
+from ._library import load_runtime_library
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    raise ValueError(f"tvm.contrib.torch: unsupported device {device}; expected cpu or cuda")
+
+
+class _TvmModuleBase(torch.nn.Module):
+    """Shared behaviour of :class:`GraphModule` and :class:`VMModule`."""
+
+    _class_name = ""
+    __jit_unused_properties__ = ["device"]
+
+    def __init__(self, num_inputs: int, num_outputs: int, device=None):
+        super().__init__()
+        load_runtime_library()
+        if not isinstance(num_inputs, int) or num_inputs <= 0:
+            raise ValueError(f"num_inputs must be a positive int, got {num_inputs!r}")
+        if not isinstance(num_outputs, int) or num_outputs <= 0:
+            raise ValueError(f"num_outputs must be a positive int, got {num_outputs!r}")
+        device = torch.device(device if device is not None else "cpu")
+        # An empty buffer that nn.Module moves on .to()/.cuda()/.cpu(); _apply reads it to
+        # move the engine along.
+        self.register_buffer("_device_anchor", torch.empty(0, device=device), persistent=False)
+        cls = getattr(torch.classes.tvm_class, self._class_name)
+        self.engine = cls(num_inputs, num_outputs, _device_name(device))
+
+    def init(self, input_shapes: Sequence[Sequence[int]], lib_path: str, graph_path: str,
+             params_path: str) -> None:
+        """Load one compiled program from its exported files (the seed's API).
+
+        Parameters
+        ----------
+        input_shapes : list of list of int
+            The shape of each input the program was compiled for (checked against the graph).
+        lib_path, graph_path, params_path : str
+            The files written by :func:`tvm.contrib.torch.export.export_program`.
+        """
+        shapes = [[int(d) for d in shape] for shape in input_shapes]
+        self.engine.load_tvm_module(shapes, str(lib_path), str(graph_path), str(params_path))
+
+    def load_bytes(self, lib: bytes, graph: str, params: bytes) -> None:
+        """Load one compiled program from in-memory bytes."""
+        self.engine.load_tvm_module_from_bytes(
+            torch.frombuffer(bytearray(lib), dtype=torch.uint8),
+            graph,
+            torch.frombuffer(bytearray(params), dtype=torch.uint8)
+            if params else torch.empty(0, dtype=torch.uint8),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """The device the compiled programs run on."""
+        return self._device_anchor.device
+
+    def signatures(self) -> List[str]:
+        """Input signatures of the loaded programs."""
+        return list(self.engine.signatures())
+
+    def forward(self, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Run the compiled program that matches the inputs' shapes and dtypes."""
+        return self.engine.forward(inputs)
+
+    def _apply(self, fn, recurse=True):
+        ret = super()._apply(fn, recurse)
+        target = _device_name(self._device_anchor.device)
+        if self.engine.device() != target:
+            self.engine.to(target)
+        return ret
+
+
+class GraphModule(_TvmModuleBase):
+    """Static shapes: one compiled program per input signature (``TvmGraphModule``).
+
+    Parameters
+    ----------
+    num_inputs : int
+        Number of input tensors of ``forward``.
+    num_outputs : int
+        Number of output tensors ``forward`` returns.
+    device : str or torch.device, optional
+        ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``.
+    """
+
+    _class_name = "TvmGraphModule"
+
+
+class VMModule(_TvmModuleBase):
+    """Dynamic shapes: one compiled program with symbolic dims (``TvmVMModule``).
+
+    Parameters are those of :class:`GraphModule`.
+    """
+
+    _class_name = "TvmVMModule"

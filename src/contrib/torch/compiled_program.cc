@@ -1,0 +1,242 @@
+/*!
+ * \file compiled_program.cc
+ * \brief Loading a compiled Relax program from bytes and running it through the Relax VM.
+ */
+#include "compiled_program.h"
+
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <dlfcn.h>
+#include <link.h>
+#include <tvm/ffi/container/map.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/string.h>
+#include <unistd.h>
+
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+#include "tensor_bridge.h"
+
+namespace tvm_torch {
+namespace {
+
+/*! \brief Relax VM allocator kind: pooled (memory reused across calls). */
+constexpr int kPooledAllocator = 2;
+
+/*! \brief Convert a TVM FFI error raised inside `fn` into a c10::Error with context. */
+template <typename Fn>
+auto RethrowTvmErrors(const char* what, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const tvm::ffi::Error& err) {
+    TORCH_CHECK(false, "tvm_class: ", what, " failed: ", err.kind(), ": ", err.message());
+  }
+}
+
+/*! \brief Load libtvm_runtime_cuda.so (beside libtvm_runtime.so) once, for CUDA programs. */
+void EnsureCudaBackend() {
+  static std::once_flag once;
+  static std::string failure;
+  std::call_once(once, [] {
+    if (tvm::ffi::Function::GetGlobal("device_api.cuda").has_value()) return;
+    void* runtime = dlopen("libtvm_runtime.so", RTLD_LAZY | RTLD_NOLOAD);
+    char origin[PATH_MAX] = {0};
+    if (runtime == nullptr || dlinfo(runtime, RTLD_DI_ORIGIN, origin) != 0) {
+      failure = "libtvm_runtime.so is not loaded";
+      return;
+    }
+    std::string path = std::string(origin) + "/libtvm_runtime_cuda.so";
+    if (dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+      const char* reason = dlerror();
+      failure = "cannot load " + path + ": " + (reason ? reason : "unknown error");
+    }
+  });
+  TORCH_CHECK(failure.empty(), "tvm_class: TVM's CUDA runtime is unavailable (", failure, ")");
+}
+
+/*! \brief A private temp file holding compiled code, removed when this goes out of scope. */
+class TempCodeFile {
+ public:
+  explicit TempCodeFile(const std::string& bytes) {
+    const char* dir = std::getenv("TMPDIR");
+    path_ = std::string(dir && *dir ? dir : "/tmp") + "/tvm_torch_code_XXXXXX.so";
+    int fd = mkstemps(path_.data(), 3);  // unique, unpredictable name, mode 0600
+    TORCH_CHECK(fd >= 0, "tvm_class: cannot create a temp file for compiled code in ",
+                dir && *dir ? dir : "/tmp", ": ", std::strerror(errno));
+    size_t written = 0;
+    while (written < bytes.size()) {
+      ssize_t n = write(fd, bytes.data() + written, bytes.size() - written);
+      if (n <= 0) {
+        int err = errno;
+        close(fd);
+        unlink(path_.c_str());
+        TORCH_CHECK(false, "tvm_class: cannot write compiled code to ", path_, ": ",
+                    std::strerror(err));
+      }
+      written += static_cast<size_t>(n);
+    }
+    close(fd);
+  }
+  ~TempCodeFile() { unlink(path_.c_str()); }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+/*! \brief Make the caller's current torch CUDA stream TVM's stream for the device. */
+class ScopedTvmStream {
+ public:
+  explicit ScopedTvmStream(const c10::Device& device) : device_(device) {
+    if (!device.is_cuda()) return;
+    const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    void* stream = impl->getStream(device).native_handle();
+    TVMFFIEnvSetStream(kDLCUDA, device.index(), stream, &previous_);
+    active_ = true;
+  }
+  ~ScopedTvmStream() {
+    if (active_) TVMFFIEnvSetStream(kDLCUDA, device_.index(), previous_, nullptr);
+  }
+
+ private:
+  c10::Device device_;
+  TVMFFIStreamHandle previous_ = nullptr;
+  bool active_ = false;
+};
+
+}  // namespace
+
+std::string ReadFileBytes(const std::string& path, const char* what) {
+  std::ifstream in(path, std::ios::binary);
+  TORCH_CHECK(in.good(), "tvm_class: cannot open the ", what, " file '", path, "'");
+  std::ostringstream os;
+  os << in.rdbuf();
+  TORCH_CHECK(!in.bad(), "tvm_class: error reading the ", what, " file '", path, "'");
+  return os.str();
+}
+
+static tvm::ffi::Module LoadExecutable(const std::string& lib, const c10::Device& device) {
+  TORCH_CHECK(!lib.empty(), "tvm_class: the compiled library is empty");
+  if (device.is_cuda()) EnsureCudaBackend();
+  TempCodeFile file(lib);
+  return RethrowTvmErrors("loading the compiled library",
+                          [&] { return tvm::ffi::Module::LoadFromFile(file.path()); });
+}
+
+CompiledProgram::CompiledProgram(ProgramBlobs blobs, c10::Device device)
+    : blobs_(std::move(blobs)),
+      manifest_(ProgramManifest::Parse(blobs_.graph)),
+      device_(device),
+      executable_(LoadExecutable(blobs_.lib, device_)) {
+  LoadParams();
+  ReleaseVM(NewVM());  // fail at load time, not at the first call, if the VM cannot start
+}
+
+CompiledProgram::~CompiledProgram() = default;
+
+std::unique_ptr<CompiledProgram::VMInstance> CompiledProgram::NewVM() const {
+  return RethrowTvmErrors("starting the Relax VM", [&] {
+    auto load = executable_->GetFunction("vm_load_executable");
+    TORCH_CHECK(load.has_value(), "tvm_class: the library holds no Relax VM executable");
+    auto vm = (*load)().cast<tvm::ffi::Module>();
+    DLDevice dev = ToDLDevice(device_);
+    auto init = vm->GetFunction("vm_initialization").value();
+    if (dev.device_type == kDLCPU) {
+      init(static_cast<int>(kDLCPU), 0, kPooledAllocator);
+    } else {
+      init(static_cast<int>(dev.device_type), dev.device_id, kPooledAllocator,
+           static_cast<int>(kDLCPU), 0, kPooledAllocator);
+    }
+    auto entry = vm->GetFunction(manifest_.entry);
+    TORCH_CHECK(entry.has_value(), "tvm_class: the compiled library has no function '",
+                manifest_.entry, "'");
+    return std::make_unique<VMInstance>(VMInstance{vm, *entry});
+  });
+}
+
+std::unique_ptr<CompiledProgram::VMInstance> CompiledProgram::AcquireVM() {
+  {
+    std::lock_guard<std::mutex> lock(pool_mutex_);
+    if (!idle_vms_.empty()) {
+      auto vm = std::move(idle_vms_.back());
+      idle_vms_.pop_back();
+      return vm;
+    }
+  }
+  return NewVM();
+}
+
+void CompiledProgram::ReleaseVM(std::unique_ptr<VMInstance> vm) {
+  std::lock_guard<std::mutex> lock(pool_mutex_);
+  idle_vms_.push_back(std::move(vm));
+}
+
+void CompiledProgram::LoadParams() {
+  if (manifest_.param_names.empty()) return;
+  auto loaded = RethrowTvmErrors("loading params", [&] {
+    auto load = tvm::ffi::Function::GetGlobalRequired("runtime.LoadParams");
+    return load(tvm::ffi::Bytes(blobs_.params)).cast<tvm::ffi::Map<tvm::ffi::String, tvm::ffi::Tensor>>();
+  });
+  std::vector<tvm::ffi::Tensor> raw;
+  for (const std::string& name : manifest_.param_names) {
+    auto it = loaded.find(tvm::ffi::String(name));
+    TORCH_CHECK(it != loaded.end(), "tvm_class: the params blob has no param '", name,
+                "' that the graph manifest lists");
+    at::Tensor host = ToTorchTensor((*it).second);
+    raw.push_back(ToTvmTensor(device_.is_cpu() ? host : host.to(device_)));
+  }
+  if (manifest_.transform_params.empty()) {
+    params_ = std::move(raw);
+    return;
+  }
+  // Prepare params once (weight prepacking, layout changes) with the program's own function.
+  auto vm = NewVM();
+  c10::OptionalDeviceGuard guard(device_.is_cuda() ? std::make_optional(device_) : std::nullopt);
+  ScopedTvmStream stream(device_);
+  tvm::ffi::Any result = RethrowTvmErrors("preparing params", [&] {
+    auto fn = vm->vm->GetFunction(manifest_.transform_params);
+    TORCH_CHECK(fn.has_value(), "tvm_class: the compiled library has no function '",
+                manifest_.transform_params, "'");
+    std::vector<tvm::ffi::AnyView> args(raw.begin(), raw.end());
+    tvm::ffi::Any rv;
+    fn.value().CallPacked(args.data(), static_cast<int32_t>(args.size()), &rv);
+    return rv;
+  });
+  std::vector<at::Tensor> prepared;
+  FlattenOutputs(result, &prepared);
+  for (const at::Tensor& t : prepared) params_.push_back(ToTvmTensor(t));
+}
+
+std::vector<at::Tensor> CompiledProgram::Run(const std::vector<at::Tensor>& inputs) {
+  std::vector<tvm::ffi::Tensor> tvm_inputs;
+  tvm_inputs.reserve(inputs.size());
+  for (const at::Tensor& t : inputs) tvm_inputs.push_back(ToTvmTensor(t));
+  std::vector<tvm::ffi::AnyView> args;
+  args.reserve(tvm_inputs.size() + params_.size());
+  for (const auto& t : tvm_inputs) args.emplace_back(t);
+  for (const auto& t : params_) args.emplace_back(t);
+
+  c10::OptionalDeviceGuard guard(device_.is_cuda() ? std::make_optional(device_) : std::nullopt);
+  ScopedTvmStream stream(device_);
+  std::unique_ptr<VMInstance> vm = AcquireVM();
+  tvm::ffi::Any result;
+  try {
+    vm->entry.CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
+  } catch (const tvm::ffi::Error& err) {
+    ReleaseVM(std::move(vm));
+    TORCH_CHECK(false, "tvm_class: running the compiled program failed: ", err.kind(), ": ",
+                err.message());
+  }
+  ReleaseVM(std::move(vm));
+  std::vector<at::Tensor> outputs;
+  outputs.reserve(static_cast<size_t>(manifest_.num_outputs));
+  FlattenOutputs(result, &outputs);
+  return outputs;
+}
+
+}  // namespace tvm_torch

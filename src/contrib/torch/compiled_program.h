@@ -1,0 +1,76 @@
+/*!
+ * \file compiled_program.h
+ * \brief One TVM-compiled Relax program loaded for one device: its code, its params,
+ *        and a pool of Relax VM instances so that concurrent callers never share one.
+ */
+#ifndef TVM_CONTRIB_TORCH_COMPILED_PROGRAM_H_
+#define TVM_CONTRIB_TORCH_COMPILED_PROGRAM_H_
+
+#include <ATen/ATen.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "program_manifest.h"
+
+namespace tvm_torch {
+
+/*! \brief The three artifacts of an export: compiled code, graph manifest, params. */
+struct ProgramBlobs {
+  /*! \brief Bytes of the shared library written by Executable.export_library. */
+  std::string lib;
+  /*! \brief The graph manifest (JSON text). */
+  std::string graph;
+  /*! \brief Params in TVM's param-dict format (runtime.SaveParams). */
+  std::string params;
+};
+
+/*! \brief Read a whole file into memory; throws c10::Error naming the file on failure. */
+std::string ReadFileBytes(const std::string& path, const char* what);
+
+/*! \brief A compiled program ready to run on one device. Thread-safe. */
+class CompiledProgram {
+ public:
+  /*! \brief Load code and params for a device. Throws c10::Error with the reason on failure. */
+  CompiledProgram(ProgramBlobs blobs, c10::Device device);
+  ~CompiledProgram();
+
+  CompiledProgram(const CompiledProgram&) = delete;
+  CompiledProgram& operator=(const CompiledProgram&) = delete;
+
+  /*! \brief Run the entry function; inputs must already match the manifest's signature. */
+  std::vector<at::Tensor> Run(const std::vector<at::Tensor>& inputs);
+
+  const ProgramManifest& manifest() const { return manifest_; }
+  const ProgramBlobs& blobs() const { return blobs_; }
+
+ private:
+  /*! \brief One Relax VM with its cached entry function; used by one caller at a time. */
+  struct VMInstance {
+    tvm::ffi::Module vm;
+    tvm::ffi::Function entry;
+  };
+
+  std::unique_ptr<VMInstance> NewVM() const;
+  std::unique_ptr<VMInstance> AcquireVM();
+  void ReleaseVM(std::unique_ptr<VMInstance> vm);
+  void LoadParams();
+
+  ProgramBlobs blobs_;
+  ProgramManifest manifest_;
+  c10::Device device_;
+  tvm::ffi::Module executable_;
+  /*! \brief Trailing arguments of the entry function (params, prepared when needed). */
+  std::vector<tvm::ffi::Tensor> params_;
+  std::mutex pool_mutex_;
+  std::vector<std::unique_ptr<VMInstance>> idle_vms_;
+};
+
+}  // namespace tvm_torch
+
+#endif  // TVM_CONTRIB_TORCH_COMPILED_PROGRAM_H_

@@ -1,0 +1,58 @@
+/*!
+ * \file register_classes.cc
+ * \brief All TorchScript registration of the tvm_class library, in one place.
+ */
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include "state_format.h"
+#include "tvm_module.h"
+
+namespace tvm_torch {
+namespace {
+
+template <typename Module>
+void RegisterModuleClass(torch::Library& lib, const char* name) {
+  // Methods live on the shared base class; TorchScript needs `self` typed as the registered
+  // class, hence the lambdas.
+  using Self = c10::intrusive_ptr<Module>;
+  lib.class_<Module>(name)
+      .def(torch::init<int64_t, int64_t, std::string>())
+      .def("load_tvm_module",
+           [](const Self& self, std::vector<std::vector<int64_t>> input_shapes,
+              std::string lib_path, std::string graph_path, std::string params_path) {
+             self->LoadTvmModule(input_shapes, lib_path, graph_path, params_path);
+           })
+      .def("load_tvm_module_from_bytes",
+           [](const Self& self, at::Tensor lib, std::string graph, at::Tensor params) {
+             self->LoadTvmModuleFromBytes(lib, graph, params);
+           })
+      .def("forward",
+           [](const Self& self, std::vector<at::Tensor> inputs) { return self->Forward(inputs); })
+      .def("to", [](const Self& self, std::string device) { self->To(device); })
+      .def("device", [](const Self& self) { return self->Device(); })
+      .def("signatures", [](const Self& self) { return self->Signatures(); })
+      .def("num_inputs", [](const Self& self) { return self->NumInputs(); })
+      .def("num_outputs", [](const Self& self) { return self->NumOutputs(); })
+      .def_pickle(
+          [](const c10::intrusive_ptr<Module>& self) -> SerializedState {
+            return self->Serialize();
+          },
+          [](SerializedState state) -> c10::intrusive_ptr<Module> {
+            ModuleState decoded = DecodeState(state);
+            auto module = c10::make_intrusive<Module>(decoded.num_inputs, decoded.num_outputs,
+                                                      decoded.device);
+            module->Restore(std::move(decoded));
+            return module;
+          });
+}
+
+}  // namespace
+}  // namespace tvm_torch
+
+TORCH_LIBRARY(tvm_class, m) {
+  tvm_torch::RegisterModuleClass<tvm_torch::TvmGraphModule>(
+      m, "TvmGraphModule");  // static shapes: one compiled program per input signature
+  tvm_torch::RegisterModuleClass<tvm_torch::TvmVMModule>(
+      m, "TvmVMModule");  // one compiled program with symbolic input dims
+}

@@ -1,0 +1,119 @@
+/*!
+ * \file tvm_module.h
+ * \brief The TorchScript custom classes TvmGraphModule (one program per static input
+ *        signature) and TvmVMModule (one program with symbolic dims).
+ */
+#ifndef TVM_CONTRIB_TORCH_TVM_MODULE_H_
+#define TVM_CONTRIB_TORCH_TVM_MODULE_H_
+
+#include <torch/custom_class.h>
+
+#include <map>
+#include <memory>
+#include <shared_mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "compiled_program.h"
+#include "state_format.h"
+
+namespace tvm_torch {
+
+/*! \brief Pickled state: (format version, header JSON, blobs as uint8 CPU tensors). */
+using SerializedState = std::tuple<int64_t, std::string, std::vector<at::Tensor>>;
+
+/*! \brief Shared behaviour of both custom classes. */
+class TvmModule : public torch::CustomClassHolder {
+ public:
+  TvmModule(int64_t num_inputs, int64_t num_outputs, const std::string& device);
+
+  /*! \brief Seed API: load one compiled program from its three exported files. */
+  void LoadTvmModule(const std::vector<std::vector<int64_t>>& input_shapes,
+                     const std::string& lib_path, const std::string& graph_path,
+                     const std::string& params_path);
+
+  /*! \brief Load one compiled program from in-memory bytes (uint8 CPU tensors for binaries). */
+  void LoadTvmModuleFromBytes(const at::Tensor& lib, const std::string& graph,
+                              const at::Tensor& params);
+
+  /*! \brief Run the program that matches the inputs' shapes and dtypes. */
+  std::vector<at::Tensor> Forward(const std::vector<at::Tensor>& inputs);
+
+  /*! \brief Move to another device, reloading every program for it. */
+  void To(const std::string& device);
+
+  /*! \brief The device as "cpu" or "cuda:N". */
+  std::string Device() const;
+
+  /*! \brief Signatures of the loaded programs, e.g. "(float32[1, 3, 224, 224])". */
+  std::vector<std::string> Signatures() const;
+
+  int64_t NumInputs() const { return num_inputs_; }
+  int64_t NumOutputs() const { return num_outputs_; }
+
+  /*! \brief Self-contained, versioned state for def_pickle. */
+  SerializedState Serialize() const;
+
+  /*! \brief Load the programs of a decoded state written by Serialize(). */
+  void Restore(ModuleState state);
+
+  /*! \brief Name of the registered class ("TvmGraphModule" or "TvmVMModule"). */
+  virtual const char* ClassName() const = 0;
+
+ protected:
+  /*! \brief Accept or reject a newly loaded program (called under the write lock). */
+  virtual void AddProgram(std::shared_ptr<CompiledProgram> program) = 0;
+  /*! \brief Pick the program for these inputs or throw a message listing what is loaded. */
+  virtual std::shared_ptr<CompiledProgram> Select(const std::vector<at::Tensor>& inputs) const = 0;
+  /*! \brief All loaded programs, in load order. */
+  virtual std::vector<std::shared_ptr<CompiledProgram>> Programs() const = 0;
+  /*! \brief Drop every loaded program. */
+  virtual void ClearPrograms() = 0;
+
+  void Load(ProgramBlobs blobs, const std::vector<std::vector<int64_t>>* expected_shapes);
+  std::string SignatureList() const;
+
+  int64_t num_inputs_;
+  int64_t num_outputs_;
+  c10::Device device_;
+  /*! \brief Readers: forward. Writers: load, to(). */
+  mutable std::shared_mutex mutex_;
+};
+
+/*! \brief Static shapes: one compiled program per input signature, in a signature-keyed map. */
+class TvmGraphModule : public TvmModule {
+ public:
+  using TvmModule::TvmModule;
+  const char* ClassName() const override { return "TvmGraphModule"; }
+
+ protected:
+  void AddProgram(std::shared_ptr<CompiledProgram> program) override;
+  std::shared_ptr<CompiledProgram> Select(const std::vector<at::Tensor>& inputs) const override;
+  std::vector<std::shared_ptr<CompiledProgram>> Programs() const override;
+  void ClearPrograms() override;
+
+ private:
+  std::map<std::string, std::shared_ptr<CompiledProgram>> by_signature_;
+  std::vector<std::string> load_order_;
+};
+
+/*! \brief Dynamic shapes: one compiled program whose inputs have symbolic dims. */
+class TvmVMModule : public TvmModule {
+ public:
+  using TvmModule::TvmModule;
+  const char* ClassName() const override { return "TvmVMModule"; }
+
+ protected:
+  void AddProgram(std::shared_ptr<CompiledProgram> program) override;
+  std::shared_ptr<CompiledProgram> Select(const std::vector<at::Tensor>& inputs) const override;
+  std::vector<std::shared_ptr<CompiledProgram>> Programs() const override;
+  void ClearPrograms() override;
+
+ private:
+  std::shared_ptr<CompiledProgram> program_;
+};
+
+}  // namespace tvm_torch
+
+#endif  // TVM_CONTRIB_TORCH_TVM_MODULE_H_

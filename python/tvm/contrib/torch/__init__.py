@@ -1,9 +1,28 @@
-"""tvm.contrib.torch (PyTorchTVM): compile PyTorch models with TVM, run them in TorchScript."""
+"""tvm.contrib.torch (PyTorchTVM): compile PyTorch models with TVM, run them in TorchScript.
+
+The pipeline, one module per step: :mod:`.frontend` (model -> Relax), :mod:`.passes`
+(Relax optimisations), :mod:`.vendor_kernels` (oneDNN/MKL offload on CPU), :mod:`.tuning`
+(MetaSchedule), :mod:`.build` (targets, schedules, compilation), :mod:`.export` (files),
+:mod:`.module` (``nn.Module`` wrappers of the ``torch.classes.tvm_class`` runtime classes)
+and :mod:`.compiler` (``compile`` / ``PyTorchTVMModule``).
+"""
 from __future__ import annotations
 
 from ._library import load_runtime_library, runtime_library_path
-from .module import GraphModule, VMModule
 
 load_runtime_library()
 
-__all__ = ["GraphModule", "VMModule", "load_runtime_library", "runtime_library_path"]
+# pylint: disable=wrong-import-position
+from .compiler import PyTorchTVMModule, compile  # noqa: E402  pylint: disable=redefined-builtin
+from .frontend import ConversionError  # noqa: E402
+from .module import GraphModule, VMModule  # noqa: E402
+
+__all__ = [
+    "ConversionError",
+    "GraphModule",
+    "PyTorchTVMModule",
+    "VMModule",
+    "compile",
+    "load_runtime_library",
+    "runtime_library_path",
+]

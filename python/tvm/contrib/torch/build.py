@@ -1,0 +1,170 @@
+"""Build: targets and the Relax-to-executable pipelines for CPU and CUDA.
+
+The CPU pipeline is TVM's generic CPU pipeline with a default schedule for every TIR
+function (TVM 0.27 leaves CPU kernels unscheduled: single-threaded scalar loops): dlight's
+CPU GEMV and reduction rules, then :class:`ParallelVectorizeFallback` for the rest. The CUDA
+pipeline is TVM's CUDA pipeline, whose dlight rules give every kernel a GPU schedule.
+Functions already scheduled (tuned with MetaSchedule) are left as they are.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Optional, Union
+
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule, get_extent
+from tvm.target.codegen import llvm_get_vector_width
+
+logger = logging.getLogger(__name__)
+
+
+def host_cpu_target(num_cores: Optional[int] = None) -> tvm.target.Target:
+    """The LLVM target for this machine: its CPU model (features included) and core count."""
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    cores = num_cores or len(os.sched_getaffinity(0))
+    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": int(cores)})
+
+
+def cuda_target(arch: Optional[str] = None) -> tvm.target.Target:
+    """A CUDA target for ``arch`` (``"sm_90"``), by default the current GPU's."""
+    if arch is None:
+        import torch  # pylint: disable=import-outside-toplevel
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            arch = f"sm_{major}{minor}"
+        else:
+            arch = "sm_80"
+    return tvm.target.Target({"kind": "cuda", "arch": arch}, host=host_cpu_target())
+
+
+def resolve_target(target: Union[None, str, Dict[str, Any], tvm.target.Target],
+                   device: str) -> tvm.target.Target:
+    """Turn the ``target`` option into a Target (default: from ``device``)."""
+    if target is None:
+        return cuda_target() if device.startswith("cuda") else host_cpu_target()
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, str):
+        if target in ("llvm", "cpu"):
+            return host_cpu_target()
+        if target == "cuda":
+            return cuda_target()
+        return tvm.target.Target({"kind": target})
+    return tvm.target.Target(target)
+
+
+def is_cuda(target: tvm.target.Target) -> bool:
+    """Whether the target generates CUDA kernels."""
+    return target.kind.name == "cuda"
+
+
+#: Blocks with fewer iterations than this run single-threaded (a parallel launch costs more).
+PARALLEL_MIN_ITERATIONS = 16384
+
+
+class ParallelVectorizeFallback(ScheduleRule):
+    """Default CPU schedule for functions no other rule took.
+
+    Elementwise producers are inlined into their consumers; in every remaining block the
+    leading spatial loops are fused and parallelised (when the block is big enough to pay for
+    a parallel launch) and, in purely spatial blocks, the innermost loop is vectorised.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _: bool):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        for info in infos[:-1]:
+            if info.is_injective():
+                try:
+                    sch.compute_inline(info.block_rv)
+                except Exception:  # pylint: disable=broad-except
+                    pass  # not inlinable (e.g. read with a stride): keep it as its own loop nest
+        infos = normalize_prim_func(sch) or []
+        lanes = max(llvm_get_vector_width(target) // 32, 4)
+        for info in infos:
+            try:
+                _parallel_vectorize(sch, info, lanes)
+            except Exception:  # pylint: disable=broad-except
+                logger.debug("fallback schedule skipped block %s", info.name, exc_info=True)
+        return sch
+
+
+def _parallel_vectorize(sch: s_tir.Schedule, info, lanes: int) -> None:
+    kinds = info.dom_kind()
+    leading = len(kinds) - len(kinds.lstrip("S"))
+    loops = sch.get_loops(info.block_rv)
+    if leading == 0 or not loops or len(loops) != len(kinds):
+        return
+    extents = [get_extent(sch, loop) for loop in loops]
+    static = all(isinstance(e, int) for e in extents)
+    total = 1
+    for e in extents:
+        total *= e if isinstance(e, int) else PARALLEL_MIN_ITERATIONS
+    pure_spatial = leading == len(loops)
+    if pure_spatial:
+        inner = loops[-1]
+        if isinstance(extents[-1], int) and extents[-1] >= lanes:
+            inner_outer, vec = sch.split(inner, factors=[None, lanes])
+            sch.vectorize(vec)
+            loops = loops[:-1] + [inner_outer]
+    if total >= PARALLEL_MIN_ITERATIONS or not static:
+        outer = sch.fuse(*loops[:leading]) if leading > 1 else loops[0]
+        sch.parallel(outer)
+
+
+def cpu_schedule_pass() -> tvm.transform.Pass:
+    """dlight's CPU rules, then the fallback, for every unscheduled TIR function."""
+    return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction(), ParallelVectorizeFallback())
+
+
+def build_pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
+    """The Relax-to-VM pipeline for ``target``.
+
+    Parameters
+    ----------
+    target : tvm.target.Target
+        CPU (llvm) or CUDA.
+    database : tvm.s_tir.meta_schedule.Database, optional
+        Tuning records to apply to the kernels before default schedules.
+    """
+    backend = relax.backend.cuda.pipeline if is_cuda(target) else relax.backend.cpu_generic.pipeline
+    if is_cuda(target):
+        schedule = [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                            dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+    else:
+        schedule = [cpu_schedule_pass()]
+    tuned = [relax.transform.MetaScheduleApplyDatabase()] if database is not None else []
+
+    @tvm.transform.module_pass(opt_level=0, name="TvmTorchCPUPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                backend.library_dispatch_passes(target)
+                # The generic legalization (the CUDA one applies dlight inside it, before
+                # tuning records could be applied).
+                + relax.backend.cpu_generic.pipeline.legalize_passes(target)
+                + tuned
+                + schedule
+                + backend.dataflow_lower_passes(target)
+                + backend.finalize_passes(target))
+            if database is not None:
+                with database:
+                    return seq(mod)
+            return seq(mod)
+
+    return _pipeline
+
+
+def build(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> relax.Executable:
+    """Compile a prepared Relax module (see :mod:`tvm.contrib.torch.passes`) for ``target``."""
+    with target:
+        return tvm.compile(mod, target=target, relax_pipeline=build_pipeline(target, database))

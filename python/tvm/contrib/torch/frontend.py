@@ -1,0 +1,215 @@
+"""Frontend: from a PyTorch model (TorchScript, ``nn.Module`` or ``ExportedProgram``) to Relax.
+
+TorchScript goes through torch's TorchScript-to-ExportedProgram converter, re-traced with the
+shapes we ask for (static, or the user's named dims); an ``nn.Module`` goes through
+``torch.export``. The ``ExportedProgram`` is decomposed to core ATen (with our decompositions
+of the fused transformer fast-path ops) and imported with TVM's
+``from_exported_program``. Unsupported operators are reported by name, with where in the model
+they come from, before TVM's importer is reached.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import tvm
+from torch._export.converter import TS2EPConverter
+from tvm import relax
+from tvm.relax.frontend import detach_params
+from tvm.relax.frontend.torch import from_exported_program
+from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+from .decompositions import decomposition_table
+
+logger = logging.getLogger(__name__)
+
+
+class ConversionError(RuntimeError):
+    """A model could not be converted to Relax; the message names the operators and places."""
+
+
+class _ShapedTS2EPConverter(TS2EPConverter):
+    """TS2EPConverter that re-traces with the dynamic shapes we choose (static by default)."""
+
+    def __init__(self, ts_model, sample_args, dynamic_shapes=None):
+        super().__init__(ts_model, sample_args)
+        self._dynamic_shapes = dynamic_shapes
+
+    def retrace_as_exported_program(self, gm, name_to_constant):
+        ep = torch.export._trace._export(  # pylint: disable=protected-access
+            gm, self.sample_args, dynamic_shapes=self._dynamic_shapes, strict=False,
+            pre_dispatch=True)
+        ep._constants.update(  # pylint: disable=protected-access
+            {k: v for k, v in name_to_constant.items()
+             if isinstance(v, (torch.Tensor, torch.ScriptObject))})
+        return ep
+
+
+@contextlib.contextmanager
+def _inference_mode_for_export():
+    """Disable the MHA fast path while torch.export traces a plain nn.Module."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def _dynamic_shapes_spec(num_inputs: int, dims: Optional[Sequence[Dict[int, Any]]]):
+    if dims is None:
+        return None
+    return tuple(dims[i] if dims[i] else None for i in range(num_inputs))
+
+
+def _freeze_script(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """Freeze a scripted module so attribute-dependent branches fold away."""
+    frozen = torch.jit.freeze(module.eval()) if not module.training else module
+    return frozen
+
+
+def to_exported_program(
+    model: Any,
+    example_inputs: Sequence[torch.Tensor],
+    dynamic_dims: Optional[Sequence[Dict[int, Any]]] = None,
+) -> torch.export.ExportedProgram:
+    """Turn a model into an ``ExportedProgram`` traced at the example inputs.
+
+    Parameters
+    ----------
+    model : torch.jit.ScriptModule, torch.nn.Module or torch.export.ExportedProgram
+        The model. TorchScript modules (traced or scripted) are converted with torch's
+        TorchScript-to-ExportedProgram converter.
+    example_inputs : sequence of torch.Tensor
+        One tensor per model input.
+    dynamic_dims : sequence of dict, optional
+        Per input, ``{dim_index: torch.export.Dim}`` for dims that stay symbolic.
+
+    Returns
+    -------
+    torch.export.ExportedProgram
+    """
+    args = tuple(example_inputs)
+    dynamic_shapes = _dynamic_shapes_spec(len(args), dynamic_dims)
+    if isinstance(model, torch.export.ExportedProgram):
+        return model
+    if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+        try:
+            with torch.no_grad():
+                return _ShapedTS2EPConverter(model, args, dynamic_shapes).convert()
+        except Exception as first_error:  # pylint: disable=broad-except
+            if not isinstance(model, torch.jit.ScriptModule):
+                raise _ts_conversion_error(model, first_error) from first_error
+            # Scripted modules keep every branch of their Python source (training flags,
+            # fast-path checks); freezing folds the attribute-dependent ones. Retry on that.
+            try:
+                frozen = _freeze_script(model)
+                with torch.no_grad():
+                    return _ShapedTS2EPConverter(frozen, args, dynamic_shapes).convert()
+            except Exception:  # pylint: disable=broad-except
+                raise _ts_conversion_error(model, first_error) from first_error
+    if isinstance(model, torch.nn.Module):
+        with torch.no_grad(), _inference_mode_for_export():
+            return torch.export.export(model.eval(), args, dynamic_shapes=dynamic_shapes,
+                                       strict=False)
+    raise TypeError(
+        "tvm.contrib.torch: expected a torch.jit.ScriptModule (traced or scripted), a "
+        f"torch.nn.Module or a torch.export.ExportedProgram, got {type(model).__name__}")
+
+
+def _ts_conversion_error(model, error: Exception) -> ConversionError:
+    detail = ""
+    try:
+        detail = TS2EPConverter(model, ()).explain(print_output=False)
+    except Exception:  # pylint: disable=broad-except
+        pass
+    hint = f"\n{detail}" if detail and detail != "Success!" else ""
+    return ConversionError(
+        f"tvm.contrib.torch: torch could not convert the TorchScript module to an "
+        f"ExportedProgram: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        f"{hint}\nTracing the model (torch.jit.trace) or passing the nn.Module itself avoids "
+        "most TorchScript-only constructs.")
+
+
+def _node_origin(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, kind = list(stack.values())[-1]
+        kind_name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+        return f"{path or '<root>'} ({kind_name.split('.')[-1]})"
+    trace = node.meta.get("stack_trace")
+    if trace:
+        return trace.strip().splitlines()[-1].strip()
+    return "<unknown location>"
+
+
+def unsupported_operators(ep: torch.export.ExportedProgram) -> Dict[str, List[str]]:
+    """Operators of a decomposed program that TVM's importer has no converter for.
+
+    Returns
+    -------
+    dict of str to list of str
+        Operator name to the places in the model where it occurs.
+    """
+    supported = ExportedProgramImporter().convert_map
+    missing: Dict[str, List[str]] = {}
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if name not in supported:
+            missing.setdefault(name, []).append(_node_origin(node))
+    return missing
+
+
+def decompose(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """Decompose to core ATen, including the fused transformer fast-path ops."""
+    return ep.run_decompositions(decomposition_table())
+
+
+def to_relax(ep: torch.export.ExportedProgram) -> Tuple[tvm.IRModule, List[tvm.runtime.Tensor]]:
+    """Import a decomposed ``ExportedProgram`` into Relax.
+
+    Returns
+    -------
+    mod : tvm.IRModule
+        ``main(*inputs, *params)`` with ``num_input`` set.
+    params : list of tvm.runtime.Tensor
+        The values of the params, in order.
+    """
+    missing = unsupported_operators(ep)
+    if missing:
+        lines = [f"  {op}: used at {', '.join(sorted(set(places))[:3])}"
+                 for op, places in sorted(missing.items())]
+        raise ConversionError(
+            "tvm.contrib.torch: TVM cannot convert these operators yet:\n" + "\n".join(lines))
+    mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False)
+    mod, params = detach_params(mod)
+    return mod, list(params.get("main", []))
+
+
+def input_names(ep: torch.export.ExportedProgram) -> List[str]:
+    """User input names of an exported program."""
+    return [spec.arg.name for spec in ep.graph_signature.input_specs
+            if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+
+
+def relax_input_count(mod: tvm.IRModule) -> int:
+    """Number of user inputs of ``main`` (the rest are params)."""
+    return int(mod["main"].attrs["num_input"])
+
+
+__all__ = [
+    "ConversionError",
+    "decompose",
+    "input_names",
+    "relax_input_count",
+    "to_exported_program",
+    "to_relax",
+    "unsupported_operators",
+]
+
+# ``relax`` is re-exported for type annotations of callers.
+_ = relax

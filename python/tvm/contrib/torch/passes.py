@@ -1,0 +1,226 @@
+"""Relax passes between the frontend and the build.
+
+``prepare_for_build`` is the pipeline: bind shapes and params, fold batch norm into
+convolutions, simplify, convert to float16 when asked, and finally lift the (folded,
+converted) weights back out as params so that the exported library holds code and the
+params file holds weights.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+logger = logging.getLogger(__name__)
+
+#: Constants with at least this many elements become params; smaller ones stay in the code.
+LIFT_MIN_ELEMENTS = 16
+
+
+def bind_input_shapes(mod: tvm.IRModule, shapes: Sequence[Sequence[object]]) -> tvm.IRModule:
+    """Bind the symbolic dims of ``main``'s inputs to the given shapes.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        The imported module.
+    shapes : sequence of sequence of int or str
+        Per input, each dim is an int (static) or a str (a symbolic dim of that name).
+    """
+    func = mod["main"]
+    binding: Dict[tirx.Var, object] = {}
+    named: Dict[str, tirx.Var] = {}
+    for param, shape in zip(func.params, shapes):
+        ty = param.ty
+        dims = list(ty.shape.values) if ty.shape is not None else []
+        if len(dims) != len(shape):
+            raise ValueError(f"input '{param.name}' has rank {len(dims)} in the model but "
+                             f"{len(shape)} in input_infos ({list(shape)})")
+        for dim, want in zip(dims, shape):
+            if isinstance(want, str):
+                named.setdefault(want, tirx.Var(want, "int64"))
+                target = named[want]
+            else:
+                target = tirx.IntImm("int64", int(want))
+            if isinstance(dim, tirx.Var):
+                if dim in binding and not _same(binding[dim], target):
+                    raise ValueError(
+                        f"input_infos gives dim '{dim.name}' of the model two values: "
+                        f"{binding[dim]} and {target}")
+                binding[dim] = target
+            elif isinstance(dim, tirx.IntImm) and not isinstance(want, str):
+                if int(dim) != int(want):
+                    raise ValueError(f"input '{param.name}' has a fixed dim {int(dim)} in "
+                                     f"the model but input_infos asks for {want}")
+    if binding:
+        mod = relax.transform.BindSymbolicVars(binding, "main")(mod)
+    return mod
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, tirx.IntImm) and isinstance(b, tirx.IntImm):
+        return int(a) == int(b)
+    return a.same_as(b)
+
+
+def bind_params(mod: tvm.IRModule, params: Sequence[tvm.runtime.Tensor]) -> tvm.IRModule:
+    """Make the params of ``main`` (after its ``num_input`` inputs) constants."""
+    func = mod["main"]
+    num_input = int(func.attrs["num_input"])
+    names = {p.name: value for p, value in zip(func.params[num_input:], params)}
+    mod = relax.transform.BindParams("main", names)(mod)
+    return mod
+
+
+def simplify(mod: tvm.IRModule) -> tvm.IRModule:
+    """Fold batch norm into convolutions and fold constants."""
+    seq = tvm.transform.Sequential([
+        relax.transform.FoldBatchnormToConv2D(),
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.FoldConstant(),
+        relax.transform.EliminateCommonSubexpr(),
+        relax.transform.DeadCodeElimination(["main"]),
+    ])
+    return seq(mod)
+
+
+def to_float16(mod: tvm.IRModule) -> tvm.IRModule:
+    """Compute in float16: weights are folded to float16 and float32 inputs/outputs become float16.
+
+    ``ToMixedPrecision`` keeps float32 accumulation where it matters (softmax, norms); the
+    program's floating inputs and outputs are float16 so that callers pass and get half tensors.
+    """
+    mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
+    mod = _cast_float_io(mod, "float16")
+    return relax.transform.FoldConstant()(mod)
+
+
+def _cast_float_io(mod: tvm.IRModule, dtype: str) -> tvm.IRModule:
+    """Rewrite ``main`` so that its float32 inputs and outputs are ``dtype``.
+
+    The old ``main`` becomes a private function called by a new ``main`` that casts around
+    it; inlining it leaves one function whose casts ``FoldConstant``/fusion handle.
+    """
+    func = mod["main"]
+    others = {gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"}
+    builder = relax.BlockBuilder(tvm.IRModule(others, attrs=mod.attrs))
+    inner_gv = builder.add_func(func.without_attr("global_symbol"), _PRIVATE_MAIN)
+    params = []
+    for param in func.params:
+        ty = param.ty
+        if isinstance(ty, relax.TensorType) and ty.dtype == "float32":
+            ty = relax.TensorType(ty.shape, dtype)
+        params.append(relax.Var(param.name, ty))
+    attrs = {k: v for k, v in func.attrs.items() if k != "global_symbol"}
+    with builder.function("main", params, attrs=attrs, pure=True):
+        with builder.dataflow():
+            args = [builder.emit(relax.op.astype(new, "float32"))
+                    if new.ty.dtype != old.ty.dtype else new
+                    for old, new in zip(func.params, params)]
+            inner = builder.emit(relax.Call(inner_gv, args))
+            out = builder.emit_output(_cast_tree(builder, inner, dtype))
+        builder.emit_func_output(out)
+    new_mod = relax.transform.InlinePrivateFunctions()(builder.get())
+    return relax.transform.DeadCodeElimination(["main"])(new_mod)
+
+
+_PRIVATE_MAIN = "_tvm_torch_inner_main"
+
+
+def _cast_tree(builder: relax.BlockBuilder, value: relax.Expr, dtype: str) -> relax.Expr:
+    ty = value.ty
+    if isinstance(ty, relax.TupleType):
+        items = [_cast_tree(builder, builder.emit(relax.TupleGetItem(value, i)), dtype)
+                 for i in range(len(ty.fields))]
+        return builder.emit(relax.Tuple(items))
+    if isinstance(ty, relax.TensorType) and ty.dtype == "float32":
+        return builder.emit(relax.op.astype(value, dtype))
+    return value
+
+
+@mutator
+class _ConstantLifter(PyExprMutator):
+    """Replace large constants by new function params."""
+
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.lifted: List[Tuple[relax.Var, tvm.runtime.Tensor]] = []
+        self._seen: Dict[tvm.ir.GenericConst, relax.Var] = {}
+
+    def visit_generic_const_(self, op: tvm.ir.GenericConst) -> relax.Expr:  # pylint: disable=arguments-renamed
+        data = op.value
+        if not isinstance(op.ty, relax.TensorType) or int(np.prod(data.shape)) < LIFT_MIN_ELEMENTS:
+            return op
+        if op not in self._seen:
+            var = relax.Var(f"p{len(self.lifted)}", op.ty)
+            self._seen[op] = var
+            self.lifted.append((var, data))
+        return self._seen[op]
+
+
+def lift_params(mod: tvm.IRModule) -> Tuple[tvm.IRModule, Dict[str, tvm.runtime.Tensor],
+                                            List[str]]:
+    """Turn large constants of ``main`` into trailing params.
+
+    Returns
+    -------
+    mod : tvm.IRModule
+        ``main(*inputs, *params)``.
+    params : dict of str to tvm.runtime.Tensor
+        Param values by name.
+    names : list of str
+        Param names in argument order.
+    """
+    func = mod["main"]
+    lifter = _ConstantLifter(mod)
+    body = lifter.visit_expr(func.body)
+    names = [var.name for var, _ in lifter.lifted]
+    new_params = list(func.params) + [var for var, _ in lifter.lifted]
+    attrs = dict(func.attrs) if func.attrs is not None else {}
+    attrs["num_input"] = len(func.params)
+    new_func = relax.Function(new_params, body, func.ret_ty, func.is_pure).with_attrs(attrs)
+    mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+    mod["main"] = new_func
+    return mod, {var.name: value for var, value in lifter.lifted}, names
+
+
+def prepare_for_build(
+    mod: tvm.IRModule,
+    params: Sequence[tvm.runtime.Tensor],
+    shapes: Sequence[Sequence[object]],
+    dtype: str = "float32",
+    extra_passes: Optional[Sequence[tvm.transform.Pass]] = None,
+) -> Tuple[tvm.IRModule, Dict[str, tvm.runtime.Tensor], List[str]]:
+    """The Relax pipeline from an imported module to one ready to build.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        From :func:`tvm.contrib.torch.frontend.to_relax`.
+    params : sequence of tvm.runtime.Tensor
+        Its param values.
+    shapes : sequence of sequence of int or str
+        Input shapes to bind (str dims stay symbolic).
+    dtype : str
+        ``"float32"`` or ``"float16"``.
+    extra_passes : sequence of tvm.transform.Pass, optional
+        Target-specific rewrites run after simplification (e.g. vendor-kernel offload).
+
+    Returns
+    -------
+    mod, params, names
+        As :func:`lift_params`.
+    """
+    mod = bind_input_shapes(mod, shapes)
+    mod = bind_params(mod, params)
+    mod = simplify(mod)
+    if dtype == "float16":
+        mod = to_float16(mod)
+    for p in extra_passes or []:
+        mod = p(mod)
+    return lift_params(mod)

@@ -191,10 +191,11 @@ void CompiledProgram::LoadParams() {
     raw.push_back(ToTvmTensor(device_.is_cpu() ? host : host.to(device_)));
   }
   if (manifest_.transform_params.empty()) {
-    params_ = std::move(raw);
+    params_.assign(raw.begin(), raw.end());
     return;
   }
-  // Prepare params once (weight prepacking, layout changes) with the program's own function.
+  // Prepare params once (weight prepacking, layout changes) with the program's own function,
+  // which takes the params as one tuple and returns the entry function's trailing arguments.
   auto vm = NewVM();
   c10::OptionalDeviceGuard guard(device_.is_cuda() ? std::make_optional(device_) : std::nullopt);
   ScopedTvmStream stream(device_);
@@ -202,14 +203,12 @@ void CompiledProgram::LoadParams() {
     auto fn = vm->vm->GetFunction(manifest_.transform_params);
     TORCH_CHECK(fn.has_value(), "tvm_class: the compiled library has no function '",
                 manifest_.transform_params, "'");
-    std::vector<tvm::ffi::AnyView> args(raw.begin(), raw.end());
-    tvm::ffi::Any rv;
-    fn.value().CallPacked(args.data(), static_cast<int32_t>(args.size()), &rv);
-    return rv;
+    return (*fn)(tvm::ffi::Array<tvm::ffi::Tensor>(raw.begin(), raw.end()));
   });
-  std::vector<at::Tensor> prepared;
-  FlattenOutputs(result, &prepared);
-  for (const at::Tensor& t : prepared) params_.push_back(ToTvmTensor(t));
+  auto prepared = result.as<tvm::ffi::Array<tvm::ffi::Any>>();
+  TORCH_CHECK(prepared.has_value(), "tvm_class: '", manifest_.transform_params,
+              "' returned a ", result.GetTypeKey(), ", expected a tuple");
+  params_.assign(prepared->begin(), prepared->end());
 }
 
 std::vector<at::Tensor> CompiledProgram::Run(const std::vector<at::Tensor>& inputs) {
@@ -219,7 +218,7 @@ std::vector<at::Tensor> CompiledProgram::Run(const std::vector<at::Tensor>& inpu
   std::vector<tvm::ffi::AnyView> args;
   args.reserve(tvm_inputs.size() + params_.size());
   for (const auto& t : tvm_inputs) args.emplace_back(t);
-  for (const auto& t : params_) args.emplace_back(t);
+  for (const auto& p : params_) args.emplace_back(p);
 
   c10::OptionalDeviceGuard guard(device_.is_cuda() ? std::make_optional(device_) : std::nullopt);
   ScopedTvmStream stream(device_);

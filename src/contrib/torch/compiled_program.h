@@ -65,8 +65,11 @@ class CompiledProgram {
   ProgramManifest manifest_;
   c10::Device device_;
   tvm::ffi::Module executable_;
-  /*! \brief Trailing arguments of the entry function (params, prepared when needed). */
-  std::vector<tvm::ffi::Tensor> params_;
+  /*!
+   * \brief Trailing arguments of the entry function: the params, or what the program's
+   *        transform function made of them once at load time (e.g. prepacked weights).
+   */
+  std::vector<tvm::ffi::Any> params_;
   std::mutex pool_mutex_;
   std::vector<std::unique_ptr<VMInstance>> idle_vms_;
 };

@@ -169,13 +169,14 @@ class PyTorchTVMModule:
 
         self.tuning_log_file = os.path.abspath(log_file)
         for bucket in self.buckets:
-            prepared, _, _ = self._prepare(bucket)
+            prepared = self._prepare(bucket)[0]
             tuning.tune(prepared, self.target, n_trial, self.tuning_log_file)
 
     # ---- step 3: build and export ----
     def _prepare(self, bucket: _Bucket):
         extra = []
-        if self.vendor_kernels and not build_mod.is_cuda(self.target):
+        if (self.vendor_kernels and not build_mod.is_cuda(self.target)
+                and self.default_dtype == "float32"):
             from . import vendor_kernels  # pylint: disable=import-outside-toplevel
 
             extra.append(vendor_kernels.offload_pass())
@@ -194,7 +195,7 @@ class PyTorchTVMModule:
         files = []
         for index, bucket in enumerate(self.buckets):
             started = time.perf_counter()
-            mod, params, names = self._prepare(bucket)
+            mod, params, names, transform = self._prepare(bucket)
             executable = build_mod.build(mod, self.target, database)
             manifest = export_mod.make_manifest(
                 inputs=[{"name": i.name, "shape": list(i.shape), "dtype": i.dtype}
@@ -205,6 +206,7 @@ class PyTorchTVMModule:
                 target=self.target,
                 dim_ranges={k: v for k, v in self.dim_ranges.items()
                             if any(k in i.shape for i in bucket.infos)},
+                transform_params=transform,
                 extra={"default_dtype": self.default_dtype},
             )
             bucket.files = export_mod.export_program(executable, mod, manifest, params,

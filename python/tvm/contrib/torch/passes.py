@@ -189,13 +189,22 @@ def lift_params(mod: tvm.IRModule) -> Tuple[tvm.IRModule, Dict[str, tvm.runtime.
     return mod, {var.name: value for var, value in lifter.lifted}, names
 
 
+#: Name of the load-time function made by ``LiftTransformParams``.
+TRANSFORM_PARAMS_FUNC = "main_transform_params"
+
+
+def _has_load_time_work(mod: tvm.IRModule) -> bool:
+    """Whether ``main`` calls a prepacking function on its params."""
+    return "_prepack" in mod["main"].script(show_meta=False)
+
+
 def prepare_for_build(
     mod: tvm.IRModule,
     params: Sequence[tvm.runtime.Tensor],
     shapes: Sequence[Sequence[object]],
     dtype: str = "float32",
     extra_passes: Optional[Sequence[tvm.transform.Pass]] = None,
-) -> Tuple[tvm.IRModule, Dict[str, tvm.runtime.Tensor], List[str]]:
+) -> Tuple[tvm.IRModule, Dict[str, tvm.runtime.Tensor], List[str], Optional[str]]:
     """The Relax pipeline from an imported module to one ready to build.
 
     Parameters
@@ -213,8 +222,15 @@ def prepare_for_build(
 
     Returns
     -------
-    mod, params, names
-        As :func:`lift_params`.
+    mod : tvm.IRModule
+        ``main(*inputs, *prepared_params)`` and, when params need load-time work (weight
+        prepacking), the function that prepares them.
+    params : dict of str to tvm.runtime.Tensor
+        Param values by name.
+    names : list of str
+        Param names in order.
+    transform_params : str or None
+        The name of the load-time function, if any.
     """
     mod = bind_input_shapes(mod, shapes)
     mod = bind_params(mod, params)
@@ -223,4 +239,8 @@ def prepare_for_build(
         mod = to_float16(mod)
     for p in extra_passes or []:
         mod = p(mod)
-    return lift_params(mod)
+    mod, values, names = lift_params(mod)
+    if names and _has_load_time_work(mod):
+        mod = relax.transform.LiftTransformParams()(mod)
+        return mod, values, names, TRANSFORM_PARAMS_FUNC
+    return mod, values, names, None

@@ -1,0 +1,220 @@
+"""Offload of heavy CPU operators to PyTorch's vendor kernels (oneDNN, MKL).
+
+On CPU, TVM's untuned kernels for convolutions and matrix products are far slower than the
+vendor libraries that libtorch already ships. This pass rewrites them into
+``R.call_pure_packed`` calls of the functions registered by the runtime library
+(``src/contrib/torch/vendor_kernels.cc``):
+
+* ``conv2d`` (+ bias) (+ ReLU) (+ residual add) (+ ReLU) -> ``tvm_torch.conv2d_nhwc`` /
+  ``tvm_torch.conv2d_add_nhwc`` on oneDNN, in NHWC (the graph's convolutions are switched to
+  NHWC first; elementwise ops and pooling follow). The weight goes through
+  ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves into
+  ``main_transform_params``: the runtime prepacks every weight once, at load time.
+* ``matmul`` with a constant right-hand side (+ bias) (+ ReLU) -> ``tvm_torch.matmul_bias``;
+  other float32 ``matmul`` -> ``tvm_torch.matmul`` (MKL).
+
+Everything else stays TVM code. Only float32 is offloaded.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+logger = logging.getLogger(__name__)
+
+#: Name of the function that prepares params at load time (LiftTransformParams' convention).
+TRANSFORM_PARAMS_FUNC = "main_transform_params"
+
+
+def _static_shape(expr: relax.Expr) -> Optional[list]:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    dims = []
+    for dim in ty.shape.values:
+        if not isinstance(dim, tvm.tirx.IntImm):
+            return None
+        dims.append(int(dim))
+    return dims
+
+
+def _is_f32(expr: relax.Expr) -> bool:
+    ty = expr.ty
+    return isinstance(ty, relax.TensorType) and str(ty.dtype) == "float32"
+
+
+def _const_array(expr: relax.Expr) -> np.ndarray:
+    return expr.value.numpy()
+
+
+def _shape(values) -> relax.ShapeExpr:
+    return relax.ShapeExpr([int(v) for v in values])
+
+
+class _ConvRewriter:
+    """Builds the vendor call for one matched conv2d chain."""
+
+    def __init__(self):
+        self.count = 0
+
+    def conv_args(self, conv: relax.Call):
+        attrs = conv.attrs
+        if (attrs.data_layout != "NHWC" or attrs.kernel_layout != "OIHW"
+                or attrs.out_layout != "NHWC"):
+            return None
+        x, weight = conv.args
+        if not (_is_f32(x) and _is_f32(conv)) or _static_shape(x) is None:
+            return None
+        top, left, bottom, right = (int(p) for p in attrs.padding)
+        if top != bottom or left != right:
+            return None
+        n, h, w, c = _static_shape(x)
+        return {
+            "x": x,
+            "weight": weight,
+            "padding": _shape([top, left]),
+            "stride": _shape(attrs.strides),
+            "dilation": _shape(attrs.dilation),
+            "groups": tvm.tirx.IntImm("int64", int(attrs.groups)),
+            "input_size": _shape([n, c, h, w]),
+            "out_channels": int(_static_shape(conv)[-1]),
+        }
+
+    def build(self, conv: relax.Call, bias: Optional[relax.Expr], residual: Optional[relax.Expr],
+              unary: str, out_ty) -> Optional[relax.Expr]:
+        args = self.conv_args(conv)
+        if args is None:
+            return None
+        channels = args["out_channels"]
+        if bias is None:
+            bias_value = np.zeros((channels,), dtype="float32")
+        else:
+            bias_value = _const_array(bias).reshape(-1)
+            if bias_value.size != channels:
+                return None
+        bias_const = relax.const(bias_value.astype("float32"))
+        packed = relax.call_pure_packed(
+            "tvm_torch.conv2d_nhwc_prepack", args["weight"], args["padding"], args["stride"],
+            args["dilation"], args["groups"], args["input_size"], ty_args=relax.ObjectType())
+        self.count += 1
+        geometry = [args["padding"], args["stride"], args["dilation"], args["groups"]]
+        if residual is not None:
+            if _static_shape(residual) != _static_shape(conv) or not _is_f32(residual):
+                return None
+            return relax.call_pure_packed("tvm_torch.conv2d_add_nhwc", args["x"], residual,
+                                          packed, bias_const, *geometry, tvm.ir.StringImm(unary),
+                                          ty_args=out_ty)
+        return relax.call_pure_packed("tvm_torch.conv2d_nhwc", args["x"], packed, bias_const,
+                                      *geometry, tvm.ir.StringImm(unary), ty_args=out_ty)
+
+
+def _rewrite_convs(func: relax.Function) -> relax.Function:
+    rewriter = _ConvRewriter()
+    x, res = wildcard(), wildcard()
+    conv = is_op("relax.nn.conv2d")(x, is_const())
+    bias = is_const()
+    conv_bias = is_op("relax.add")(conv, bias)
+    with_res = is_op("relax.add")(conv_bias, res) | is_op("relax.add")(res, conv_bias)
+    with_res_nobias = is_op("relax.add")(conv, res) | is_op("relax.add")(res, conv)
+
+    def make(has_bias, has_res, unary):
+        def rewrite(call, matched):
+            conv_call = matched[conv]
+            b = matched[bias] if has_bias else None
+            r = matched[res] if has_res else None
+            if has_res and isinstance(r, tvm.ir.GenericConst):
+                return call  # a constant "residual" is a bias: another pattern takes it
+            new = rewriter.build(conv_call, b, r, unary, call.ty)
+            return call if new is None else new
+        return rewrite
+
+    patterns = [
+        (is_op("relax.nn.relu")(with_res), make(True, True, "relu")),
+        (with_res, make(True, True, "none")),
+        (is_op("relax.nn.relu")(with_res_nobias), make(False, True, "relu")),
+        (is_op("relax.nn.relu")(conv_bias), make(True, False, "relu")),
+        (conv_bias, make(True, False, "none")),
+        (is_op("relax.nn.relu")(conv), make(False, False, "relu")),
+        (conv, make(False, False, "none")),
+    ]
+    for pattern, fn in patterns:
+        func = rewrite_call(pattern, fn, func)
+    logger.debug("offloaded %d convolutions to oneDNN", rewriter.count)
+    return func
+
+
+def _rewrite_matmuls(func: relax.Function) -> relax.Function:
+    x, w, b = wildcard(), is_const(), is_const()
+    mm_const = is_op("relax.matmul")(x, w)
+    mm_bias = is_op("relax.add")(mm_const, b) | is_op("relax.add")(b, mm_const)
+    mm_any = is_op("relax.matmul")(wildcard(), wildcard())
+
+    def linear(unary, has_bias):
+        def rewrite(call, matched):
+            mm = matched[mm_const]
+            lhs, rhs = mm.args
+            if not (_is_f32(lhs) and _is_f32(rhs) and _is_f32(call)):
+                return call
+            w_shape = _static_shape(rhs)
+            if w_shape is None or len(w_shape) != 2:
+                return call
+            if has_bias:
+                bias_value = _const_array(matched[b]).reshape(-1)
+                if bias_value.size != w_shape[1]:
+                    return call
+            else:
+                bias_value = np.zeros((w_shape[1],), dtype="float32")
+            return relax.call_pure_packed("tvm_torch.matmul_bias", lhs, rhs,
+                                          relax.const(bias_value.astype("float32")),
+                                          tvm.ir.StringImm(unary), ty_args=call.ty)
+        return rewrite
+
+    def generic(call, _matched):
+        lhs, rhs = call.args
+        if not (_is_f32(lhs) and _is_f32(rhs) and _is_f32(call)):
+            return call
+        if _static_shape(lhs) is None or _static_shape(rhs) is None:
+            return call
+        if len(_static_shape(lhs)) < 2 or len(_static_shape(rhs)) < 2:
+            return call
+        return relax.call_pure_packed("tvm_torch.matmul", lhs, rhs, ty_args=call.ty)
+
+    for pattern, fn in [
+        (is_op("relax.nn.relu")(mm_bias), linear("relu", True)),
+        (mm_bias, linear("none", True)),
+        (mm_const, linear("none", False)),
+        (mm_any, generic),
+    ]:
+        func = rewrite_call(pattern, fn, func)
+    return func
+
+
+def offload_pass() -> tvm.transform.Pass:
+    """The offload as a module pass over ``main`` (after params were bound as constants)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="TvmTorchVendorOffload")
+    def _offload(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        # A no-op for graphs without convolutions.
+        mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
+        mod = relax.transform.FoldConstant()(mod)
+        func = mod["main"]
+        func = _rewrite_convs(func)
+        func = _rewrite_matmuls(func)
+        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+        mod["main"] = func
+        return relax.transform.DeadCodeElimination(["main"])(mod)
+
+    return _offload
+
+
+def uses_transform_params(mod: tvm.IRModule) -> bool:
+    """Whether ``main`` has load-time work (prepacking) to lift into a transform function."""
+    return "tvm_torch.conv2d_nhwc_prepack" in mod["main"].script()
+
+
+__all__ = ["offload_pass", "uses_transform_params", "TRANSFORM_PARAMS_FUNC"]

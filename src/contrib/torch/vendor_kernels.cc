@@ -1,0 +1,160 @@
+/*!
+ * \file vendor_kernels.cc
+ * \brief CPU vendor kernels (oneDNN and MKL, as shipped inside libtorch) exposed to compiled
+ *        Relax programs as TVM FFI global functions.
+ *
+ * tvm.contrib.torch.vendor_kernels rewrites heavy Relax ops into R.call_pure_packed calls of
+ * these functions. Convolutions run in NHWC (a contiguous NHWC tensor is a channels-last
+ * NCHW torch tensor, which is what oneDNN's convolution produces), with weights prepacked
+ * once at load time into oneDNN's blocked format and bias / ReLU / residual-add epilogues
+ * fused into the primitive. All tensors cross the boundary through DLPack without copies.
+ */
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <tvm/ffi/container/shape.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/function.h>
+#include <tvm/ffi/object.h>
+#include <tvm/ffi/reflection/registry.h>
+#include <tvm/ffi/string.h>
+
+#include <vector>
+
+#include "tensor_bridge.h"
+
+namespace tvm_torch {
+namespace {
+
+namespace ffi = tvm::ffi;
+
+/*! \brief An opaque torch tensor (e.g. a oneDNN-prepacked weight) held by a TVM object. */
+class TorchTensorHolderObj : public ffi::Object {
+ public:
+  at::Tensor tensor;
+  TVM_FFI_DECLARE_OBJECT_INFO_FINAL("tvm_torch.TorchTensorHolder", TorchTensorHolderObj,
+                                    ffi::Object);
+};
+
+class TorchTensorHolder : public ffi::ObjectRef {
+ public:
+  explicit TorchTensorHolder(at::Tensor tensor) {
+    auto node = ffi::make_object<TorchTensorHolderObj>();
+    node->tensor = std::move(tensor);
+    data_ = std::move(node);
+  }
+  TVM_FFI_DEFINE_OBJECT_REF_METHODS_NULLABLE(TorchTensorHolder, ffi::ObjectRef,
+                                             TorchTensorHolderObj);
+};
+
+std::vector<int64_t> ToVector(const ffi::Shape& shape) {
+  return std::vector<int64_t>(shape.begin(), shape.end());
+}
+
+/*! \brief NHWC contiguous TVM tensor -> channels-last NCHW torch view (no copy). */
+at::Tensor NhwcAsNchw(const ffi::Tensor& t) { return ToTorchTensor(t).permute({0, 3, 1, 2}); }
+
+/*! \brief NCHW torch result -> NHWC contiguous TVM tensor (no copy when channels-last). */
+ffi::Tensor NchwAsNhwc(const at::Tensor& y) {
+  return ToTvmTensor(y.permute({0, 2, 3, 1}).contiguous());
+}
+
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef,
+                                          c10::IntArrayRef, int64_t,
+                                          c10::OptionalArrayRef<int64_t>)>&
+ReorderConvWeightOp() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_reorder_convolution_weight", "")
+                       .typed<at::Tensor(const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef,
+                                         c10::IntArrayRef, int64_t,
+                                         c10::OptionalArrayRef<int64_t>)>();
+  return op;
+}
+
+using ConvPointwiseFn = at::Tensor(const at::Tensor&, const at::Tensor&,
+                                   const std::optional<at::Tensor>&, c10::IntArrayRef,
+                                   c10::IntArrayRef, c10::IntArrayRef, int64_t, c10::string_view,
+                                   c10::List<std::optional<c10::Scalar>>,
+                                   std::optional<c10::string_view>);
+
+using ConvBinaryFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const std::optional<at::Tensor>&, c10::IntArrayRef,
+                                c10::IntArrayRef, c10::IntArrayRef, int64_t, c10::string_view,
+                                std::optional<c10::Scalar>, std::optional<c10::string_view>,
+                                c10::List<std::optional<c10::Scalar>>,
+                                std::optional<c10::string_view>);
+
+/*! \brief Prepack an OIHW weight for the given conv geometry and NCHW input size. */
+TorchTensorHolder Conv2dPrepack(ffi::Tensor weight, ffi::Shape padding, ffi::Shape stride,
+                                ffi::Shape dilation, int64_t groups, ffi::Shape input_size) {
+  at::Tensor w = ToTorchTensor(weight).clone();  // the params blob may be freed after load
+  std::vector<int64_t> in = ToVector(input_size);
+  at::Tensor packed = ReorderConvWeightOp().call(w, ToVector(padding), ToVector(stride),
+                                                 ToVector(dilation), groups, in);
+  return TorchTensorHolder(packed);
+}
+
+at::Tensor Unwrap(const ffi::ObjectRef& holder) {
+  const auto* node = holder.as<TorchTensorHolderObj>();
+  TORCH_CHECK(node != nullptr, "tvm_torch: expected a prepacked weight, got ",
+              holder.defined() ? holder->GetTypeKey() : "None");
+  return node->tensor;
+}
+
+/*! \brief conv2d(x NHWC) with a prepacked weight, bias and a fused unary epilogue. */
+ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
+                       ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
+                       int64_t groups, ffi::String attr) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
+                       .typed<ConvPointwiseFn>();
+  at::Tensor y = op.call(NhwcAsNchw(x), Unwrap(packed), ToTorchTensor(bias), ToVector(padding),
+                         ToVector(stride), ToVector(dilation), groups,
+                         std::string(attr), c10::List<std::optional<c10::Scalar>>(),
+                         std::nullopt);
+  return NchwAsNhwc(y);
+}
+
+/*! \brief conv2d(x NHWC) + other (NHWC), then a fused unary epilogue ("relu" or "none"). */
+ffi::Tensor Conv2dAddNhwc(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packed,
+                          ffi::Tensor bias, ffi::Shape padding, ffi::Shape stride,
+                          ffi::Shape dilation, int64_t groups, ffi::String unary_attr) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary")
+                       .typed<ConvBinaryFn>();
+  std::string unary(unary_attr);
+  at::Tensor y = op.call(NhwcAsNchw(x), NhwcAsNchw(other), Unwrap(packed), ToTorchTensor(bias),
+                         ToVector(padding), ToVector(stride), ToVector(dilation), groups, "add",
+                         std::nullopt,
+                         unary == "none" ? std::nullopt : std::optional<c10::string_view>(unary),
+                         c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+  return NchwAsNhwc(y);
+}
+
+/*! \brief x @ w + bias (+ relu) on MKL; w is [in, out], x is [..., in]. */
+ffi::Tensor MatmulBias(ffi::Tensor x, ffi::Tensor w, ffi::Tensor bias, ffi::String attr) {
+  at::Tensor a = ToTorchTensor(x);
+  at::Tensor b = ToTorchTensor(w);
+  at::Tensor y = a.dim() == 2 ? at::addmm(ToTorchTensor(bias), a, b)
+                              : at::matmul(a, b).add_(ToTorchTensor(bias));
+  if (std::string(attr) == "relu") y.relu_();
+  return ToTvmTensor(y);
+}
+
+/*! \brief Batched a @ b (numpy broadcasting semantics, as relax.matmul) on MKL. */
+ffi::Tensor Matmul(ffi::Tensor a, ffi::Tensor b) {
+  return ToTvmTensor(at::matmul(ToTorchTensor(a), ToTorchTensor(b)));
+}
+
+}  // namespace
+}  // namespace tvm_torch
+
+TVM_FFI_STATIC_INIT_BLOCK() {
+  namespace refl = tvm::ffi::reflection;
+  refl::ObjectDef<tvm_torch::TorchTensorHolderObj>();
+  refl::GlobalDef()
+      .def("tvm_torch.conv2d_nhwc_prepack", tvm_torch::Conv2dPrepack)
+      .def("tvm_torch.conv2d_nhwc", tvm_torch::Conv2dNhwc)
+      .def("tvm_torch.conv2d_add_nhwc", tvm_torch::Conv2dAddNhwc)
+      .def("tvm_torch.matmul_bias", tvm_torch::MatmulBias)
+      .def("tvm_torch.matmul", tvm_torch::Matmul);
+}

@@ -34,6 +34,10 @@ void RegisterModuleClass(torch::Library& lib, const char* name) {
       .def("signatures", [](const Self& self) { return self->Signatures(); })
       .def("num_inputs", [](const Self& self) { return self->NumInputs(); })
       .def("num_outputs", [](const Self& self) { return self->NumOutputs(); })
+      .def("load_state",
+           [](const Self& self, SerializedState state) {
+             self->Restore(DecodeState(state));
+           })
       .def_pickle(
           [](const c10::intrusive_ptr<Module>& self) -> SerializedState {
             return self->Serialize();

@@ -177,6 +177,10 @@ SerializedState TvmModule::Serialize() const {
 void TvmModule::Restore(ModuleState state) {
   TORCH_CHECK(state.class_name == ClassName(), "tvm_class: the saved state is of a ",
               state.class_name, ", not of a ", ClassName());
+  TORCH_CHECK(state.num_inputs == num_inputs_ && state.num_outputs == num_outputs_,
+              "tvm_class: the saved state has ", state.num_inputs, " inputs and ",
+              state.num_outputs, " outputs; this module has ", num_inputs_, " and ",
+              num_outputs_);
   for (ProgramBlobs& blobs : state.programs) Load(std::move(blobs), nullptr);
 }
 

@@ -1,0 +1,109 @@
+"""Tuning: MetaSchedule over the kernels TVM generates (the ones not offloaded to vendor kernels).
+
+The tuning log is a MetaSchedule JSON database: ``tuning_log_file`` holds the tuning records
+and ``tuning_log_file + ".workloads"`` the workloads they refer to. A later compile with the
+same log applies the best records, and tunes again only kernels that have no record yet.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import List
+
+import tvm
+from tqdm.auto import tqdm
+from tvm import relax
+from tvm.s_tir import meta_schedule as ms
+from tvm.ir.utils import derived_object
+
+logger = logging.getLogger(__name__)
+
+
+def open_database(log_file: str) -> ms.database.JSONDatabase:
+    """The JSON database behind a tuning log (created if missing)."""
+    log_file = os.path.abspath(log_file)
+    directory = os.path.dirname(log_file)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    return ms.database.JSONDatabase(path_workload=log_file + ".workloads",
+                                    path_tuning_record=log_file, allow_missing=True)
+
+
+@derived_object
+class _ProgressBar(ms.measure_callback.PyMeasureCallback):
+    """Advances a tqdm bar by the number of candidates measured."""
+
+    def __init__(self, bar):
+        super().__init__()
+        self.bar = bar
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+              runner_results) -> None:
+        self.bar.update(len(runner_results))
+
+
+def _kernels_to_tune(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize and fuse, as the build does, so that the tuned kernels are the built ones."""
+    generic = relax.backend.cpu_generic.pipeline
+    with target:
+        return tvm.transform.Sequential(generic.legalize_passes(target))(mod)
+
+
+def untuned_tasks(mod: tvm.IRModule, target: tvm.target.Target, database) -> List:
+    """The tuning tasks of ``mod`` that ``database`` holds no record for."""
+    tasks = ms.relax_integration.extract_tasks(_kernels_to_tune(mod, target), target)
+    missing = []
+    for task in tasks:
+        mod_task = task.dispatched[0]
+        if not database.has_workload(mod_task):
+            missing.append(task)
+            continue
+        workload = database.commit_workload(mod_task)
+        if not database.get_top_k(workload, 1):
+            missing.append(task)
+    return missing
+
+
+def tune(mod: tvm.IRModule, target: tvm.target.Target, n_trials: int, log_file: str) -> int:
+    """Tune the kernels of a prepared Relax module, recording into ``log_file``.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        From :func:`tvm.contrib.torch.passes.prepare_for_build`.
+    target : tvm.target.Target
+        The build target.
+    n_trials : int
+        MetaSchedule's global trial budget.
+    log_file : str
+        The tuning log (see the module docstring).
+
+    Returns
+    -------
+    int
+        The number of candidates measured (0 when the log already covered every kernel).
+    """
+    database = open_database(log_file)
+    missing = untuned_tasks(mod, target, database)
+    if not missing:
+        logger.info("tuning log %s covers every kernel; nothing to measure", log_file)
+        return 0
+    logger.info("tuning %d kernel(s) with %d trials", len(missing), n_trials)
+    with tqdm(total=n_trials, desc="MetaSchedule", unit="trial") as bar:
+        callbacks = ms.measure_callback.MeasureCallback.create("default") + [_ProgressBar(bar)]
+        with tempfile.TemporaryDirectory(prefix="tvm_torch_tune_") as work_dir:
+            work_dir = "/tmp/smoke/wd"
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                missing, work_dir=work_dir)
+            ms.tune.tune_tasks(
+                tasks=contexts,
+                task_weights=weights,
+                work_dir=work_dir,
+                max_trials_global=n_trials,
+                max_trials_per_task=max(1, n_trials // max(1, len(missing))),
+                num_trials_per_iter=min(64, max(1, n_trials // max(1, len(missing)))),
+                database=database,
+                measure_callbacks=callbacks,
+            )
+        return bar.n

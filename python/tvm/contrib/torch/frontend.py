@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import tvm
 from torch._export.converter import TS2EPConverter
-from tvm import relax
 from tvm.relax.frontend import detach_params
 from tvm.relax.frontend.torch import from_exported_program
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
@@ -185,9 +184,17 @@ def to_relax(ep: torch.export.ExportedProgram) -> Tuple[tvm.IRModule, List[tvm.r
                  for op, places in sorted(missing.items())]
         raise ConversionError(
             "tvm.contrib.torch: TVM cannot convert these operators yet:\n" + "\n".join(lines))
+    _drop_unused_constants(ep)
     mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False)
     mod, params = detach_params(mod)
     return mod, list(params.get("main", []))
+
+
+def _drop_unused_constants(ep: torch.export.ExportedProgram) -> None:
+    """Remove constants no graph input refers to (TVM's importer assumes every one is used)."""
+    targets = {spec.target for spec in ep.graph_signature.input_specs}
+    for name in [k for k in ep.constants if k not in targets]:
+        del ep._constants[name]  # pylint: disable=protected-access
 
 
 def input_names(ep: torch.export.ExportedProgram) -> List[str]:
@@ -210,6 +217,3 @@ __all__ = [
     "to_relax",
     "unsupported_operators",
 ]
-
-# ``relax`` is re-exported for type annotations of callers.
-_ = relax

@@ -19,6 +19,11 @@ from tvm.ir.utils import derived_object
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a candidate may take to build (including a builder worker's start-up).
+BUILD_TIMEOUT_S = 300
+#: Seconds a candidate may take to run its measurements.
+RUN_TIMEOUT_S = 120
+
 
 def open_database(log_file: str) -> ms.database.JSONDatabase:
     """The JSON database behind a tuning log (created if missing)."""
@@ -93,7 +98,6 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, n_trials: int, log_file: 
     with tqdm(total=n_trials, desc="MetaSchedule", unit="trial") as bar:
         callbacks = ms.measure_callback.MeasureCallback.create("default") + [_ProgressBar(bar)]
         with tempfile.TemporaryDirectory(prefix="tvm_torch_tune_") as work_dir:
-            work_dir = "/tmp/smoke/wd"
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 missing, work_dir=work_dir)
             ms.tune.tune_tasks(
@@ -105,5 +109,9 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, n_trials: int, log_file: 
                 num_trials_per_iter=min(64, max(1, n_trials // max(1, len(missing)))),
                 database=database,
                 measure_callbacks=callbacks,
+                # Workers start a fresh interpreter (importing TVM takes seconds on small
+                # machines): generous timeouts keep slow starts from counting as failures.
+                builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
+                runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S),
             )
         return bar.n

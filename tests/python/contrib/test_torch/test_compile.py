@@ -1,0 +1,233 @@
+"""compile(): real models, traced and scripted, fp32 and fp16, against PyTorch."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tvm.contrib.pt_op import PyTorchTVMModule, compile  # the seed's import path
+from tvm.contrib.torch import ConversionError, GraphModule
+import models
+from conftest import assert_outputs_close, run_fresh_python
+
+
+def _to_script(model, inputs, how):
+    with torch.no_grad():
+        return torch.jit.trace(model, tuple(inputs)) if how == "trace" else torch.jit.script(model)
+
+
+CASES = [(name, how) for name in ["cnn", "mlp", "transformer", "two_in_two_out"]
+         for how in ["trace", "script"] if (name, how) != ("transformer", "script")]
+
+
+@pytest.mark.parametrize("name, how", CASES)
+def test_compile_matches_torch_fp32(name, how, tmp_path):
+    model, inputs, infos = models.make(name)
+    compiled = compile(_to_script(model, inputs, how),
+                       {"input_infos": infos, "export_dir": str(tmp_path)})
+    expected = models.reference(model, inputs)
+    outputs = compiled(inputs)
+    assert len(outputs) == len(expected)
+    assert_outputs_close(outputs, expected, rtol=1e-4, atol=1e-4)
+    scripted = torch.jit.script(compiled)
+    assert_outputs_close(scripted(inputs), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp", "transformer", "two_in_two_out"])
+def test_compile_float16(name, tmp_path):
+    model, inputs, infos = models.make(name)
+    compiled = compile(_to_script(model, inputs, "trace"),
+                       {"input_infos": infos, "default_dtype": "float16",
+                        "export_dir": str(tmp_path)})
+    outputs = compiled([x.half() for x in inputs])
+    assert all(o.dtype == torch.float16 for o in outputs)
+    expected = models.reference(model, inputs)
+    assert_outputs_close([o.float() for o in outputs], expected, rtol=2e-2, atol=2e-2)
+    with pytest.raises(RuntimeError, match=r"float32\[.*compiled signatures: \(float16\["):
+        compiled(inputs)
+
+
+def test_transformer_fast_path_ops_are_decomposed(tmp_path):
+    model, inputs, infos = models.make("transformer")
+    traced = _to_script(model, inputs, "trace")
+    assert "_transformer_encoder_layer_fwd" in str(traced.inlined_graph)  # the fused fast path
+    compiled = compile(traced, {"input_infos": infos, "export_dir": str(tmp_path)})
+    assert_outputs_close(compiled(inputs), models.reference(model, inputs), rtol=1e-4,
+                         atol=1e-4)
+
+
+def test_scripted_transformer_layer_is_reported_not_crashed(tmp_path):
+    """A scripted TransformerEncoderLayer keeps data-dependent fast-path checks (prim::If on
+    devices, grad mode, flags) that torch's TorchScript converter cannot take: a readable
+    ConversionError, not an internal assert, and tracing is suggested."""
+    model, inputs, infos = models.make("transformer")
+    with pytest.raises(ConversionError, match=r"(?s)could not convert the TorchScript module.*"
+                                              r"torch.jit.trace"):
+        compile(torch.jit.script(model), {"input_infos": infos, "export_dir": str(tmp_path)})
+
+
+def test_multi_head_attention_fast_path(tmp_path):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+
+    class SelfAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    x = torch.randn(2, 3, 16)
+    traced = _to_script(SelfAttention().eval(), [x], "trace")
+    assert "_native_multi_head_attention" in str(traced.inlined_graph)
+    compiled = compile(traced, {"input_infos": [("x", (2, 3, 16))],
+                                "export_dir": str(tmp_path)})
+    assert_outputs_close(compiled([x]), models.reference(SelfAttention().eval(), [x]),
+                         rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["nn.Module", "ExportedProgram"])
+def test_compile_accepts_module_and_exported_program(kind, tmp_path):
+    model, inputs, infos = models.make("cnn")
+    source = model if kind == "nn.Module" else torch.export.export(model, tuple(inputs))
+    compiled = compile(source, {"input_infos": infos, "export_dir": str(tmp_path)})
+    assert_outputs_close(compiled(inputs), models.reference(model, inputs), rtol=1e-4,
+                         atol=1e-4)
+
+
+def test_two_shape_buckets_in_one_module(tmp_path):
+    model, _, _ = models.make("mlp")
+    compiled = compile(torch.jit.script(model),
+                       {"input_infos": [[("x", (1, 16))], [("x", (8, 16))]],
+                        "export_dir": str(tmp_path)})
+    assert compiled.signatures() == ["(float32[1, 16])", "(float32[8, 16])"]
+    for batch in (1, 8):
+        x = torch.randn(batch, 16)
+        assert_outputs_close(compiled([x]), models.reference(model, [x]), rtol=1e-4, atol=1e-4)
+
+
+def test_export_dir_holds_lib_graph_params(tmp_path):
+    model, inputs, infos = models.make("cnn")
+    compile(model, {"input_infos": infos, "export_dir": str(tmp_path)})
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["bucket0.graph.json", "bucket0.params", "bucket0.relax", "bucket0.so"]
+    manifest = json.loads((tmp_path / "bucket0.graph.json").read_text())
+    assert manifest["inputs"] == [{"name": "in0", "shape": [1, 3, 16, 16], "dtype": "float32"}]
+    assert manifest["num_outputs"] == 1
+    assert manifest["outputs"] == [{"shape": [1, 10], "dtype": "float32"}]
+    assert manifest["torch_version"] == torch.__version__
+    assert "def main" in (tmp_path / "bucket0.relax").read_text()
+    # The seed's step-by-step API loads the same directory back.
+    module = PyTorchTVMModule().load_tvm(str(tmp_path)).build_pytorch_module(1, 1)
+    assert isinstance(module, GraphModule)
+    assert_outputs_close(module(inputs), models.reference(model, inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_seed_step_by_step_api(tmp_path):
+    model, inputs, infos = models.make("mlp")
+    ptm = PyTorchTVMModule()
+    ptm.from_pytorch(torch.jit.trace(model, tuple(inputs)), infos)
+    ptm.build_tvm(str(tmp_path))
+    module = ptm.build_pytorch_module(num_inputs=1, num_outputs=1)
+    assert_outputs_close(module(inputs), models.reference(model, inputs), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="num_outputs=2 but the model returns 1 tensors"):
+        ptm.build_pytorch_module(num_inputs=1, num_outputs=2)
+
+
+class PredictorTVM(torch.nn.Module):
+    """The seed's pattern: native preprocessing around a TVM module, scripted as a whole."""
+
+    def __init__(self, tvm_module):
+        super().__init__()
+        self.tvm_module = tvm_module
+        self.register_buffer("mean", torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() / 255.0 - self.mean) * 2.0
+        logits = self.tvm_module([x])[0]
+        return logits.argmax(dim=1)
+
+
+def test_predictor_pattern_saved_and_loaded_in_fresh_process(tmp_path):
+    model, _, infos = models.make("cnn")
+    compiled = compile(torch.jit.trace(model, torch.randn(1, 3, 16, 16)),
+                       {"input_infos": infos, "export_dir": str(tmp_path / "export"),
+                        "num_outputs": 1})
+    predictor = torch.jit.script(PredictorTVM(compiled))
+    images = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
+    expected = PredictorTVM(model)
+    with torch.no_grad():
+        x = (images.float() / 255.0 - expected.mean) * 2.0
+        want = model(x).argmax(dim=1)
+    assert torch.equal(predictor(images), want)
+    path = str(tmp_path / "predictor.pt")
+    predictor.save(path)
+    torch.save({"images": images, "want": want}, str(tmp_path / "io.pt"))
+    import shutil
+    shutil.rmtree(tmp_path / "export")
+    out = run_fresh_python(f"""
+        import torch, tvm.contrib.torch
+        p = torch.jit.load({path!r})
+        io = torch.load({str(tmp_path / 'io.pt')!r})
+        assert torch.equal(p(io["images"]), io["want"])
+        print("OK")
+    """, cwd=str(tmp_path))
+    assert "OK" in out
+
+
+def test_num_outputs_is_checked(tmp_path):
+    model, inputs, infos = models.make("two_in_two_out")
+    with pytest.raises(ValueError, match=r"num_outputs=1 but the model returns 2 tensor"):
+        compile(model, {"input_infos": infos, "num_outputs": 1, "export_dir": str(tmp_path)})
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"input_infos": [("x", (4, 16))], "tuning_trials": 3},
+     r"unknown option key\(s\) \['tuning_trials'\]; valid keys are:\n  input_infos"),
+    ({"input_infos": [("x", (4, 16))], "default_dtype": "int8"},
+     r"default_dtype must be one of \['float32', 'float16'\], got 'int8'"),
+    ({"input_infos": [("x", (4, 16))], "tuning_n_trials": -1},
+     r"tuning_n_trials must be an int >= 0, got -1"),
+    ({"input_infos": [("x", (4, "16x"))], "num_outputs": "1"},
+     r"num_outputs must be an int >= 1, got '1'"),
+    ({}, r"input_infos is required"),
+    ({"input_infos": [("x", (4, 0))]}, r"input_infos\[0\] \('x'\) dims must be positive"),
+])
+def test_bad_options_are_rejected(option, message):
+    model, _, _ = models.make("mlp")
+    with pytest.raises(ValueError, match=message):
+        compile(model, option)
+
+
+def test_wrong_input_count_is_reported(tmp_path):
+    model, _, _ = models.make("two_in_two_out")
+    with pytest.raises(Exception, match=r"2|argument"):
+        compile(model, {"input_infos": [("a", (3, 6))], "export_dir": str(tmp_path)})
+
+
+@torch.library.custom_op("tvm_torch_test::mystery", mutates_args=())
+def _mystery(x: torch.Tensor) -> torch.Tensor:
+    return x * 3.0
+
+
+@_mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_unsupported_operator_is_named_with_its_place(tmp_path):
+    class WithCustomOp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(torch.ops.tvm_torch_test.mystery(x))
+
+    with pytest.raises(ConversionError, match=r"TVM cannot convert these operators yet:\n"
+                                              r"  mystery.default: used at .*"):
+        compile(WithCustomOp().eval(), {"input_infos": [("x", (2, 4))],
+                                        "export_dir": str(tmp_path)})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -63,6 +64,15 @@ def _dynamic_shapes_spec(num_inputs: int, dims: Optional[Sequence[Dict[int, Any]
     return tuple(dims[i] if dims[i] else None for i in range(num_inputs))
 
 
+@contextlib.contextmanager
+def _quiet_converter():
+    """Silence the converter's per-buffer warnings about unused state (num_batches_tracked)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Manually populate .* into state_dict")
+        warnings.filterwarnings("ignore", message="`torch.jit.*` is deprecated")
+        yield
+
+
 def _freeze_script(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     """Freeze a scripted module so attribute-dependent branches fold away."""
     frozen = torch.jit.freeze(module.eval()) if not module.training else module
@@ -96,7 +106,7 @@ def to_exported_program(
         return model
     if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _quiet_converter():
                 return _ShapedTS2EPConverter(model, args, dynamic_shapes).convert()
         except Exception as first_error:  # pylint: disable=broad-except
             if not isinstance(model, torch.jit.ScriptModule):
@@ -105,7 +115,7 @@ def to_exported_program(
             # fast-path checks); freezing folds the attribute-dependent ones. Retry on that.
             try:
                 frozen = _freeze_script(model)
-                with torch.no_grad():
+                with torch.no_grad(), _quiet_converter():
                     return _ShapedTS2EPConverter(frozen, args, dynamic_shapes).convert()
             except Exception:  # pylint: disable=broad-except
                 raise _ts_conversion_error(model, first_error) from first_error

@@ -141,7 +141,8 @@ class PyTorchTVMModule:
                     # specialising it (0/1 specialisation).
                     dim_values[dim] = min(max(low, 2), high) if high > 2 else high
                     dynamic[dim] = torch.export.Dim(dim, min=max(low, 1), max=high)
-        examples = [example_tensor(i, dim_values, self.device) for i in infos]
+        # Traced on the model's own device; the runtime device may differ.
+        examples = [example_tensor(i, dim_values, _model_device(module)) for i in infos]
         dims = None
         if dynamic:
             dims = [{axis: dynamic[d] for axis, d in enumerate(i.shape) if isinstance(d, str)}

@@ -120,6 +120,15 @@ std::string ReadFileBytes(const std::string& path, const char* what) {
   return os.str();
 }
 
+static const ProgramManifest& CheckDeviceKind(const ProgramManifest& manifest,
+                                              const c10::Device& device) {
+  const char* kind = device.is_cuda() ? "cuda" : "cpu";
+  TORCH_CHECK(manifest.device_type == kind, "tvm_class: the program was compiled for ",
+              manifest.device_type, " and cannot run on ", device,
+              "; compile it for that device (option 'device')");
+  return manifest;
+}
+
 static tvm::ffi::Module LoadExecutable(const std::string& lib, const c10::Device& device) {
   TORCH_CHECK(!lib.empty(), "tvm_class: the compiled library is empty");
   if (device.is_cuda()) EnsureCudaBackend();
@@ -130,7 +139,7 @@ static tvm::ffi::Module LoadExecutable(const std::string& lib, const c10::Device
 
 CompiledProgram::CompiledProgram(ProgramBlobs blobs, c10::Device device)
     : blobs_(std::move(blobs)),
-      manifest_(ProgramManifest::Parse(blobs_.graph)),
+      manifest_(CheckDeviceKind(ProgramManifest::Parse(blobs_.graph), device)),
       device_(device),
       executable_(LoadExecutable(blobs_.lib, device_)) {
   LoadParams();

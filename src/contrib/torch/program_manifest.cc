@@ -73,6 +73,7 @@ ProgramManifest ProgramManifest::Parse(const std::string& json_text) {
   for (const json::Value& name : AsArray(Field(obj, "params", "the manifest"), "params")) {
     manifest.param_names.push_back(AsString(name, "a param name"));
   }
+  manifest.device_type = AsString(Field(obj, "device_type", "the manifest"), "device_type");
   json::Value transform = Field(obj, "transform_params", "the manifest");
   if (transform != nullptr) manifest.transform_params = AsString(transform, "transform_params");
 

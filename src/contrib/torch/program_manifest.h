@@ -37,6 +37,8 @@ struct ProgramManifest {
   /*! \brief Name of the function that prepares params once at load time (empty when none). */
   std::string transform_params;
   bool dynamic = false;
+  /*! \brief The device kind the code was built for: "cpu" or "cuda". */
+  std::string device_type = "cpu";
 
   /*! \brief Parse the manifest JSON text; throws c10::Error naming the problem. */
   static ProgramManifest Parse(const std::string& json_text);

@@ -5,6 +5,7 @@ lift params) -> [tuning] -> build -> export (export_dir) -> runtime class -> ``n
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -131,6 +132,9 @@ class PyTorchTVMModule:
         return self
 
     def _convert_bucket(self, module: Any, infos: List[InputInfo]) -> _Bucket:
+        if isinstance(module, torch.nn.Module) and _model_device(module) != "cpu":
+            # Conversion reads the weights on the host; the runtime device is separate.
+            module = copy.deepcopy(module).cpu()
         dynamic = {}
         dim_values = {}
         for info in infos:

@@ -102,6 +102,8 @@ def make_manifest(
         "outputs": list(outputs),
         "params": list(param_names),
         "transform_params": transform_params,
+        # The device kind the code runs on; the runtime refuses to load it for another kind.
+        "device_type": "cuda" if target.kind.name == "cuda" else "cpu",
         "target": str(target.export()) if hasattr(target, "export") else str(target),
         "tvm_version": tvm.__version__,
         "torch_version": torch.__version__,

@@ -1,7 +1,6 @@
 """Shared fixtures: devices, small exported Relax programs, fresh-process runs."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -89,9 +88,7 @@ def cpu_program(tmp_path):
 
 def run_fresh_python(code: str, cwd: str, timeout: int = 300) -> str:
     """Run code in a new interpreter from ``cwd``; return stdout, failing with its stderr."""
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"fresh process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -231,3 +231,20 @@ def test_unsupported_operator_is_named_with_its_place(tmp_path):
                                               r"  mystery.default: used at .*"):
         compile(WithCustomOp().eval(), {"input_infos": [("x", (2, 4))],
                                         "export_dir": str(tmp_path)})
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_symbolic_batch_compiles_one_vm_module(name, tmp_path):
+    from tvm.contrib.torch import VMModule
+
+    model, inputs, infos = models.make(name)
+    shape = ("batch",) + tuple(infos[0][1][1:])
+    compiled = compile(torch.jit.trace(model, tuple(inputs)),
+                       {"input_infos": [("x", shape)], "dim_ranges": {"batch": (1, 32)},
+                        "export_dir": str(tmp_path)})
+    assert isinstance(compiled, VMModule)
+    for batch in (1, 3, 8, 17):
+        x = torch.randn(batch, *inputs[0].shape[1:])
+        assert_outputs_close(compiled([x]), models.reference(model, [x]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match=r"expected batch in \[1, 32\]"):
+        compiled([torch.randn(33, *inputs[0].shape[1:])])

@@ -42,7 +42,9 @@ def test_compile_on_gpu_matches_torch(name, dtype, tmp_path):
     expected = models.reference(model, inputs)
     model = model.cuda()
     gpu_inputs = [x.cuda() for x in inputs]
-    compiled = compile(torch.jit.trace(model, tuple(gpu_inputs)),
+    with torch.no_grad():  # as users trace for inference (fast paths included)
+        traced = torch.jit.trace(model, tuple(gpu_inputs))
+    compiled = compile(traced,
                        {"input_infos": infos, "default_dtype": dtype,
                         "export_dir": str(tmp_path)})
     feed = [x.half() if dtype == "float16" else x for x in gpu_inputs]

@@ -254,8 +254,8 @@ def test_to_moves_the_engine(cpu_program):
     module.cpu()
     assert module.engine.device() == "cpu"
     if torch.cuda.is_available():
-        with pytest.raises(RuntimeError):
-            module.cuda()  # the program was built for CPU: loading it for CUDA must fail
+        with pytest.raises(RuntimeError, match=r"compiled for cpu and cannot run on cuda:0"):
+            module.engine.to("cuda")  # CPU code must not be loaded for a GPU
 
 
 def test_runtime_library_links_no_python(tmp_path):

@@ -4,7 +4,9 @@
  *        Relax programs as TVM FFI global functions.
  *
  * tvm.contrib.torch.vendor_kernels rewrites heavy Relax ops into R.call_pure_packed calls of
- * these functions. Convolutions run in NHWC (a contiguous NHWC tensor is a channels-last
+ * these functions. On CUDA, convolutions and matrix products go to cuDNN/cuBLAS through ATen
+ * on the caller's current stream (the runtime makes it TVM's stream too). On CPU,
+ * convolutions run in NHWC (a contiguous NHWC tensor is a channels-last
  * NCHW torch tensor, which is what oneDNN's convolution produces), with weights prepacked
  * once at load time into oneDNN's blocked format and bias / ReLU / residual-add epilogues
  * fused into the primitive. All tensors cross the boundary through DLPack without copies.
@@ -130,6 +132,34 @@ ffi::Tensor Conv2dAddNhwc(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packe
   return NchwAsNhwc(y);
 }
 
+/*! \brief y = conv2d(x, w) + bias in NCHW on whatever torch picks for the device (cuDNN on CUDA). */
+at::Tensor ConvolutionNchw(const ffi::Tensor& x, const ffi::Tensor& weight, const ffi::Tensor& bias,
+                           const ffi::Shape& padding, const ffi::Shape& stride,
+                           const ffi::Shape& dilation, int64_t groups) {
+  return at::convolution(ToTorchTensor(x), ToTorchTensor(weight), ToTorchTensor(bias),
+                         ToVector(stride), ToVector(padding), ToVector(dilation),
+                         /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
+}
+
+/*! \brief conv2d (NCHW, OIHW) + bias (+ relu); runs on the caller's current stream. */
+ffi::Tensor Conv2dNchw(ffi::Tensor x, ffi::Tensor weight, ffi::Tensor bias, ffi::Shape padding,
+                       ffi::Shape stride, ffi::Shape dilation, int64_t groups,
+                       ffi::String attr) {
+  at::Tensor y = ConvolutionNchw(x, weight, bias, padding, stride, dilation, groups);
+  if (std::string(attr) == "relu") y.relu_();
+  return ToTvmTensor(y);
+}
+
+/*! \brief conv2d (NCHW, OIHW) + bias + other (+ relu). */
+ffi::Tensor Conv2dAddNchw(ffi::Tensor x, ffi::Tensor other, ffi::Tensor weight, ffi::Tensor bias,
+                          ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
+                          int64_t groups, ffi::String attr) {
+  at::Tensor y = ConvolutionNchw(x, weight, bias, padding, stride, dilation, groups);
+  y.add_(ToTorchTensor(other));
+  if (std::string(attr) == "relu") y.relu_();
+  return ToTvmTensor(y);
+}
+
 /*! \brief x @ w + bias (+ relu) on MKL; w is [in, out], x is [..., in]. */
 ffi::Tensor MatmulBias(ffi::Tensor x, ffi::Tensor w, ffi::Tensor bias, ffi::String attr) {
   at::Tensor a = ToTorchTensor(x);
@@ -155,6 +185,8 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.conv2d_nhwc_prepack", tvm_torch::Conv2dPrepack)
       .def("tvm_torch.conv2d_nhwc", tvm_torch::Conv2dNhwc)
       .def("tvm_torch.conv2d_add_nhwc", tvm_torch::Conv2dAddNhwc)
+      .def("tvm_torch.conv2d_nchw", tvm_torch::Conv2dNchw)
+      .def("tvm_torch.conv2d_add_nchw", tvm_torch::Conv2dAddNchw)
       .def("tvm_torch.matmul_bias", tvm_torch::MatmulBias)
       .def("tvm_torch.matmul", tvm_torch::Matmul);
 }

@@ -180,11 +180,10 @@ class PyTorchTVMModule:
     # ---- step 3: build and export ----
     def _prepare(self, bucket: _Bucket):
         extra = []
-        if (self.vendor_kernels and not build_mod.is_cuda(self.target)
-                and self.default_dtype == "float32"):
+        if self.vendor_kernels:
             from . import vendor_kernels  # pylint: disable=import-outside-toplevel
 
-            extra.append(vendor_kernels.offload_pass())
+            extra.append(vendor_kernels.offload_pass(gpu=build_mod.is_cuda(self.target)))
         return passes.prepare_for_build(bucket.mod, bucket.params, shapes_of(bucket.infos),
                                         self.default_dtype, extra)
 

@@ -11,9 +11,11 @@ vendor libraries that libtorch already ships. This pass rewrites them into
   ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves into
   ``main_transform_params``: the runtime prepacks every weight once, at load time.
 * ``matmul`` with a constant right-hand side (+ bias) (+ ReLU) -> ``tvm_torch.matmul_bias``;
-  other float32 ``matmul`` -> ``tvm_torch.matmul`` (MKL).
+  other ``matmul`` -> ``tvm_torch.matmul`` (MKL on CPU, cuBLAS on CUDA).
 
-Everything else stays TVM code. Only float32 is offloaded.
+On CUDA the same patterns go to ATen's convolution and matmul (cuDNN / cuBLAS) in NCHW, in
+float32 and float16, on the caller's current stream. On CPU only float32 is offloaded.
+Everything else stays TVM code.
 """
 from __future__ import annotations
 
@@ -43,11 +45,6 @@ def _static_shape(expr: relax.Expr) -> Optional[list]:
     return dims
 
 
-def _is_f32(expr: relax.Expr) -> bool:
-    ty = expr.ty
-    return isinstance(ty, relax.TensorType) and str(ty.dtype) == "float32"
-
-
 def _const_array(expr: relax.Expr) -> np.ndarray:
     return expr.value.numpy()
 
@@ -57,23 +54,36 @@ def _shape(values) -> relax.ShapeExpr:
 
 
 class _ConvRewriter:
-    """Builds the vendor call for one matched conv2d chain."""
+    """Builds the vendor call for one matched conv2d chain.
 
-    def __init__(self):
+    ``gpu=False``: oneDNN in NHWC with prepacked weights (float32). ``gpu=True``: ATen's
+    convolution (cuDNN) in NCHW, float32 or float16.
+    """
+
+    def __init__(self, gpu: bool):
+        self.gpu = gpu
         self.count = 0
 
     def conv_args(self, conv: relax.Call):
         attrs = conv.attrs
-        if (attrs.data_layout != "NHWC" or attrs.kernel_layout != "OIHW"
-                or attrs.out_layout != "NHWC"):
+        layout = "NCHW" if self.gpu else "NHWC"
+        if (attrs.data_layout != layout or attrs.kernel_layout != "OIHW"
+                or attrs.out_layout != layout):
             return None
         x, weight = conv.args
-        if not (_is_f32(x) and _is_f32(conv)) or _static_shape(x) is None:
+        dtypes = {str(x.ty.dtype), str(conv.ty.dtype)} if isinstance(x.ty, relax.TensorType) \
+            else set()
+        if dtypes != {"float32"} and not (self.gpu and dtypes == {"float16"}):
+            return None
+        if _static_shape(x) is None:
             return None
         top, left, bottom, right = (int(p) for p in attrs.padding)
         if top != bottom or left != right:
             return None
-        n, h, w, c = _static_shape(x)
+        if self.gpu:
+            n, c, h, w = _static_shape(x)
+        else:
+            n, h, w, c = _static_shape(x)
         return {
             "x": x,
             "weight": weight,
@@ -82,7 +92,8 @@ class _ConvRewriter:
             "dilation": _shape(attrs.dilation),
             "groups": tvm.tirx.IntImm("int64", int(attrs.groups)),
             "input_size": _shape([n, c, h, w]),
-            "out_channels": int(_static_shape(conv)[-1]),
+            "out_channels": int(_static_shape(conv)[1 if self.gpu else -1]),
+            "dtype": str(conv.ty.dtype),
         }
 
     def build(self, conv: relax.Call, bias: Optional[relax.Expr], residual: Optional[relax.Expr],
@@ -97,24 +108,33 @@ class _ConvRewriter:
             bias_value = _const_array(bias).reshape(-1)
             if bias_value.size != channels:
                 return None
-        bias_const = relax.const(bias_value.astype("float32"))
+        bias_const = relax.const(bias_value.astype(args["dtype"]))
+        if residual is not None and (_static_shape(residual) != _static_shape(conv)
+                                     or str(residual.ty.dtype) != args["dtype"]):
+            return None
+        geometry = [args["padding"], args["stride"], args["dilation"], args["groups"]]
+        unary_imm = tvm.ir.StringImm(unary)
+        self.count += 1
+        if self.gpu:
+            if residual is not None:
+                return relax.call_pure_packed("tvm_torch.conv2d_add_nchw", args["x"], residual,
+                                              args["weight"], bias_const, *geometry, unary_imm,
+                                              ty_args=out_ty)
+            return relax.call_pure_packed("tvm_torch.conv2d_nchw", args["x"], args["weight"],
+                                          bias_const, *geometry, unary_imm, ty_args=out_ty)
         packed = relax.call_pure_packed(
             "tvm_torch.conv2d_nhwc_prepack", args["weight"], args["padding"], args["stride"],
             args["dilation"], args["groups"], args["input_size"], ty_args=relax.ObjectType())
-        self.count += 1
-        geometry = [args["padding"], args["stride"], args["dilation"], args["groups"]]
         if residual is not None:
-            if _static_shape(residual) != _static_shape(conv) or not _is_f32(residual):
-                return None
             return relax.call_pure_packed("tvm_torch.conv2d_add_nhwc", args["x"], residual,
-                                          packed, bias_const, *geometry, tvm.ir.StringImm(unary),
+                                          packed, bias_const, *geometry, unary_imm,
                                           ty_args=out_ty)
         return relax.call_pure_packed("tvm_torch.conv2d_nhwc", args["x"], packed, bias_const,
-                                      *geometry, tvm.ir.StringImm(unary), ty_args=out_ty)
+                                      *geometry, unary_imm, ty_args=out_ty)
 
 
-def _rewrite_convs(func: relax.Function) -> relax.Function:
-    rewriter = _ConvRewriter()
+def _rewrite_convs(func: relax.Function, gpu: bool) -> relax.Function:
+    rewriter = _ConvRewriter(gpu)
     x, res = wildcard(), wildcard()
     conv = is_op("relax.nn.conv2d")(x, is_const())
     bias = is_const()
@@ -144,11 +164,17 @@ def _rewrite_convs(func: relax.Function) -> relax.Function:
     ]
     for pattern, fn in patterns:
         func = rewrite_call(pattern, fn, func)
-    logger.debug("offloaded %d convolutions to oneDNN", rewriter.count)
+    logger.debug("offloaded %d convolutions to %s", rewriter.count, "cuDNN" if gpu else "oneDNN")
     return func
 
 
-def _rewrite_matmuls(func: relax.Function) -> relax.Function:
+def _rewrite_matmuls(func: relax.Function, gpu: bool) -> relax.Function:
+    ok_dtypes = ("float32", "float16") if gpu else ("float32",)
+
+    def _ok(*exprs) -> bool:
+        return all(isinstance(e.ty, relax.TensorType) and str(e.ty.dtype) in ok_dtypes
+                   for e in exprs) and len({str(e.ty.dtype) for e in exprs}) == 1
+
     x, w, b = wildcard(), is_const(), is_const()
     mm_const = is_op("relax.matmul")(x, w)
     mm_bias = is_op("relax.add")(mm_const, b) | is_op("relax.add")(b, mm_const)
@@ -158,7 +184,7 @@ def _rewrite_matmuls(func: relax.Function) -> relax.Function:
         def rewrite(call, matched):
             mm = matched[mm_const]
             lhs, rhs = mm.args
-            if not (_is_f32(lhs) and _is_f32(rhs) and _is_f32(call)):
+            if not _ok(lhs, rhs, call):
                 return call
             w_shape = _static_shape(rhs)
             if w_shape is None or len(w_shape) != 2:
@@ -170,13 +196,13 @@ def _rewrite_matmuls(func: relax.Function) -> relax.Function:
             else:
                 bias_value = np.zeros((w_shape[1],), dtype="float32")
             return relax.call_pure_packed("tvm_torch.matmul_bias", lhs, rhs,
-                                          relax.const(bias_value.astype("float32")),
+                                          relax.const(bias_value.astype(str(call.ty.dtype))),
                                           tvm.ir.StringImm(unary), ty_args=call.ty)
         return rewrite
 
     def generic(call, _matched):
         lhs, rhs = call.args
-        if not (_is_f32(lhs) and _is_f32(rhs) and _is_f32(call)):
+        if not _ok(lhs, rhs, call):
             return call
         if _static_shape(lhs) is None or _static_shape(rhs) is None:
             return call
@@ -194,17 +220,24 @@ def _rewrite_matmuls(func: relax.Function) -> relax.Function:
     return func
 
 
-def offload_pass() -> tvm.transform.Pass:
-    """The offload as a module pass over ``main`` (after params were bound as constants)."""
+def offload_pass(gpu: bool = False) -> tvm.transform.Pass:
+    """The offload as a module pass over ``main`` (after params were bound as constants).
+
+    Parameters
+    ----------
+    gpu : bool
+        Build for CUDA (cuDNN/cuBLAS through ATen, NCHW, float32/float16) instead of the CPU
+        (oneDNN NHWC with prepacked weights and MKL, float32).
+    """
 
     @tvm.transform.module_pass(opt_level=0, name="TvmTorchVendorOffload")
     def _offload(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        # A no-op for graphs without convolutions.
-        mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
-        mod = relax.transform.FoldConstant()(mod)
+        if not gpu:  # a no-op for graphs without convolutions
+            mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
+            mod = relax.transform.FoldConstant()(mod)
         func = mod["main"]
-        func = _rewrite_convs(func)
-        func = _rewrite_matmuls(func)
+        func = _rewrite_convs(func, gpu)
+        func = _rewrite_matmuls(func, gpu)
         mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
         mod["main"] = func
         return relax.transform.DeadCodeElimination(["main"])(mod)

@@ -170,6 +170,17 @@ ffi::Tensor MatmulBias(ffi::Tensor x, ffi::Tensor w, ffi::Tensor bias, ffi::Stri
   return ToTvmTensor(y);
 }
 
+/*! \brief layer_norm over the trailing dims covered by gamma (ATen's vectorised kernel). */
+ffi::Tensor LayerNorm(ffi::Tensor x, ffi::Tensor gamma, ffi::Tensor beta, double eps) {
+  at::Tensor g = ToTorchTensor(gamma);
+  return ToTvmTensor(at::layer_norm(ToTorchTensor(x), g.sizes(), g, ToTorchTensor(beta), eps));
+}
+
+/*! \brief softmax along one axis (ATen's vectorised kernel). */
+ffi::Tensor Softmax(ffi::Tensor x, int64_t axis) {
+  return ToTvmTensor(at::softmax(ToTorchTensor(x), axis));
+}
+
 /*! \brief Batched a @ b (numpy broadcasting semantics, as relax.matmul) on MKL. */
 ffi::Tensor Matmul(ffi::Tensor a, ffi::Tensor b) {
   return ToTvmTensor(at::matmul(ToTorchTensor(a), ToTorchTensor(b)));
@@ -188,5 +199,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.conv2d_nchw", tvm_torch::Conv2dNchw)
       .def("tvm_torch.conv2d_add_nchw", tvm_torch::Conv2dAddNchw)
       .def("tvm_torch.matmul_bias", tvm_torch::MatmulBias)
-      .def("tvm_torch.matmul", tvm_torch::Matmul);
+      .def("tvm_torch.matmul", tvm_torch::Matmul)
+      .def("tvm_torch.layer_norm", tvm_torch::LayerNorm)
+      .def("tvm_torch.softmax", tvm_torch::Softmax);
 }

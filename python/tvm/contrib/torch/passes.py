@@ -193,11 +193,6 @@ def lift_params(mod: tvm.IRModule) -> Tuple[tvm.IRModule, Dict[str, tvm.runtime.
 TRANSFORM_PARAMS_FUNC = "main_transform_params"
 
 
-def _has_load_time_work(mod: tvm.IRModule) -> bool:
-    """Whether ``main`` calls a prepacking function on its params."""
-    return "_prepack" in mod["main"].script(show_meta=False)
-
-
 def prepare_for_build(
     mod: tvm.IRModule,
     params: Sequence[tvm.runtime.Tensor],
@@ -223,8 +218,8 @@ def prepare_for_build(
     Returns
     -------
     mod : tvm.IRModule
-        ``main(*inputs, *prepared_params)`` and, when params need load-time work (weight
-        prepacking), the function that prepares them.
+        ``main(*inputs, *prepared_params)`` and the function that prepares the params once
+        at load time (weight prepacking, transposes).
     params : dict of str to tvm.runtime.Tensor
         Param values by name.
     names : list of str
@@ -240,7 +235,9 @@ def prepare_for_build(
     for p in extra_passes or []:
         mod = p(mod)
     mod, values, names = lift_params(mod)
-    if names and _has_load_time_work(mod):
+    if names:
+        # Everything that depends on params alone (weight prepacking, transposes and splits
+        # of weights) runs once at load time instead of on every call.
         mod = relax.transform.LiftTransformParams()(mod)
         return mod, values, names, TRANSFORM_PARAMS_FUNC
     return mod, values, names, None

@@ -10,6 +10,8 @@ vendor libraries that libtorch already ships. This pass rewrites them into
   NHWC first; elementwise ops and pooling follow). The weight goes through
   ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves into
   ``main_transform_params``: the runtime prepacks every weight once, at load time.
+* ``layer_norm`` (trailing axes) and ``softmax`` -> ``tvm_torch.layer_norm`` /
+  ``tvm_torch.softmax`` (ATen's vectorised kernels).
 * ``matmul`` with a constant right-hand side (+ bias) (+ ReLU) -> ``tvm_torch.matmul_bias``;
   other ``matmul`` -> ``tvm_torch.matmul`` (MKL on CPU, cuBLAS on CUDA).
 
@@ -24,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
@@ -31,6 +34,14 @@ logger = logging.getLogger(__name__)
 
 #: Name of the function that prepares params at load time (LiftTransformParams' convention).
 TRANSFORM_PARAMS_FUNC = "main_transform_params"
+
+
+def _dims(expr: relax.Expr) -> Optional[list]:
+    """Dims of a tensor expression: ints for static dims, None for symbolic ones."""
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    return [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in ty.shape.values]
 
 
 def _static_shape(expr: relax.Expr) -> Optional[list]:
@@ -75,15 +86,17 @@ class _ConvRewriter:
             else set()
         if dtypes != {"float32"} and not (self.gpu and dtypes == {"float16"}):
             return None
-        if _static_shape(x) is None:
+        dims = _dims(x)
+        if dims is None or len(dims) != 4:
             return None
         top, left, bottom, right = (int(p) for p in attrs.padding)
         if top != bottom or left != right:
             return None
+        # Symbolic dims (a dynamic batch) prepack for size 1: the layout suits any size.
         if self.gpu:
-            n, c, h, w = _static_shape(x)
+            n, c, h, w = (d if d is not None else 1 for d in dims)
         else:
-            n, h, w, c = _static_shape(x)
+            n, h, w, c = (d if d is not None else 1 for d in dims)
         return {
             "x": x,
             "weight": weight,
@@ -92,7 +105,7 @@ class _ConvRewriter:
             "dilation": _shape(attrs.dilation),
             "groups": tvm.tirx.IntImm("int64", int(attrs.groups)),
             "input_size": _shape([n, c, h, w]),
-            "out_channels": int(_static_shape(conv)[1 if self.gpu else -1]),
+            "out_channels": int(_static_shape(weight)[0]),  # OIHW
             "dtype": str(conv.ty.dtype),
         }
 
@@ -109,7 +122,7 @@ class _ConvRewriter:
             if bias_value.size != channels:
                 return None
         bias_const = relax.const(bias_value.astype(args["dtype"]))
-        if residual is not None and (_static_shape(residual) != _static_shape(conv)
+        if residual is not None and (not tvm_ffi.structural_equal(residual.ty, conv.ty)
                                      or str(residual.ty.dtype) != args["dtype"]):
             return None
         geometry = [args["padding"], args["stride"], args["dilation"], args["groups"]]
@@ -176,15 +189,31 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool) -> relax.Function:
                    for e in exprs) and len({str(e.ty.dtype) for e in exprs}) == 1
 
     x, w, b = wildcard(), is_const(), is_const()
-    mm_const = is_op("relax.matmul")(x, w)
+    # A constant right-hand side, or the transpose of one (nn.Linear's weight.T).
+    w_t = is_op("relax.permute_dims")(w)
+    mm_const = is_op("relax.matmul")(x, w | w_t)
     mm_bias = is_op("relax.add")(mm_const, b) | is_op("relax.add")(b, mm_const)
     mm_any = is_op("relax.matmul")(wildcard(), wildcard())
+
+    def weight_of(mm: relax.Call):
+        """The right-hand side as a constant [in, out] expression, or None."""
+        rhs = mm.args[1]
+        if isinstance(rhs, tvm.ir.GenericConst):
+            return rhs
+        if isinstance(rhs, relax.Call) and isinstance(rhs.args[0], tvm.ir.GenericConst):
+            axes = rhs.attrs.axes
+            value = _const_array(rhs.args[0])
+            if value.ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
+                return None
+            return relax.const(np.ascontiguousarray(value.T))
+        return None
 
     def linear(unary, has_bias):
         def rewrite(call, matched):
             mm = matched[mm_const]
-            lhs, rhs = mm.args
-            if not _ok(lhs, rhs, call):
+            lhs = mm.args[0]
+            rhs = weight_of(mm)
+            if rhs is None or not _ok(lhs, rhs, call):
                 return call
             w_shape = _static_shape(rhs)
             if w_shape is None or len(w_shape) != 2:
@@ -220,6 +249,38 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool) -> relax.Function:
     return func
 
 
+def _rewrite_normalizations(func: relax.Function, gpu: bool) -> relax.Function:
+    """layer_norm over the last axis (constant gamma/beta) and softmax -> ATen kernels."""
+    ok_dtypes = ("float32", "float16") if gpu else ("float32",)
+    x, gamma, beta = wildcard(), is_const(), is_const()
+    layer_norm = is_op("relax.nn.layer_norm")(x, gamma, beta)
+    softmax = is_op("relax.nn.softmax")(wildcard())
+
+    def rewrite_layer_norm(call, matched):
+        data = call.args[0]
+        dims = _dims(data)
+        if dims is None or str(call.ty.dtype) not in ok_dtypes:
+            return call
+        axes = sorted(int(a) % len(dims) for a in call.attrs.axes)
+        if axes != list(range(len(dims) - len(axes), len(dims))):
+            return call  # ATen normalises trailing dims only
+        if not (call.attrs.center and call.attrs.scale):
+            return call
+        return relax.call_pure_packed("tvm_torch.layer_norm", data, call.args[1], call.args[2],
+                                      tvm.tirx.FloatImm("float64", float(call.attrs.epsilon)),
+                                      ty_args=call.ty)
+
+    def rewrite_softmax(call, _matched):
+        if _dims(call.args[0]) is None or str(call.ty.dtype) not in ok_dtypes:
+            return call
+        return relax.call_pure_packed("tvm_torch.softmax", call.args[0],
+                                      tvm.tirx.IntImm("int64", int(call.attrs.axis)),
+                                      ty_args=call.ty)
+
+    func = rewrite_call(layer_norm, rewrite_layer_norm, func)
+    return rewrite_call(softmax, rewrite_softmax, func)
+
+
 def offload_pass(gpu: bool = False) -> tvm.transform.Pass:
     """The offload as a module pass over ``main`` (after params were bound as constants).
 
@@ -238,6 +299,7 @@ def offload_pass(gpu: bool = False) -> tvm.transform.Pass:
         func = mod["main"]
         func = _rewrite_convs(func, gpu)
         func = _rewrite_matmuls(func, gpu)
+        func = _rewrite_normalizations(func, gpu)
         mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
         mod["main"] = func
         return relax.transform.DeadCodeElimination(["main"])(mod)

@@ -1,6 +1,7 @@
 """Shared fixtures: devices, small exported Relax programs, fresh-process runs."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -87,8 +88,14 @@ def cpu_program(tmp_path):
 
 
 def run_fresh_python(code: str, cwd: str, timeout: int = 300) -> str:
-    """Run code in a new interpreter from ``cwd``; return stdout, failing with its stderr."""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd,
+    """Run code in a new interpreter from ``cwd``; return stdout, failing with its stderr.
+
+    The code is written to a file first: TorchScript needs the source of scripted classes.
+    """
+    script = os.path.join(cwd, "_fresh_process_script.py")
+    with open(script, "w", encoding="utf-8") as f:
+        f.write(textwrap.dedent(code))
+    proc = subprocess.run([sys.executable, script], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"fresh process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -1,0 +1,31 @@
+"""MetaSchedule tuning: records written to the log, re-used by a second compile."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tvm.contrib.torch import compile
+
+
+def test_tuning_writes_log_and_second_compile_reuses_it(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU()).eval()
+    x = torch.randn(4, 32)
+    log = str(tmp_path / "tuning.log")
+    option = {"input_infos": [("x", (4, 32))], "export_dir": str(tmp_path / "export"),
+              "tuning_n_trials": 2, "tuning_log_file": log,
+              "vendor_kernels": False}  # leave the matmul to TVM so that there is a kernel
+    tuned = compile(model, option)
+    torch.testing.assert_close(tuned([x])[0], model(x), rtol=1e-4, atol=1e-4)
+    with open(log, encoding="utf-8") as f:
+        records = f.read()
+    assert records.strip(), "no tuning record was written"
+    assert os.path.exists(log + ".workloads")
+    stamp = os.stat(log).st_mtime_ns
+
+    again = compile(model, option)  # every kernel has a record: nothing new is measured
+    assert os.stat(log).st_mtime_ns == stamp
+    with open(log, encoding="utf-8") as f:
+        assert f.read() == records
+    torch.testing.assert_close(again([x])[0], model(x), rtol=1e-4, atol=1e-4)

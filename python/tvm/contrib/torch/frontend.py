@@ -22,6 +22,7 @@ from tvm.relax.frontend.torch import from_exported_program
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 from .decompositions import decomposition_table
+from .script_rebuild import rebuild_eager
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +105,19 @@ def to_exported_program(
     dynamic_shapes = _dynamic_shapes_spec(len(args), dynamic_dims)
     if isinstance(model, torch.export.ExportedProgram):
         return model
+    if isinstance(model, torch.jit.ScriptModule):
+        eager = rebuild_eager(model)
+        if eager is not None:  # a scripted torch.nn transformer module: export its eager twin
+            logger.info("exporting the eager %s rebuilt from the scripted module",
+                        model.original_name)
+            model = eager
     if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
         try:
             with torch.no_grad(), _quiet_converter():
                 return _ShapedTS2EPConverter(model, args, dynamic_shapes).convert()
         except Exception as first_error:  # pylint: disable=broad-except
             if not isinstance(model, torch.jit.ScriptModule):
-                raise _ts_conversion_error(model, first_error) from first_error
+                raise _ts_conversion_error(model, args, first_error) from first_error
             # Scripted modules keep every branch of their Python source (training flags,
             # fast-path checks); freezing folds the attribute-dependent ones. Retry on that.
             try:
@@ -118,7 +125,7 @@ def to_exported_program(
                 with torch.no_grad(), _quiet_converter():
                     return _ShapedTS2EPConverter(frozen, args, dynamic_shapes).convert()
             except Exception:  # pylint: disable=broad-except
-                raise _ts_conversion_error(model, first_error) from first_error
+                raise _ts_conversion_error(model, args, first_error) from first_error
     if isinstance(model, torch.nn.Module):
         with torch.no_grad(), _inference_mode_for_export():
             return torch.export.export(model.eval(), args, dynamic_shapes=dynamic_shapes,
@@ -128,10 +135,11 @@ def to_exported_program(
         f"torch.nn.Module or a torch.export.ExportedProgram, got {type(model).__name__}")
 
 
-def _ts_conversion_error(model, error: Exception) -> ConversionError:
+def _ts_conversion_error(model, args, error: Exception) -> ConversionError:
     detail = ""
     try:
-        detail = TS2EPConverter(model, ()).explain(print_output=False)
+        with _quiet_converter():
+            detail = TS2EPConverter(model, args).explain(print_output=False)
     except Exception:  # pylint: disable=broad-except
         pass
     hint = f"\n{detail}" if detail and detail != "Success!" else ""

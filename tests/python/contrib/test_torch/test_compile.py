@@ -19,7 +19,7 @@ def _to_script(model, inputs, how):
 
 
 CASES = [(name, how) for name in ["cnn", "mlp", "transformer", "two_in_two_out"]
-         for how in ["trace", "script"] if (name, how) != ("transformer", "script")]
+         for how in ["trace", "script"]]
 
 
 @pytest.mark.parametrize("name, how", CASES)
@@ -58,14 +58,45 @@ def test_transformer_fast_path_ops_are_decomposed(tmp_path):
                          atol=1e-4)
 
 
-def test_scripted_transformer_layer_is_reported_not_crashed(tmp_path):
-    """A scripted TransformerEncoderLayer keeps data-dependent fast-path checks (prim::If on
-    devices, grad mode, flags) that torch's TorchScript converter cannot take: a readable
-    ConversionError, not an internal assert, and tracing is suggested."""
-    model, inputs, infos = models.make("transformer")
+def test_scripted_data_dependent_branch_keeps_both_branches(tmp_path):
+    class Branchy(torch.nn.Module):
+        def forward(self, x):
+            if bool(x.sum() > 0):
+                return x * 2.0
+            return x - 1.0
+
+    compiled = compile(torch.jit.script(Branchy()), {"input_infos": [("x", (2, 3))],
+                                                     "export_dir": str(tmp_path)})
+    for x in (torch.ones(2, 3), -torch.ones(2, 3)):
+        torch.testing.assert_close(compiled([x])[0], Branchy()(x))
+
+
+def test_unconvertible_torchscript_is_reported(tmp_path):
+    """A construct torch's converter cannot take: a readable ConversionError suggesting tracing."""
+
+    class Appender(torch.nn.Module):
+        def forward(self, x):
+            out = []
+            for i in range(int(x.shape[0])):
+                out.append(x[i] * float(i))
+            return torch.stack(out) if len(out) > 0 else x
+
     with pytest.raises(ConversionError, match=r"(?s)could not convert the TorchScript module.*"
                                               r"torch.jit.trace"):
-        compile(torch.jit.script(model), {"input_infos": infos, "export_dir": str(tmp_path)})
+        compile(torch.jit.script(Appender()), {"input_infos": [("x", (2, 3))],
+                                               "export_dir": str(tmp_path)})
+
+
+def test_scripted_multi_head_attention(tmp_path):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    q, k, v = torch.randn(2, 3, 16), torch.randn(2, 4, 16), torch.randn(2, 4, 16)
+    compiled = compile(torch.jit.script(mha), {"input_infos": [("q", (2, 3, 16)),
+                                                                ("k", (2, 4, 16)),
+                                                                ("v", (2, 4, 16))],
+                                               "export_dir": str(tmp_path)})
+    assert_outputs_close(compiled([q, k, v]), models.reference(mha, [q, k, v]), rtol=1e-4,
+                         atol=1e-4)
 
 
 def test_multi_head_attention_fast_path(tmp_path):
@@ -89,9 +120,10 @@ def test_multi_head_attention_fast_path(tmp_path):
                          rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["cnn", "transformer"])
 @pytest.mark.parametrize("kind", ["nn.Module", "ExportedProgram"])
-def test_compile_accepts_module_and_exported_program(kind, tmp_path):
-    model, inputs, infos = models.make("cnn")
+def test_compile_accepts_module_and_exported_program(kind, name, tmp_path):
+    model, inputs, infos = models.make(name)
     source = model if kind == "nn.Module" else torch.export.export(model, tuple(inputs))
     compiled = compile(source, {"input_infos": infos, "export_dir": str(tmp_path)})
     assert_outputs_close(compiled(inputs), models.reference(model, inputs), rtol=1e-4,

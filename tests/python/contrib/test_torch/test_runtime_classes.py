@@ -266,3 +266,15 @@ def test_runtime_library_links_no_python(tmp_path):
     assert "not found" not in ldd.stdout, ldd.stdout
     assert "libtorch_python" not in ldd.stdout
     assert "libpython" not in ldd.stdout
+
+
+def test_load_from_in_memory_bytes(cpu_program):
+    files = cpu_program.files
+    with open(files.lib_path, "rb") as lib, open(files.graph_path, encoding="utf-8") as graph, \
+            open(files.params_path, "rb") as params:
+        module = GraphModule(1, 2)
+        module.load_bytes(lib.read(), graph.read(), params.read())
+    x = torch.randn(4, 8)
+    assert_outputs_close(module([x]), cpu_program.reference(x))
+    with pytest.raises(RuntimeError, match=r"the graph manifest is not valid JSON"):
+        GraphModule(1, 2).load_bytes(b"\x7fELF", "{not json", b"")

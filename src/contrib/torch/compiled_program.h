@@ -11,6 +11,7 @@
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -47,6 +48,10 @@ class CompiledProgram {
   std::vector<at::Tensor> Run(const std::vector<at::Tensor>& inputs);
 
   const ProgramManifest& manifest() const { return manifest_; }
+  /*! \brief Number of calls this program served. */
+  int64_t calls() const { return calls_.load(std::memory_order_relaxed); }
+  /*! \brief Count one served call. */
+  void CountCall() { calls_.fetch_add(1, std::memory_order_relaxed); }
   const ProgramBlobs& blobs() const { return blobs_; }
 
  private:
@@ -70,6 +75,7 @@ class CompiledProgram {
    *        transform function made of them once at load time (e.g. prepacked weights).
    */
   std::vector<tvm::ffi::Any> params_;
+  std::atomic<int64_t> calls_{0};
   std::mutex pool_mutex_;
   std::vector<std::unique_ptr<VMInstance>> idle_vms_;
 };

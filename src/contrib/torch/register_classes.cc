@@ -34,6 +34,11 @@ void RegisterModuleClass(torch::Library& lib, const char* name) {
       .def("signatures", [](const Self& self) { return self->Signatures(); })
       .def("num_inputs", [](const Self& self) { return self->NumInputs(); })
       .def("num_outputs", [](const Self& self) { return self->NumOutputs(); })
+      .def("set_bucket_padding",
+           [](const Self& self, bool enabled) { self->SetBucketPadding(enabled); })
+      .def("bucket_padding", [](const Self& self) { return self->BucketPadding(); })
+      .def("call_counts", [](const Self& self) { return self->CallCounts(); })
+      .def("last_signature", [](const Self& self) { return self->LastSignature(); })
       .def("load_state",
            [](const Self& self, SerializedState state) {
              self->Restore(DecodeState(state));

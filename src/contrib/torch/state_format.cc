@@ -84,6 +84,7 @@ std::tuple<int64_t, std::string, std::vector<at::Tensor>> EncodeState(const Modu
                       {"num_inputs", state.num_inputs},
                       {"num_outputs", state.num_outputs},
                       {"device", tvm::ffi::String(state.device)},
+                      {"bucket_padding", state.bucket_padding},
                       {"programs", programs}};
   return {kStateFormatVersion, std::string(json::Stringify(header)), std::move(blobs)};
 }
@@ -104,6 +105,9 @@ ModuleState DecodeState(const std::tuple<int64_t, std::string, std::vector<at::T
   state.num_inputs = GetInt(*header, "num_inputs");
   state.num_outputs = GetInt(*header, "num_outputs");
   state.device = GetString(*header, "device");
+  auto padding = Get(*header, "bucket_padding").try_cast<bool>();
+  if (!padding.has_value()) Corrupt("'bucket_padding' is not a bool");
+  state.bucket_padding = *padding;
   auto programs = Get(*header, "programs").as<json::Array>();
   if (!programs.has_value()) Corrupt("'programs' is not a list");
   if (blobs.size() != 2 * programs->size()) {

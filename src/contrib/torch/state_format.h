@@ -3,7 +3,7 @@
  * \brief The versioned, self-contained pickle state of a TVM module.
  *
  * Version 1 is a tuple (1, header, blobs):
- *  - header: JSON text {"class", "num_inputs", "num_outputs", "device",
+ *  - header: JSON text {"class", "num_inputs", "num_outputs", "device", "bucket_padding",
  *    "programs": [{"graph": manifest JSON text, "lib_size", "lib_checksum",
  *    "params_size", "params_checksum"}]}
  *  - blobs: for each program, the library bytes then the params bytes, as uint8 CPU tensors
@@ -34,6 +34,7 @@ struct ModuleState {
   int64_t num_inputs = 0;
   int64_t num_outputs = 0;
   std::string device;
+  bool bucket_padding = false;
   std::vector<ProgramBlobs> programs;
 };
 

@@ -6,6 +6,7 @@
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include <limits>
 #include <mutex>
 #include <sstream>
 
@@ -42,6 +43,12 @@ std::string ManifestKey(const ProgramManifest& manifest) {
     key += "];";
   }
   return key;
+}
+
+/*! \brief The signature that served this thread's last call, per thread. */
+std::string& LastServed() {
+  static thread_local std::string last;
+  return last;
 }
 
 std::string DeviceString(const c10::Device& device) {
@@ -120,16 +127,42 @@ std::vector<at::Tensor> TvmModule::Forward(const std::vector<at::Tensor>& inputs
                 inputs[i].device(), " but the module is on ", DeviceString(device_),
                 "; move the input or the module (.to())");
   }
-  std::shared_ptr<CompiledProgram> program;
+  Selection selection;
   {
     std::shared_lock<std::shared_mutex> lock(mutex_);
-    program = Select(inputs);
+    selection = Select(inputs);
   }
-  std::vector<at::Tensor> outputs = program->Run(inputs);
+  std::vector<at::Tensor> outputs =
+      selection.program->Run(selection.padded.empty() ? inputs : selection.padded);
   TORCH_CHECK(static_cast<int64_t>(outputs.size()) == num_outputs_, "tvm_class: the compiled "
               "program returned ", outputs.size(), " tensors, expected ", num_outputs_);
+  if (selection.batch >= 0) {
+    for (at::Tensor& out : outputs) {
+      if (out.dim() > 0 && out.size(0) == selection.bucket_batch) {
+        out = out.narrow(0, 0, selection.batch);
+      }
+    }
+  }
+  selection.program->CountCall();
+  LastServed() = selection.program->manifest().SignatureString();
   return outputs;
 }
+
+void TvmModule::SetBucketPadding(bool enabled) {
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  bucket_padding_ = enabled;
+}
+
+c10::Dict<std::string, int64_t> TvmModule::CallCounts() const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  c10::Dict<std::string, int64_t> counts;
+  for (const auto& program : Programs()) {
+    counts.insert(program->manifest().SignatureString(), program->calls());
+  }
+  return counts;
+}
+
+std::string TvmModule::LastSignature() const { return LastServed(); }
 
 void TvmModule::To(const std::string& device) {
   c10::Device target = ParseDevice(device);
@@ -170,6 +203,7 @@ SerializedState TvmModule::Serialize() const {
   state.num_inputs = num_inputs_;
   state.num_outputs = num_outputs_;
   state.device = DeviceString(device_);
+  state.bucket_padding = bucket_padding_;
   for (const auto& program : Programs()) state.programs.push_back(program->blobs());
   return EncodeState(state);
 }
@@ -182,6 +216,7 @@ void TvmModule::Restore(ModuleState state) {
               state.num_outputs, " outputs; this module has ", num_inputs_, " and ",
               num_outputs_);
   for (ProgramBlobs& blobs : state.programs) Load(std::move(blobs), nullptr);
+  SetBucketPadding(state.bucket_padding);
 }
 
 // ---- TvmGraphModule ----
@@ -195,14 +230,53 @@ void TvmGraphModule::AddProgram(std::shared_ptr<CompiledProgram> program) {
   by_signature_[key] = std::move(program);  // a reload of the same signature replaces it
 }
 
-std::shared_ptr<CompiledProgram> TvmGraphModule::Select(
-    const std::vector<at::Tensor>& inputs) const {
+Selection TvmGraphModule::Select(const std::vector<at::Tensor>& inputs) const {
   auto it = by_signature_.find(TensorsKey(inputs));
-  if (it != by_signature_.end()) return it->second;
+  if (it != by_signature_.end()) return Selection{it->second, {}, -1, -1};
+  if (bucket_padding_) {
+    Selection padded = PadToBucket(inputs);
+    if (padded.program != nullptr) return padded;
+  }
   std::string given;
   for (const at::Tensor& t : inputs) given += (given.empty() ? "" : ", ") + DescribeTensor(t);
   TORCH_CHECK(false, "tvm_class: no compiled program for inputs (", given,
-              "); compiled signatures: ", SignatureList());
+              "); compiled signatures: ", SignatureList(),
+              bucket_padding_ ? " (bucket padding found no larger batch bucket)" : "");
+}
+
+Selection TvmGraphModule::PadToBucket(const std::vector<at::Tensor>& inputs) const {
+  const int64_t batch = inputs[0].dim() > 0 ? inputs[0].size(0) : -1;
+  if (batch < 0) return {};
+  std::shared_ptr<CompiledProgram> best;
+  int64_t best_batch = std::numeric_limits<int64_t>::max();
+  for (const auto& [key, program] : by_signature_) {
+    const ProgramManifest& m = program->manifest();
+    const int64_t bucket = m.inputs[0].dims.empty() ? -1 : m.inputs[0].dims[0];
+    if (bucket < batch || bucket >= best_batch) continue;
+    bool fits = true;
+    for (size_t i = 0; fits && i < inputs.size(); ++i) {
+      const InputSpec& spec = m.inputs[i];
+      const at::Tensor& t = inputs[i];
+      fits = DtypeName(t.scalar_type()) == spec.dtype &&
+             static_cast<size_t>(t.dim()) == spec.dims.size() && t.dim() > 0 &&
+             t.size(0) == batch && spec.dims[0] == bucket;
+      for (int64_t d = 1; fits && d < t.dim(); ++d) fits = t.size(d) == spec.dims[d];
+    }
+    if (fits) {
+      best = program;
+      best_batch = bucket;
+    }
+  }
+  if (best == nullptr) return {};
+  Selection selection{best, {}, batch, best_batch};
+  for (const at::Tensor& t : inputs) {
+    std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+    shape[0] = best_batch;
+    at::Tensor padded = at::zeros(shape, t.options());
+    padded.narrow(0, 0, batch).copy_(t);
+    selection.padded.push_back(padded);
+  }
+  return selection;
 }
 
 std::vector<std::shared_ptr<CompiledProgram>> TvmGraphModule::Programs() const {
@@ -222,13 +296,13 @@ void TvmVMModule::AddProgram(std::shared_ptr<CompiledProgram> program) {
   program_ = std::move(program);  // one executable: loading again replaces it
 }
 
-std::shared_ptr<CompiledProgram> TvmVMModule::Select(const std::vector<at::Tensor>& inputs) const {
+Selection TvmVMModule::Select(const std::vector<at::Tensor>& inputs) const {
   TORCH_CHECK(program_ != nullptr, "tvm_class: TvmVMModule has no compiled program; call "
               "load_tvm_module first");
   std::string mismatch = program_->manifest().Mismatch(inputs);
   TORCH_CHECK(mismatch.empty(), "tvm_class: ", mismatch, "; compiled signature: ",
               program_->manifest().SignatureString());
-  return program_;
+  return Selection{program_, {}, -1, -1};
 }
 
 std::vector<std::shared_ptr<CompiledProgram>> TvmVMModule::Programs() const {

@@ -6,6 +6,7 @@
 #ifndef TVM_CONTRIB_TORCH_TVM_MODULE_H_
 #define TVM_CONTRIB_TORCH_TVM_MODULE_H_
 
+#include <ATen/core/Dict.h>
 #include <torch/custom_class.h>
 
 #include <map>
@@ -22,6 +23,16 @@ namespace tvm_torch {
 
 /*! \brief Pickled state: (format version, header JSON, blobs as uint8 CPU tensors). */
 using SerializedState = std::tuple<int64_t, std::string, std::vector<at::Tensor>>;
+
+/*! \brief The program chosen for a call, and the inputs padded to its bucket if needed. */
+struct Selection {
+  std::shared_ptr<CompiledProgram> program;
+  /*! \brief Inputs padded along dim 0 (empty when the inputs are used as they are). */
+  std::vector<at::Tensor> padded;
+  /*! \brief The caller's batch size and the bucket's, when padded. */
+  int64_t batch = -1;
+  int64_t bucket_batch = -1;
+};
 
 /*! \brief Shared behaviour of both custom classes. */
 class TvmModule : public torch::CustomClassHolder {
@@ -58,6 +69,16 @@ class TvmModule : public torch::CustomClassHolder {
   /*! \brief Load the programs of a decoded state written by Serialize(). */
   void Restore(ModuleState state);
 
+  /*! \brief Opt-in: pad a smaller batch (dim 0) up to the nearest compiled bucket. */
+  void SetBucketPadding(bool enabled);
+  bool BucketPadding() const { return bucket_padding_; }
+
+  /*! \brief Calls served per program signature (for logs and metrics). */
+  c10::Dict<std::string, int64_t> CallCounts() const;
+
+  /*! \brief Signature of the program that served this thread's last call ("" before any). */
+  std::string LastSignature() const;
+
   /*! \brief Name of the registered class ("TvmGraphModule" or "TvmVMModule"). */
   virtual const char* ClassName() const = 0;
 
@@ -65,7 +86,7 @@ class TvmModule : public torch::CustomClassHolder {
   /*! \brief Accept or reject a newly loaded program (called under the write lock). */
   virtual void AddProgram(std::shared_ptr<CompiledProgram> program) = 0;
   /*! \brief Pick the program for these inputs or throw a message listing what is loaded. */
-  virtual std::shared_ptr<CompiledProgram> Select(const std::vector<at::Tensor>& inputs) const = 0;
+  virtual Selection Select(const std::vector<at::Tensor>& inputs) const = 0;
   /*! \brief All loaded programs, in load order. */
   virtual std::vector<std::shared_ptr<CompiledProgram>> Programs() const = 0;
   /*! \brief Drop every loaded program. */
@@ -77,6 +98,7 @@ class TvmModule : public torch::CustomClassHolder {
   int64_t num_inputs_;
   int64_t num_outputs_;
   c10::Device device_;
+  bool bucket_padding_ = false;
   /*! \brief Readers: forward. Writers: load, to(). */
   mutable std::shared_mutex mutex_;
 };
@@ -89,11 +111,14 @@ class TvmGraphModule : public TvmModule {
 
  protected:
   void AddProgram(std::shared_ptr<CompiledProgram> program) override;
-  std::shared_ptr<CompiledProgram> Select(const std::vector<at::Tensor>& inputs) const override;
+  Selection Select(const std::vector<at::Tensor>& inputs) const override;
   std::vector<std::shared_ptr<CompiledProgram>> Programs() const override;
   void ClearPrograms() override;
 
  private:
+  /*! \brief The smallest bucket whose batch (dim 0) holds the inputs, with padded inputs. */
+  Selection PadToBucket(const std::vector<at::Tensor>& inputs) const;
+
   std::map<std::string, std::shared_ptr<CompiledProgram>> by_signature_;
   std::vector<std::string> load_order_;
 };
@@ -106,7 +131,7 @@ class TvmVMModule : public TvmModule {
 
  protected:
   void AddProgram(std::shared_ptr<CompiledProgram> program) override;
-  std::shared_ptr<CompiledProgram> Select(const std::vector<at::Tensor>& inputs) const override;
+  Selection Select(const std::vector<at::Tensor>& inputs) const override;
   std::vector<std::shared_ptr<CompiledProgram>> Programs() const override;
   void ClearPrograms() override;
 

@@ -302,5 +302,7 @@ def compile(module: Any, option: Optional[Dict[str, Any]] = None) -> torch.nn.Mo
         ptm.tuning_log_file = os.path.abspath(opts.tuning_log_file)
     ptm.build_tvm(opts.export_dir)
     result = ptm.build_pytorch_module(opts.num_inputs, ptm.num_outputs)
+    if opts.bucket_padding:
+        result.engine.set_bucket_padding(True)
     logger.info("compiled in %.1fs", time.perf_counter() - started)
     return result

@@ -1,7 +1,7 @@
 """``nn.Module`` wrappers around the ``torch.classes.tvm_class`` custom classes."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -67,6 +67,14 @@ class _TvmModuleBase(torch.nn.Module):
     def signatures(self) -> List[str]:
         """Input signatures of the loaded programs."""
         return list(self.engine.signatures())
+
+    def call_counts(self) -> Dict[str, int]:
+        """Calls served per compiled signature (for logs and metrics)."""
+        return dict(self.engine.call_counts())
+
+    def last_signature(self) -> str:
+        """The signature of the program that served the calling thread's last call."""
+        return self.engine.last_signature()
 
     def forward(self, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
         """Run the compiled program that matches the inputs' shapes and dtypes."""

@@ -38,6 +38,7 @@ class CompileOptions:
     device: Optional[str] = None
     dim_ranges: Dict[str, Tuple[int, int]] = dataclasses.field(default_factory=dict)
     vendor_kernels: bool = True
+    bucket_padding: bool = False
 
     @property
     def num_inputs(self) -> int:
@@ -66,6 +67,9 @@ OPTION_DOCS = {
     "dim_ranges": "{dim_name: (min, max)} for symbolic dims",
     "vendor_kernels": "run convolutions and matmuls on PyTorch's oneDNN/MKL kernels on CPU "
                       "(default True)",
+    "bucket_padding": "pad a smaller batch (dim 0) up to the nearest compiled bucket and slice "
+                      "the outputs back (default False; only for models whose batch rows are "
+                      "independent)",
 }
 
 _FLOAT_DTYPES = ("float32", "float16")
@@ -172,9 +176,9 @@ def parse_options(option: Optional[Dict[str, Any]]) -> CompileOptions:
     log_file = option.get("tuning_log_file", "tuning.log")
     if not isinstance(log_file, str) and not hasattr(log_file, "__fspath__"):
         _fail(f"tuning_log_file must be a path, got {log_file!r}")
-    vendor = option.get("vendor_kernels", True)
-    if not isinstance(vendor, bool):
-        _fail(f"vendor_kernels must be a bool, got {vendor!r}")
+    for key in ("vendor_kernels", "bucket_padding"):
+        if key in option and not isinstance(option[key], bool):
+            _fail(f"{key} must be a bool, got {option[key]!r}")
     return CompileOptions(
         buckets=buckets,
         default_dtype=default_dtype,
@@ -185,7 +189,8 @@ def parse_options(option: Optional[Dict[str, Any]]) -> CompileOptions:
         target=option.get("target"),
         device=device,
         dim_ranges=dim_ranges,
-        vendor_kernels=vendor,
+        vendor_kernels=option.get("vendor_kernels", True),
+        bucket_padding=option.get("bucket_padding", False),
     )
 
 

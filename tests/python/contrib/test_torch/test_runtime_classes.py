@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import zipfile
 
@@ -278,3 +279,62 @@ def test_load_from_in_memory_bytes(cpu_program):
     assert_outputs_close(module([x]), cpu_program.reference(x))
     with pytest.raises(RuntimeError, match=r"the graph manifest is not valid JSON"):
         GraphModule(1, 2).load_bytes(b"\x7fELF", "{not json", b"")
+
+
+def test_bucket_padding_is_opt_in_and_reports_the_bucket(tmp_path):
+    small = AffineProgram(str(tmp_path), "cpu", batch=2, name="b2")
+    large = AffineProgram(str(tmp_path), "cpu", batch=6, name="b6")
+    module = _graph_module(small, "cpu")
+    module.init([large.shape], *large.files.as_tuple())
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match=r"no compiled program for inputs \(float32\[4, 8\]\)"):
+        module([x])
+    module.engine.set_bucket_padding(True)
+    outputs = module([x])
+    assert [tuple(o.shape) for o in outputs] == [(4, 16), (4, 16)]
+    assert_outputs_close(outputs, small.reference(x))
+    assert module.last_signature() == "(float32[6, 8])"
+    module([torch.randn(2, 8)])
+    assert module.last_signature() == "(float32[2, 8])"
+    assert module.call_counts() == {"(float32[2, 8])": 1, "(float32[6, 8])": 1}
+    with pytest.raises(RuntimeError, match=r"bucket padding found no larger batch bucket"):
+        module([torch.randn(7, 8)])
+    path = str(tmp_path / "padded.pt")
+    torch.jit.script(module).save(path)
+    assert_outputs_close(torch.jit.load(path)([x]), small.reference(x))  # the flag is saved
+
+
+def test_memory_stays_flat_over_10000_calls(cpu_program):
+    import psutil
+
+    module = _graph_module(cpu_program, "cpu")
+    x = torch.randn(4, 8)
+    process = psutil.Process()
+    for _ in range(1000):
+        module([x])
+    before = process.memory_info().rss
+    for _ in range(10000):
+        module([x])
+    grown = process.memory_info().rss - before
+    assert grown < 8 * 1024 * 1024, f"resident memory grew by {grown / 2**20:.1f} MiB"
+
+
+def test_saved_model_loads_in_four_processes_at_once(cpu_program, tmp_path):
+    path = str(tmp_path / "m.pt")
+    torch.jit.script(_graph_module(cpu_program, "cpu")).save(path)
+    x = torch.randn(4, 8)
+    torch.save({"x": x, "expected": cpu_program.reference(x)}, str(tmp_path / "io.pt"))
+    script = tmp_path / "load.py"
+    script.write_text(
+        "import torch, tvm.contrib.torch\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        f"m = torch.jit.load({path!r})\n"
+        "for _ in range(50):\n"
+        "    for a, e in zip(m([io['x']]), io['expected']):\n"
+        "        torch.testing.assert_close(a, e)\n"
+        "print('OK')\n")
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "OK" in out, err[-2000:]

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torchvision
@@ -25,19 +24,7 @@ import tvm
 from tvm import relax
 from tvm.contrib.torch import compile as tvm_compile
 from tvm.contrib.torch import export as tvm_export
-
-
-def measure(fn: Callable[[], object], repeat: int, warmup: int = 3) -> Tuple[float, float]:
-    """(median, p90) latency in ms."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
+from tvm.contrib.torch.timing import measure
 
 
 def models_to_run(names: List[str]) -> Dict[str, Tuple[torch.nn.Module, torch.Tensor]]:

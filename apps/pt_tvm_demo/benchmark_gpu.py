@@ -9,7 +9,6 @@ the elementwise work, cuDNN/cuBLAS through ATen for convolutions and matrix prod
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
@@ -17,20 +16,12 @@ import torch
 import torchvision
 
 from tvm.contrib.torch import compile as tvm_compile
+from tvm.contrib.torch import timing
 
 
 def measure(fn, repeat: int):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return statistics.median(times), times[int(0.9 * (len(times) - 1))]
+    """(median, p90) ms with the GPU synchronised around every call."""
+    return timing.measure(fn, repeat, warmup=5, sync=torch.cuda.synchronize)
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from tvm.contrib.pt_op import compile  # pylint: disable=redefined-builtin
+from tvm.contrib.torch.timing import measure
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -86,16 +86,6 @@ class PredictorTVM(nn.Module):
             return self.resnet18([x])[0].argmax(dim=1)
 
 
-def median_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", help="a ResNet-18 state dict (default: random, seeded)")
@@ -133,8 +123,8 @@ def main() -> int:
     if not torch.equal(want, got):
         print("FAIL: the pipelines disagree", file=sys.stderr)
         return 1
-    torch_ms = median_ms(lambda: predictor(images), args.repeat)
-    tvm_ms = median_ms(lambda: predictor_tvm(images), args.repeat)
+    torch_ms = measure(lambda: predictor(images), args.repeat, warmup=1)[0]
+    tvm_ms = measure(lambda: predictor_tvm(images), args.repeat, warmup=1)[0]
     print(f"per batch of {args.batch}: PyTorch {torch_ms:.1f} ms, TVM {tvm_ms:.1f} ms "
           f"({torch_ms / tvm_ms:.2f}x)")
 

@@ -10,7 +10,6 @@ import argparse
 import importlib.util
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -18,6 +17,8 @@ import warnings
 from typing import List, Sequence, Tuple
 
 import torch
+
+from .timing import measure
 
 logger = logging.getLogger(__name__)
 
@@ -90,16 +91,6 @@ def _drop_in(tvm_module: torch.nn.Module, names: Sequence[str], num_tuple: int,
     return torch.jit.script(module.TvmDropIn(tvm_module))
 
 
-def _median_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def compile_command(args: argparse.Namespace) -> None:
     """The ``compile`` subcommand."""
     from . import compile as tvm_compile  # pylint: disable=import-outside-toplevel
@@ -134,8 +125,8 @@ def compile_command(args: argparse.Namespace) -> None:
         os.replace(tmp_out, args.output)  # a complete file or none
     with torch.no_grad():
         float_inputs = [x.float() for x in inputs]
-        before = _median_ms(lambda: model(*float_inputs), args.repeat)
-        after = _median_ms(lambda: drop_in(*inputs), args.repeat)
+        before = measure(lambda: model(*float_inputs), args.repeat)[0]
+        after = measure(lambda: drop_in(*inputs), args.repeat)[0]
     print(f"compiled {args.model} -> {args.output} in {compile_s:.1f} s")
     print(f"latency: TorchScript {before:.2f} ms, TVM {after:.2f} ms ({before / after:.2f}x)")
 

@@ -75,9 +75,8 @@ def _quiet_converter():
 
 
 def _freeze_script(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    """Freeze a scripted module so attribute-dependent branches fold away."""
-    frozen = torch.jit.freeze(module.eval()) if not module.training else module
-    return frozen
+    """Freeze a scripted module (in eval mode) so attribute-dependent branches fold away."""
+    return torch.jit.freeze(module.eval())
 
 
 def to_exported_program(

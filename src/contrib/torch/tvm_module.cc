@@ -9,6 +9,7 @@
 #include <limits>
 #include <mutex>
 #include <sstream>
+#include <unordered_map>
 
 #include "state_format.h"
 #include "tensor_bridge.h"
@@ -45,9 +46,9 @@ std::string ManifestKey(const ProgramManifest& manifest) {
   return key;
 }
 
-/*! \brief The signature that served this thread's last call, per thread. */
-std::string& LastServed() {
-  static thread_local std::string last;
+/*! \brief Per thread and module: the program that served the thread's last call. */
+std::unordered_map<const TvmModule*, std::weak_ptr<CompiledProgram>>& LastServed() {
+  static thread_local std::unordered_map<const TvmModule*, std::weak_ptr<CompiledProgram>> last;
   return last;
 }
 
@@ -144,7 +145,7 @@ std::vector<at::Tensor> TvmModule::Forward(const std::vector<at::Tensor>& inputs
     }
   }
   selection.program->CountCall();
-  LastServed() = selection.program->manifest().SignatureString();
+  LastServed()[this] = selection.program;  // the signature string is made only when asked
   return outputs;
 }
 
@@ -162,7 +163,12 @@ c10::Dict<std::string, int64_t> TvmModule::CallCounts() const {
   return counts;
 }
 
-std::string TvmModule::LastSignature() const { return LastServed(); }
+std::string TvmModule::LastSignature() const {
+  auto it = LastServed().find(this);
+  if (it == LastServed().end()) return "";
+  auto program = it->second.lock();
+  return program ? program->manifest().SignatureString() : "";
+}
 
 void TvmModule::To(const std::string& device) {
   c10::Device target = ParseDevice(device);

@@ -297,6 +297,10 @@ def test_bucket_padding_is_opt_in_and_reports_the_bucket(tmp_path):
     module([torch.randn(2, 8)])
     assert module.last_signature() == "(float32[2, 8])"
     assert module.call_counts() == {"(float32[2, 8])": 1, "(float32[6, 8])": 1}
+    other = _graph_module(large, "cpu")
+    assert other.last_signature() == ""
+    other([torch.randn(6, 8)])
+    assert module.last_signature() == "(float32[2, 8])"  # per module, not per process
     with pytest.raises(RuntimeError, match=r"bucket padding found no larger batch bucket"):
         module([torch.randn(7, 8)])
     path = str(tmp_path / "padded.pt")

@@ -32,6 +32,8 @@ class _Bucket:
     mod: tvm.IRModule
     params: List[tvm.runtime.Tensor]
     files: Optional[export_mod.ExportedFiles] = None
+    #: ``passes.prepare_for_build``'s result, made once for tuning and building.
+    prepared: Optional[tuple] = None
 
 
 def _model_device(module: Any) -> str:
@@ -39,17 +41,6 @@ def _model_device(module: Any) -> str:
         for tensor in list(module.parameters()) + list(module.buffers()):
             return "cpu" if tensor.device.type == "cpu" else str(tensor.device)
     return "cpu"
-
-
-def _count_outputs(mod: tvm.IRModule) -> int:
-    def count(ty) -> int:
-        from tvm import relax  # pylint: disable=import-outside-toplevel
-
-        if isinstance(ty, relax.TupleType):
-            return sum(count(f) for f in ty.fields)
-        return 1
-
-    return count(mod["main"].ret_ty)
 
 
 def _output_specs(mod: tvm.IRModule) -> List[Dict[str, Any]]:
@@ -70,6 +61,11 @@ def _output_specs(mod: tvm.IRModule) -> List[Dict[str, Any]]:
 
     walk(mod["main"].ret_ty)
     return out
+
+
+def _count_outputs(mod: tvm.IRModule) -> int:
+    """Number of tensors ``main`` returns, tuples flattened."""
+    return len(_output_specs(mod))
 
 
 class PyTorchTVMModule:
@@ -121,9 +117,10 @@ class PyTorchTVMModule:
                               "dim_ranges": dim_ranges or {}})
         self.default_dtype = opts.default_dtype
         self.dim_ranges = dict(opts.dim_ranges)
-        self.buckets = []
-        for bucket in opts.buckets:
-            self.buckets.append(self._convert_bucket(module, bucket))
+        if isinstance(module, torch.nn.Module) and _model_device(module) != "cpu":
+            # Conversion reads the weights on the host; the runtime device is separate.
+            module = copy.deepcopy(module).cpu()
+        self.buckets = [self._convert_bucket(module, bucket) for bucket in opts.buckets]
         counts = {_count_outputs(b.mod) for b in self.buckets}
         if len(counts) != 1:
             raise frontend.ConversionError(
@@ -132,9 +129,6 @@ class PyTorchTVMModule:
         return self
 
     def _convert_bucket(self, module: Any, infos: List[InputInfo]) -> _Bucket:
-        if isinstance(module, torch.nn.Module) and _model_device(module) != "cpu":
-            # Conversion reads the weights on the host; the runtime device is separate.
-            module = copy.deepcopy(module).cpu()
         dynamic = {}
         dim_values = {}
         for info in infos:
@@ -145,8 +139,7 @@ class PyTorchTVMModule:
                     # specialising it (0/1 specialisation).
                     dim_values[dim] = min(max(low, 2), high) if high > 2 else high
                     dynamic[dim] = torch.export.Dim(dim, min=max(low, 1), max=high)
-        # Traced on the model's own device; the runtime device may differ.
-        examples = [example_tensor(i, dim_values, _model_device(module)) for i in infos]
+        examples = [example_tensor(i, dim_values, "cpu") for i in infos]  # host, as the weights
         dims = None
         if dynamic:
             dims = [{axis: dynamic[d] for axis, d in enumerate(i.shape) if isinstance(d, str)}
@@ -179,13 +172,17 @@ class PyTorchTVMModule:
 
     # ---- step 3: build and export ----
     def _prepare(self, bucket: _Bucket):
+        if bucket.prepared is not None:
+            return bucket.prepared
         extra = []
         if self.vendor_kernels:
             from . import vendor_kernels  # pylint: disable=import-outside-toplevel
 
             extra.append(vendor_kernels.offload_pass(gpu=build_mod.is_cuda(self.target)))
-        return passes.prepare_for_build(bucket.mod, bucket.params, shapes_of(bucket.infos),
-                                        self.default_dtype, extra)
+        bucket.prepared = passes.prepare_for_build(bucket.mod, bucket.params,
+                                                   shapes_of(bucket.infos), self.default_dtype,
+                                                   extra)
+        return bucket.prepared
 
     def build_tvm(self, export_dir: str, debug_runtime: bool = False) -> List[export_mod.ExportedFiles]:
         """Build every bucket and export its lib / graph / params into ``export_dir``."""

@@ -4,7 +4,9 @@ The pipeline, one module per step: :mod:`.frontend` (model -> Relax), :mod:`.pas
 (Relax optimisations), :mod:`.vendor_kernels` (oneDNN/MKL offload on CPU), :mod:`.tuning`
 (MetaSchedule), :mod:`.build` (targets, schedules, compilation), :mod:`.export` (files),
 :mod:`.module` (``nn.Module`` wrappers of the ``torch.classes.tvm_class`` runtime classes)
-and :mod:`.compiler` (``compile`` / ``PyTorchTVMModule``).
+and :mod:`.compiler` (``compile`` / ``PyTorchTVMModule``). Partial offload:
+:mod:`.graph_partition` (which TorchScript nodes TVM takes) and :mod:`.partitioner`
+(``partition``: compile those, keep the rest in TorchScript).
 """
 from __future__ import annotations
 
@@ -16,13 +18,17 @@ load_runtime_library()
 from .compiler import PyTorchTVMModule, compile  # noqa: E402  pylint: disable=redefined-builtin
 from .frontend import ConversionError  # noqa: E402
 from .module import GraphModule, VMModule  # noqa: E402
+from .partitioner import PartitionReport, partition, partition_report  # noqa: E402
 
 __all__ = [
     "ConversionError",
     "GraphModule",
+    "PartitionReport",
     "PyTorchTVMModule",
     "VMModule",
     "compile",
     "load_runtime_library",
+    "partition",
+    "partition_report",
     "runtime_library_path",
 ]

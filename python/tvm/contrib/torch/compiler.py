@@ -280,9 +280,13 @@ def compile(module: Any, option: Optional[Dict[str, Any]] = None) -> torch.nn.Mo
     -------
     torch.nn.Module
         ``forward(inputs: List[Tensor]) -> List[Tensor]``; works with ``torch.jit.script``
-        and saves into one self-contained file.
+        and saves into one self-contained file. With ``"partition": True``: a
+        ``torch.jit.ScriptModule`` with the model's own ``forward`` signature (see
+        :func:`tvm.contrib.torch.partition`).
     """
     opts: CompileOptions = parse_options(option)
+    if opts.partition:
+        return _compile_partitioned(module, opts, option)
     device = opts.device or _model_device(module)
     started = time.perf_counter()
     ptm = PyTorchTVMModule(target=opts.target, device=device)
@@ -294,7 +298,7 @@ def compile(module: Any, option: Optional[Dict[str, Any]] = None) -> torch.nn.Mo
                          f"model returns {ptm.num_outputs} tensor(s)")
     if opts.tuning_n_trials > 0:
         ptm.tune_tvm(opts.tuning_log_file, opts.tuning_n_trials)
-    elif "tuning_log_file" in (option or {}) and os.path.exists(opts.tuning_log_file):
+    elif opts.tuning_log_explicit and os.path.exists(opts.tuning_log_file):
         # An explicitly named log from an earlier tuning run: apply its records.
         ptm.tuning_log_file = os.path.abspath(opts.tuning_log_file)
     ptm.build_tvm(opts.export_dir)
@@ -303,3 +307,17 @@ def compile(module: Any, option: Optional[Dict[str, Any]] = None) -> torch.nn.Mo
         result.engine.set_bucket_padding(True)
     logger.info("compiled in %.1fs", time.perf_counter() - started)
     return result
+
+
+def _compile_partitioned(module: Any, opts: CompileOptions,
+                         option: Dict[str, Any]) -> torch.jit.ScriptModule:
+    """``compile(..., {"partition": True})``: example inputs made from ``input_infos``."""
+    from .partitioner import partition  # pylint: disable=import-outside-toplevel
+
+    if len(opts.buckets) != 1 or opts.dynamic:
+        raise ValueError("tvm.contrib.torch.compile: partition takes one input_infos set with "
+                         "static shapes (the shapes inside the model are recorded from it)")
+    device = opts.device or _model_device(module)
+    examples = [example_tensor(info, {}, device) for info in opts.buckets[0]]
+    rest = {k: v for k, v in option.items() if k not in ("input_infos", "partition")}
+    return partition(module, examples, rest)

@@ -39,6 +39,12 @@ class CompileOptions:
     dim_ranges: Dict[str, Tuple[int, int]] = dataclasses.field(default_factory=dict)
     vendor_kernels: bool = True
     bucket_padding: bool = False
+    partition: bool = False
+    min_block_size: int = 3
+    torch_executed_ops: Tuple[str, ...] = ()
+    require_full_compilation: bool = False
+    #: Whether ``tuning_log_file`` was given (an existing log is then applied untuned).
+    tuning_log_explicit: bool = False
 
     @property
     def num_inputs(self) -> int:
@@ -70,6 +76,14 @@ OPTION_DOCS = {
     "bucket_padding": "pad a smaller batch (dim 0) up to the nearest compiled bucket and slice "
                       "the outputs back (default False; only for models whose batch rows are "
                       "independent)",
+    "partition": "compile only the parts TVM supports and keep the rest (control flow, "
+                 "custom and unsupported operators) in TorchScript; returns a ScriptModule "
+                 "with the model's own forward signature (default False)",
+    "min_block_size": "partition: the fewest operators a TVM subgraph may have (default 3)",
+    "torch_executed_ops": 'partition: operator kinds that stay in TorchScript, e.g. '
+                          '["aten::softmax"]',
+    "require_full_compilation": "partition: raise instead of keeping any operator in "
+                                "TorchScript (default False)",
 }
 
 _FLOAT_DTYPES = ("float32", "float16")
@@ -112,8 +126,16 @@ def _is_info(item: Any) -> bool:
     return isinstance(item, (tuple, list)) and len(item) in (2, 3) and isinstance(item[0], str)
 
 
-def parse_options(option: Optional[Dict[str, Any]]) -> CompileOptions:
+def parse_options(option: Optional[Dict[str, Any]],
+                  require_input_infos: bool = True) -> CompileOptions:
     """Validate the ``option`` dict.
+
+    Parameters
+    ----------
+    option : dict or None
+        The options (see :data:`OPTION_DOCS`).
+    require_input_infos : bool
+        Whether ``input_infos`` must be given (``partition`` takes example inputs instead).
 
     Raises
     ------
@@ -135,15 +157,18 @@ def parse_options(option: Optional[Dict[str, Any]]) -> CompileOptions:
         _fail(f"default_dtype must be one of {list(_FLOAT_DTYPES)}, got {default_dtype!r}")
 
     infos = option.get("input_infos")
-    if not infos or not isinstance(infos, (list, tuple)):
+    if infos is None and not require_input_infos:
+        sets = []
+    elif not infos or not isinstance(infos, (list, tuple)):
         _fail(f"input_infos is required: a list of (name, shape) per input, got {infos!r}")
-    sets = [infos] if _is_info(infos[0]) else list(infos)
+    else:
+        sets = [infos] if _is_info(infos[0]) else list(infos)
     buckets = []
     for set_index, info_set in enumerate(sets):
         if not isinstance(info_set, (list, tuple)) or not info_set:
             _fail(f"input_infos bucket {set_index} must be a non-empty list of (name, shape)")
         buckets.append([_parse_info(item, i, default_dtype) for i, item in enumerate(info_set)])
-    names = [i.name for i in buckets[0]]
+    names = [i.name for i in buckets[0]] if buckets else []
     for set_index, bucket in enumerate(buckets[1:], 1):
         if [i.name for i in bucket] != names:
             _fail(f"input_infos bucket {set_index} has inputs {[i.name for i in bucket]}, "
@@ -176,7 +201,12 @@ def parse_options(option: Optional[Dict[str, Any]]) -> CompileOptions:
     log_file = option.get("tuning_log_file", "tuning.log")
     if not isinstance(log_file, str) and not hasattr(log_file, "__fspath__"):
         _fail(f"tuning_log_file must be a path, got {log_file!r}")
-    for key in ("vendor_kernels", "bucket_padding"):
+    executed = option.get("torch_executed_ops", ())
+    if isinstance(executed, str) or not isinstance(executed, (list, tuple, set)) or \
+            not all(isinstance(k, str) and "::" in k for k in executed):
+        _fail("torch_executed_ops must be a list of operator kinds such as 'aten::relu', "
+              f"got {executed!r}")
+    for key in ("vendor_kernels", "bucket_padding", "partition", "require_full_compilation"):
         if key in option and not isinstance(option[key], bool):
             _fail(f"{key} must be a bool, got {option[key]!r}")
     return CompileOptions(
@@ -191,6 +221,11 @@ def parse_options(option: Optional[Dict[str, Any]]) -> CompileOptions:
         dim_ranges=dim_ranges,
         vendor_kernels=option.get("vendor_kernels", True),
         bucket_padding=option.get("bucket_padding", False),
+        partition=option.get("partition", False),
+        min_block_size=_int("min_block_size", 3, 1),
+        torch_executed_ops=tuple(executed),
+        require_full_compilation=option.get("require_full_compilation", False),
+        tuning_log_explicit="tuning_log_file" in option,
     )
 
 

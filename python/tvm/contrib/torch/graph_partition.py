@@ -1,0 +1,454 @@
+"""Partition analysis of a frozen TorchScript graph: which nodes TVM can take, in which groups.
+
+Three steps, all on ``torch._C.Graph`` objects (no TVM involved):
+
+1. :func:`record_tensor_types`: run a copy of the graph once on example inputs with a recording
+   operator after every tensor value, so each value gets the ``(shape, dtype, device)`` it
+   took. Values in loop bodies may take several; values in branches not taken take none.
+2. :func:`classify`: a node is *compute* (an ATen operator TVM's importer converts, pure,
+   deterministic, with tensor outputs of one recorded type each), *structural* (list / tuple /
+   size plumbing that TorchScript needs around compute nodes; never counted) or *kept*.
+3. :func:`find_segments`: in every block (top level, ``prim::If`` branches, ``prim::Loop``
+   bodies), maximal runs of consecutive compute/structural nodes whose non-tensor inputs are
+   constants or come from the run itself. Control-flow nodes end a run; their blocks are
+   searched on their own.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+
+import torch
+
+#: ``(shape, dtype, device type)`` of one recorded tensor.
+TensorType = Tuple[Tuple[int, ...], str, str]
+
+#: Nodes that route values between operators; they join segments but are not counted.
+STRUCTURAL_KINDS = frozenset({
+    "prim::ListConstruct", "prim::ListUnpack", "prim::TupleConstruct", "prim::TupleUnpack",
+    "aten::size", "aten::Int", "prim::NumToTensor", "aten::__getitem__",
+})
+
+#: Nodes that are neither operators nor structure: never in a segment, never counted.
+_IGNORED_KINDS = frozenset({"prim::Constant", "prim::GetAttr"})
+
+#: Dtypes TVM compiles.
+_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64", "int8", "int16", "int32",
+                     "int64", "uint8", "bool"})
+
+_RECORD_OP = "tvm_torch_partition::record"
+_library: Optional[torch.library.Library] = None
+_recording = threading.local()
+
+
+def _record(tensor: torch.Tensor, key: int) -> None:
+    store = getattr(_recording, "store", None)
+    if store is not None:
+        dtype = str(tensor.dtype).replace("torch.", "")
+        store[key].add((tuple(tensor.shape), dtype, tensor.device.type))
+
+
+def _define_record_op() -> None:
+    global _library  # pylint: disable=global-statement
+    if _library is None:
+        _library = torch.library.Library("tvm_torch_partition", "DEF")
+        _library.define("record(Tensor x, int key) -> ()")
+        _library.impl("record", _record, "CompositeExplicitAutograd")
+
+
+def walk_nodes(block) -> Iterator[torch._C.Node]:
+    """Every node of a block, nested blocks included, in program order."""
+    for node in block.nodes():
+        yield node
+        for sub in node.blocks():
+            yield from walk_nodes(sub)
+
+
+def _defined_values(graph: torch._C.Graph) -> List[Tuple[torch._C.Value, object, object]]:
+    """Every value in definition order with where it is defined: ``(value, block, node)``.
+
+    ``node`` is the defining node, or ``None`` for graph and block inputs. The order is the
+    same for a graph and its ``copy()``, which maps values between the two.
+    """
+    out = [(v, graph.block(), None) for v in graph.inputs()]
+
+    def visit(block):
+        for node in block.nodes():
+            out.extend((v, block, node) for v in node.outputs())
+            for sub in node.blocks():
+                out.extend((v, sub, None) for v in sub.inputs())
+                visit(sub)
+
+    visit(graph.block())
+    return out
+
+
+def is_tensor(value: torch._C.Value) -> bool:
+    """Whether a value is typed ``Tensor``."""
+    return isinstance(value.type(), torch._C.TensorType)
+
+
+def _first_position(block):
+    return next(iter(block.nodes()), None) or block.returnNode()
+
+
+def record_tensor_types(graph: torch._C.Graph, module: torch.jit.ScriptModule,
+                        example_inputs: Sequence[torch.Tensor]) -> Dict[torch._C.Value, Set[TensorType]]:
+    """Run ``graph`` (a method graph of ``module``) once and record every tensor value's type.
+
+    Returns
+    -------
+    dict
+        For each tensor value of ``graph`` that was computed, the set of types it took.
+    """
+    _define_record_op()
+    original = _defined_values(graph)
+    copy = graph.copy()
+    copied = _defined_values(copy)
+    int_type = torch._C.IntType.get()
+    for key, (value, block, node) in enumerate(copied):
+        if not is_tensor(value):
+            continue
+        constant = copy.create("prim::Constant")
+        constant.i_("value", key)
+        constant.output().setType(int_type)
+        record = copy.create(_RECORD_OP, [value, constant.output()], 0)
+        if node is None:
+            constant.insertBefore(_first_position(block))
+        else:
+            constant.insertAfter(node)
+        record.insertAfter(constant)
+    function = torch._C._create_function_from_graph(  # pylint: disable=protected-access
+        "tvm_torch_record_types", copy)
+    _recording.store = collections.defaultdict(set)
+    try:
+        with torch.no_grad(), torch.jit.optimized_execution(False):
+            function(module._c, *example_inputs)  # pylint: disable=protected-access
+        store = _recording.store
+    finally:
+        _recording.store = None
+    return {original[key][0]: types for key, types in store.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# classification
+
+
+@dataclasses.dataclass
+class Classification:
+    """What each node of a graph is, and why the kept ones stay in TorchScript."""
+
+    compute: Set[torch._C.Node]
+    structural: Set[torch._C.Node]
+    #: kept node -> reason
+    reasons: Dict[torch._C.Node, str]
+    types: Dict[torch._C.Value, Set[TensorType]]
+
+    def eligible(self, node: torch._C.Node) -> bool:
+        """Whether a node may be part of a segment."""
+        return node in self.compute or node in self.structural
+
+    def static_type(self, value: torch._C.Value) -> Optional[TensorType]:
+        """The one type a tensor value took, or ``None`` (never computed, or several)."""
+        types = self.types.get(value)
+        return next(iter(types)) if types and len(types) == 1 else None
+
+
+def is_operator(node: torch._C.Node) -> bool:
+    """Whether a node counts as an operator in reports (not a constant or plumbing)."""
+    return node.kind() not in _IGNORED_KINDS and node.kind() not in STRUCTURAL_KINDS
+
+
+class _ConverterTable:
+    """Which ATen overloads the TorchScript -> ExportedProgram -> Relax path converts."""
+
+    def __init__(self):
+        from tvm.relax.frontend.torch.exported_program_translator import (  # pylint: disable=import-outside-toplevel
+            ExportedProgramImporter,
+        )
+
+        from .decompositions import decomposition_table  # pylint: disable=import-outside-toplevel
+
+        self.converters = set(ExportedProgramImporter().convert_map)
+        self.decomposed = set(decomposition_table())
+        self.cache: Dict[str, bool] = {}
+
+    #: Operators torch's TorchScript converter rewrites before export (kind -> converted to).
+    RENAMED = {"aten::_convolution": "convolution.default"}
+
+    def supports(self, schema: torch._C.FunctionSchema) -> bool:
+        """Whether the ATen overload with this schema converts (directly or decomposed)."""
+        key = f"{schema.name}.{schema.overload_name}"
+        if key not in self.cache:
+            self.cache[key] = self._supports(schema)
+        return self.cache[key]
+
+    def _supports(self, schema) -> bool:
+        short = schema.name.split("::", 1)[1]
+        overload = schema.overload_name or "default"
+        if self.RENAMED.get(schema.name) in self.converters:
+            return True
+        if f"{short}.{overload}" in self.converters:
+            return True
+        packet = getattr(torch.ops.aten, short, None)
+        op = getattr(packet, overload, None) if packet is not None else None
+        if op is None:
+            return False
+        if op in self.decomposed:
+            return True
+        # CompositeImplicitAutograd overloads (linear, flatten, ...) decompose while tracing.
+        return torch._C._dispatch_has_kernel_for_dispatch_key(  # pylint: disable=protected-access
+            op.name(), "CompositeImplicitAutograd")
+
+
+def _schema(node: torch._C.Node) -> Optional[torch._C.FunctionSchema]:
+    try:
+        text = node.schema()
+    except RuntimeError:
+        return None
+    if text == "(no schema)":
+        return None
+    return torch._C.parse_schema(text)
+
+
+def classify(graph: torch._C.Graph, types: Dict[torch._C.Value, Set[TensorType]],
+             torch_executed_ops: Sequence[str] = ()) -> Classification:
+    """Sort the nodes of ``graph`` into compute, structural and kept (with a reason).
+
+    Parameters
+    ----------
+    graph : torch._C.Graph
+        A frozen, inlined graph.
+    types : dict
+        :func:`record_tensor_types`'s result.
+    torch_executed_ops : sequence of str
+        Operator kinds (``"aten::relu"``) that stay in TorchScript whatever TVM supports.
+    """
+    table = _ConverterTable()
+    forced = set(torch_executed_ops)
+    result = Classification(set(), set(), {}, types)
+
+    def tensor_types_ok(values) -> Optional[str]:
+        for value in values:
+            if not is_tensor(value):
+                continue
+            seen = types.get(value)
+            if not seen:
+                return "not executed with the example inputs"
+            if len(seen) > 1:
+                return f"shapes vary between calls ({len(seen)} seen)"
+            shape, dtype, _ = next(iter(seen))
+            if dtype not in _DTYPES:
+                return f"dtype {dtype} is not supported"
+            del shape
+        return None
+
+    for node in walk_nodes(graph.block()):
+        kind = node.kind()
+        if kind in _IGNORED_KINDS:
+            continue
+        reason = None
+        if kind in forced:
+            reason = "listed in torch_executed_ops"
+        elif list(node.blocks()):
+            reason = "control flow stays in TorchScript (its blocks are partitioned)"
+        elif kind in STRUCTURAL_KINDS:
+            reason = tensor_types_ok(list(node.inputs()) + list(node.outputs()))
+            if reason is None:
+                result.structural.add(node)
+                continue
+        elif not kind.startswith("aten::"):
+            reason = "no TVM converter (not an ATen operator)"
+        else:
+            schema = _schema(node)
+            outputs = list(node.outputs())
+            if schema is None:
+                reason = "no operator schema"
+            elif schema.is_mutable:
+                reason = "mutates its inputs"
+            elif node.isNondeterministic():
+                reason = "nondeterministic"
+            elif not outputs or not all(
+                    is_tensor(v) or str(v.type()) == "Tensor[]" for v in outputs):
+                reason = "returns non-tensor values"
+            elif not table.supports(schema):
+                reason = "no TVM converter"
+            else:
+                reason = tensor_types_ok(list(node.inputs()) + outputs)
+                if reason is None:
+                    result.compute.add(node)
+                    continue
+        result.reasons[node] = reason
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# segments
+
+
+@dataclasses.dataclass
+class Segment:
+    """A run of consecutive nodes of one block that becomes one TVM program."""
+
+    nodes: List[torch._C.Node]
+    #: Tensor values the run reads from outside (the program's inputs, in order).
+    inputs: List[torch._C.Value]
+    #: Tensor values of the run read outside it (the program's outputs, in order).
+    outputs: List[torch._C.Value]
+    #: Members whose non-tensor results are read outside: they also stay in TorchScript.
+    kept: List[torch._C.Node]
+    #: Counted operators: kind -> count.
+    operators: Dict[str, int]
+
+    @property
+    def num_operators(self) -> int:
+        """Number of counted operators in the run."""
+        return sum(self.operators.values())
+
+
+def segment_of(nodes: Sequence[torch._C.Node], classes: Classification) -> Segment:
+    """Inputs, outputs and kept members of a run of nodes."""
+    members = set(nodes)
+    inputs: List[torch._C.Value] = []
+    seen_inputs: Set[torch._C.Value] = set()
+    for node in nodes:
+        for value in node.inputs():
+            producer = value.node()
+            if producer in members or producer.kind() == "prim::Constant":
+                continue
+            if value not in seen_inputs:
+                seen_inputs.add(value)
+                inputs.append(value)
+
+    # Members whose non-tensor outputs are read outside stay in TorchScript as well; the
+    # tensors they read from the run then become outputs of the run.
+    kept: List[torch._C.Node] = []
+    kept_set: Set[torch._C.Node] = set()
+    changed = True
+    while changed:
+        changed = False
+        for node in nodes:
+            if node in kept_set:
+                continue
+            readers = [use.user for v in node.outputs() if not is_tensor(v) for use in v.uses()]
+            if any(r not in members or r in kept_set for r in readers):
+                kept_set.add(node)
+                changed = True
+    kept = [n for n in nodes if n in kept_set]
+    inside = members - kept_set
+    outputs: List[torch._C.Value] = []
+    for node in nodes:
+        if node in kept_set:
+            continue
+        for value in node.outputs():
+            if is_tensor(value) and any(use.user not in inside for use in value.uses()):
+                outputs.append(value)
+    operators = collections.Counter(n.kind() for n in nodes if n in classes.compute)
+    return Segment(list(nodes), inputs, outputs, kept, dict(operators))
+
+
+def _joinable(node: torch._C.Node, run: Set[torch._C.Node], classes: Classification) -> bool:
+    """Whether every input of ``node`` is a constant, from ``run``, or a recorded tensor."""
+    for value in node.inputs():
+        producer = value.node()
+        if producer in run or producer.kind() == "prim::Constant":
+            continue
+        if is_tensor(value) and classes.static_type(value) is not None:
+            continue
+        return False
+    return True
+
+
+def _trim(run: List[torch._C.Node], classes: Classification) -> List[torch._C.Node]:
+    """Drop structural nodes at the end of a run (they feed nothing inside it)."""
+    while run and run[-1] in classes.structural:
+        run = run[:-1]
+    return run
+
+
+#: ``prim`` nodes without a schema that neither mutate nor have effects a reordering shows.
+_PURE_PRIMS = frozenset({
+    "prim::Constant", "prim::GetAttr", "prim::RaiseException", "prim::Uninitialized",
+    "prim::unchecked_cast", "prim::dtype", "prim::device", "prim::TupleIndex", "prim::If",
+    "prim::Loop", "prim::min", "prim::max", "prim::layout", "prim::is_cuda",
+})
+
+
+def is_pure(node: torch._C.Node) -> bool:
+    """Whether a node (with its blocks) mutates nothing and has no ordered side effect.
+
+    A run of TVM operators may be moved before pure nodes it does not depend on: a shape
+    assertion (``if ...: raise``) between two convolutions does not split them.
+    """
+    kind = node.kind()
+    if kind in STRUCTURAL_KINDS or kind in _PURE_PRIMS:
+        pure = True
+    else:
+        schema = _schema(node)
+        pure = schema is not None and not schema.is_mutable
+    return pure and all(is_pure(inner) for sub in node.blocks() for inner in sub.nodes())
+
+
+def find_runs(graph: torch._C.Graph, classes: Classification) -> List[List[torch._C.Node]]:
+    """Runs of eligible nodes, per block, nested blocks included.
+
+    A run grows over the block's nodes in order. A node that cannot join it is *deferred*
+    when it is pure (the run is then computed before it; what it computes cannot feed the
+    run) and ends the run otherwise. Deferred nodes are looked at again for the next run.
+    """
+    runs: List[List[torch._C.Node]] = []
+
+    def stays_in_torch(node):
+        if classes.eligible(node):
+            classes.reasons.setdefault(node, "reads a non-tensor value computed in TorchScript")
+        for sub in node.blocks():
+            visit(sub)
+
+    def visit(block):
+        remaining = [n for n in block.nodes() if n.kind() != "prim::Constant"]
+        while remaining:
+            run: List[torch._C.Node] = []
+            run_set: Set[torch._C.Node] = set()
+            tainted: Set[torch._C.Value] = set()
+            deferred: List[torch._C.Node] = []
+            stop = len(remaining)
+            for index, node in enumerate(remaining):
+                if (classes.eligible(node) and _joinable(node, run_set, classes)
+                        and not any(v in tainted for v in node.inputs())):
+                    run.append(node)
+                    run_set.add(node)
+                elif not run:
+                    stays_in_torch(node)
+                elif is_pure(node):
+                    deferred.append(node)
+                    tainted.update(node.outputs())
+                else:
+                    stop = index
+                    break
+            trimmed = _trim(run, classes)
+            if trimmed:
+                runs.append(list(trimmed))
+            # Trailing structural nodes and deferred nodes are looked at again; a run of
+            # structural nodes only (nothing to compute) stays in TorchScript.
+            again = set(deferred) | (set(run) - set(trimmed) if trimmed else set())
+            remaining = [n for n in remaining[:stop] if n in again] + remaining[stop:]
+
+    visit(graph.block())
+    return runs
+
+
+__all__ = [
+    "Classification",
+    "STRUCTURAL_KINDS",
+    "Segment",
+    "classify",
+    "find_runs",
+    "is_operator",
+    "is_pure",
+    "is_tensor",
+    "record_tensor_types",
+    "segment_of",
+    "walk_nodes",
+]

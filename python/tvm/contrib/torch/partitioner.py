@@ -1,0 +1,451 @@
+"""Partial offload: compile the parts of a TorchScript model TVM supports, keep the rest.
+
+:func:`partition` freezes the model, records the tensor types of one run on the example inputs,
+finds the runs of operators TVM converts (:mod:`.graph_partition`), compiles each run of at
+least ``min_block_size`` operators into a ``TvmGraphModule`` and rewrites the graph so the run
+becomes one call of that module. Control flow, operators TVM cannot take and operators listed
+in ``torch_executed_ops`` stay in TorchScript. The result is a ``torch.jit.ScriptModule`` with
+the input's ``forward`` signature that saves and loads like any other; its
+``tvm_partition_report`` attribute (JSON, saved with it) says what was offloaded.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from . import graph_partition as gp
+from .compiler import PyTorchTVMModule
+from .frontend import ConversionError
+from .options import CompileOptions, parse_options
+
+logger = logging.getLogger(__name__)
+
+#: Name of the string attribute holding the report on the partitioned module.
+REPORT_ATTRIBUTE = "tvm_partition_report"
+_SEGMENT_PREFIX = "_tvm_segment_"
+
+
+@dataclasses.dataclass
+class PartitionReport:
+    """What :func:`partition` offloaded to TVM and what stayed in TorchScript.
+
+    Attributes
+    ----------
+    num_operators : int
+        Operators in the frozen model (constants and list/tuple/size plumbing not counted;
+        ``prim::If`` / ``prim::Loop`` counted).
+    offloaded_operators : int
+        Operators now running in TVM programs.
+    kept_operators : dict of str to int
+        Operators still run by TorchScript, by kind.
+    segments : list of dict
+        One entry per TVM program: ``attribute``, ``operators`` (kind -> count),
+        ``input_shapes``, ``input_dtypes``, ``num_outputs``.
+    kept_reasons : dict of str to str
+        For each kept kind, why (the first reason met).
+    skipped : list of dict
+        Runs of convertible operators left in TorchScript: ``operators`` and ``reason``.
+    """
+
+    num_operators: int
+    offloaded_operators: int
+    kept_operators: Dict[str, int]
+    segments: List[Dict[str, Any]]
+    kept_reasons: Dict[str, str]
+    skipped: List[Dict[str, Any]]
+
+    @property
+    def num_subgraphs(self) -> int:
+        """Number of TVM programs."""
+        return len(self.segments)
+
+    @property
+    def num_kept_operators(self) -> int:
+        """Operators still run by TorchScript."""
+        return sum(self.kept_operators.values())
+
+    def to_json(self) -> str:
+        """The report as JSON."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PartitionReport":
+        """Read a report written by :meth:`to_json`."""
+        return cls(**json.loads(text))
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        lines = [f"{self.offloaded_operators} of {self.num_operators} operators offloaded to "
+                 f"TVM in {self.num_subgraphs} subgraph(s); {self.num_kept_operators} kept in "
+                 "TorchScript"]
+        for kind, count in sorted(self.kept_operators.items()):
+            reason = self.kept_reasons.get(kind, "")
+            lines.append(f"  kept {kind} x{count}" + (f": {reason}" if reason else ""))
+        return "\n".join(lines)
+
+
+def partition_report(module: torch.jit.ScriptModule) -> PartitionReport:
+    """The report stored on a module returned by :func:`partition` (also after loading)."""
+    if not hasattr(module, REPORT_ATTRIBUTE):
+        raise ValueError("tvm.contrib.torch: this module was not made by partition(); it has no "
+                         f"'{REPORT_ATTRIBUTE}' attribute")
+    return PartitionReport.from_json(getattr(module, REPORT_ATTRIBUTE))
+
+
+@contextlib.contextmanager
+def _quiet_torchscript():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\..*` is deprecated")
+        yield
+
+
+def _as_script(module: Any, example_inputs: Sequence[Any]) -> torch.jit.ScriptModule:
+    if isinstance(module, torch.export.ExportedProgram):
+        raise TypeError("tvm.contrib.torch.partition: expected a TorchScript module or an "
+                        "nn.Module, got an ExportedProgram (it has no TorchScript graph to "
+                        "partition; compile() without 'partition' takes it whole)")
+    if isinstance(module, torch.jit.ScriptModule):
+        return module
+    if isinstance(module, torch.nn.Module):
+        try:
+            return torch.jit.script(module)
+        except Exception as err:  # pylint: disable=broad-except
+            logger.info("torch.jit.script failed (%s); tracing with the example inputs",
+                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+            with torch.no_grad():
+                return torch.jit.trace(module, tuple(example_inputs))
+    raise TypeError("tvm.contrib.torch.partition: expected a torch.jit.ScriptModule or a "
+                    f"torch.nn.Module, got {type(module).__name__}")
+
+
+def _freeze(script: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    was_training = script.training
+    try:
+        frozen = torch.jit.freeze(script.eval())
+    finally:
+        script.train(was_training)
+    return frozen
+
+
+def _device_of(example_inputs: Sequence[Any]) -> str:
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+            return str(value.device)
+    return "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# one segment: subgraph, compilation, rewrite
+
+
+def _subgraph(segment: gp.Segment) -> torch._C.Graph:
+    """A standalone graph computing the segment's outputs from its inputs (constants copied)."""
+    graph = torch._C.Graph()
+    mapping: Dict[torch._C.Value, torch._C.Value] = {}
+    for value in segment.inputs:
+        new = graph.addInput()
+        new.setType(torch._C.TensorType.get())
+        mapping[value] = new
+
+    def lookup(value):
+        if value not in mapping:
+            producer = value.node()
+            assert producer.kind() == "prim::Constant", producer.kind()
+            constant = graph.createClone(producer, lambda v: v)
+            if gp.is_tensor(value) and producer.kindOf("value") == "t":
+                # Conversion reads the weights on the host; the program runs on the device.
+                constant.t_("value", producer.t("value").cpu())
+            graph.appendNode(constant)
+            mapping[value] = constant.output()
+        return mapping[value]
+
+    for node in segment.nodes:
+        clone = graph.createClone(node, lookup)
+        graph.appendNode(clone)
+        for old, new in zip(node.outputs(), clone.outputs()):
+            mapping[old] = new
+    outputs = [mapping[v] for v in segment.outputs]
+    if len(outputs) == 1:
+        graph.registerOutput(outputs[0])
+    else:
+        pack = graph.create("prim::TupleConstruct", outputs, 1)
+        pack.output().setType(torch._C.TupleType([v.type() for v in outputs]))
+        graph.appendNode(pack)
+        graph.registerOutput(pack.output())
+    return graph
+
+
+def _input_infos(segment: gp.Segment, classes: gp.Classification):
+    infos = []
+    for index, value in enumerate(segment.inputs):
+        shape, dtype, _ = classes.static_type(value)
+        infos.append((f"input{index}", tuple(shape) or (), dtype))
+    return infos
+
+
+def _rewrite(graph: torch._C.Graph, segment: gp.Segment, engine: torch.ScriptObject,
+             attribute: str, classes: gp.Classification) -> torch._C.Node:
+    """Replace the segment's outputs with those of ``engine.forward([inputs])``.
+
+    The segment's nodes become dead (dead-code elimination removes them later), except
+    the kept ones, which now read the program's outputs.
+    """
+    tensor_list = torch._C.ListType(torch._C.TensorType.get())
+    self_value = next(graph.inputs())
+    first = segment.nodes[0]
+    get = graph.create("prim::GetAttr", [self_value], 1)
+    get.s_("name", attribute)
+    get.output().setType(engine._type())  # pylint: disable=protected-access
+    get.insertBefore(first)
+    pack = graph.create("prim::ListConstruct", list(segment.inputs), 1)
+    pack.output().setType(tensor_list)
+    pack.insertAfter(get)
+    call = graph.create("prim::CallMethod", [get.output(), pack.output()], 1)
+    call.s_("name", "forward")
+    call.output().setType(tensor_list)
+    call.insertAfter(pack)
+    unpack = graph.create("prim::ListUnpack", [call.output()], len(segment.outputs))
+    unpack.insertAfter(call)
+    for old, new in zip(segment.outputs, unpack.outputs()):
+        new.setType(torch._C.TensorType.get())
+        classes.types[new] = classes.types.get(old, set())
+        old.replaceAllUsesWith(new)
+    return call
+
+
+def _split_points(nodes: Sequence[torch._C.Node]) -> List[int]:
+    """Indices where a run can be cut: no non-tensor value crosses the cut."""
+    points = []
+    for cut in range(1, len(nodes)):
+        later = set(nodes[cut:])
+        crossing = any(use.user in later for node in nodes[:cut] for v in node.outputs()
+                       if not gp.is_tensor(v) for use in v.uses())
+        if not crossing:
+            points.append(cut)
+    return points
+
+
+class _Partitioner:
+    """State of one :func:`partition` call."""
+
+    def __init__(self, frozen: torch.jit.ScriptModule, opts: CompileOptions, device: str,
+                 classes: gp.Classification):
+        self.frozen = frozen
+        self.graph = frozen.graph
+        self.opts = opts
+        self.device = device
+        self.classes = classes
+        self.segments: List[Dict[str, Any]] = []
+        self.skipped: List[Dict[str, Any]] = []
+        self.calls: List[torch._C.Node] = []
+
+    def skip(self, segment: gp.Segment, reason: str) -> None:
+        """Leave a run in TorchScript, noting why."""
+        self.skipped.append({"operators": segment.operators, "reason": reason})
+        for node in segment.nodes:
+            if node in self.classes.compute:
+                self.classes.reasons.setdefault(node, reason)
+
+    def offload(self, nodes: List[torch._C.Node]) -> None:
+        """Compile a run (splitting it when TVM cannot convert it whole) and rewrite the graph."""
+        segment = gp.segment_of(nodes, self.classes)
+        if segment.num_operators < self.opts.min_block_size:
+            self.skip(segment, f"a run of {segment.num_operators} operator(s), below "
+                               f"min_block_size={self.opts.min_block_size}")
+            return
+        if not segment.outputs:
+            return
+        if not segment.inputs:
+            self.skip(segment, "computes from constants only")
+            return
+        try:
+            module = self._compile(segment)
+        except Exception as err:  # pylint: disable=broad-except
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            points = _split_points(nodes)
+            if segment.num_operators <= 1 or not points:
+                logger.info("kept in TorchScript, TVM could not compile %s: %s",
+                            sorted(segment.operators), message)
+                self.skip(segment, f"TVM could not compile it: {message}")
+                return
+            cut = min(points, key=lambda p: abs(p - len(nodes) // 2))
+            logger.info("TVM could not compile a run of %d operators (%s); splitting it",
+                        segment.num_operators, message)
+            self.offload(list(nodes[:cut]))
+            self.offload(list(nodes[cut:]))
+            return
+        index = len(self.segments)
+        attribute = f"{_SEGMENT_PREFIX}{index}"
+        engine = module.engine
+        self.frozen._c._register_attribute(  # pylint: disable=protected-access
+            attribute, engine._type(), engine)  # pylint: disable=protected-access
+        # The graph changed since the run was analysed only outside it; inputs are re-read.
+        segment = gp.segment_of(nodes, self.classes)
+        self.calls.append(_rewrite(self.graph, segment, engine, attribute, self.classes))
+        infos = _input_infos(segment, self.classes)
+        self.segments.append({
+            "attribute": attribute,
+            "operators": segment.operators,
+            "input_shapes": [list(i[1]) for i in infos],
+            "input_dtypes": [i[2] for i in infos],
+            "num_outputs": len(segment.outputs),
+        })
+
+    def _compile(self, segment: gp.Segment) -> torch.nn.Module:
+        index = len(self.segments)
+        function = torch._C._create_function_from_graph(  # pylint: disable=protected-access
+            f"tvm_segment_{index}", _subgraph(segment))
+        infos = _input_infos(segment, self.classes)
+        floats = {dtype for _, _, dtype in infos if dtype in ("float32", "float16")}
+        default_dtype = "float16" if floats == {"float16"} else "float32"
+        started = time.perf_counter()
+        ptm = PyTorchTVMModule(target=self.opts.target, device=self.device)
+        ptm.vendor_kernels = self.opts.vendor_kernels
+        ptm.from_pytorch(function, infos, default_dtype=default_dtype)
+        if ptm.num_outputs != len(segment.outputs):
+            raise ConversionError(f"the program returns {ptm.num_outputs} tensors, the run has "
+                                  f"{len(segment.outputs)} outputs")
+        if self.opts.tuning_n_trials > 0:
+            ptm.tune_tvm(self.opts.tuning_log_file, self.opts.tuning_n_trials)
+        elif os.path.exists(self.opts.tuning_log_file) and self.opts.tuning_log_explicit:
+            ptm.tuning_log_file = os.path.abspath(self.opts.tuning_log_file)
+        # Each program gets its own directory; a second pass over the same run overwrites.
+        ptm.build_tvm(os.path.join(self.opts.export_dir, f"segment{index}"))
+        module = ptm.build_pytorch_module(len(segment.inputs), len(segment.outputs))
+        logger.info("compiled subgraph %d (%d operators) in %.1fs", index,
+                    segment.num_operators, time.perf_counter() - started)
+        return module
+
+
+def _count_operators(graph: torch._C.Graph, exclude=()) -> Dict[str, int]:
+    excluded = set(exclude)
+    counts = collections.Counter(node.kind() for node in gp.walk_nodes(graph.block())
+                                 if gp.is_operator(node) and node not in excluded)
+    return dict(counts)
+
+
+def _kept_reasons(classes: gp.Classification, graph: torch._C.Graph) -> Dict[str, str]:
+    reasons: Dict[str, str] = {}
+    for node in gp.walk_nodes(graph.block()):
+        if gp.is_operator(node) and node in classes.reasons:
+            reasons.setdefault(node.kind(), classes.reasons[node])
+    return reasons
+
+
+def _full_compilation_error(kept: Dict[str, int], reasons: Dict[str, str]) -> ConversionError:
+    lines = [f"  {kind} x{count}: {reasons.get(kind, 'kept')}"
+             for kind, count in sorted(kept.items())]
+    return ConversionError("tvm.contrib.torch.partition: require_full_compilation is set but "
+                           "these operators would stay in TorchScript:\n" + "\n".join(lines))
+
+
+def partition(module: Any, example_inputs: Sequence[Any],
+              option: Optional[Dict[str, Any]] = None) -> torch.jit.ScriptModule:
+    """Offload the parts of a model TVM supports; keep the rest in TorchScript.
+
+    Parameters
+    ----------
+    module : torch.jit.ScriptModule or torch.nn.Module
+        A traced or scripted module, or a plain module (scripted, or traced when scripting
+        fails). It computes in its own dtype; convert it (``.half()``) for float16.
+    example_inputs : sequence
+        The arguments of one ``forward`` call. Shapes inside the model are recorded from
+        this call: TVM programs are compiled for these shapes, branches not taken and values
+        whose shapes vary between loop iterations stay in TorchScript.
+    option : dict, optional
+        ``min_block_size`` (default 3), ``torch_executed_ops`` (operator kinds such as
+        ``"aten::relu"`` that stay in TorchScript), ``require_full_compilation`` (raise
+        instead of keeping operators in TorchScript), and the compile options ``export_dir``,
+        ``target``, ``vendor_kernels``, ``tuning_n_trials``, ``tuning_log_file``.
+
+    Returns
+    -------
+    torch.jit.ScriptModule
+        Same ``forward`` signature as ``module``; saves and loads like any TorchScript
+        module (``import tvm.contrib.torch`` before loading). :func:`partition_report`
+        reads what was offloaded.
+
+    Raises
+    ------
+    ConversionError
+        With ``require_full_compilation``, naming the operators that would stay.
+    """
+    option = dict(option or {})
+    option.pop("partition", None)
+    opts = parse_options(option, require_input_infos=False)
+    if opts.buckets:
+        raise ValueError("tvm.contrib.torch.partition: shapes come from example_inputs; "
+                         "drop 'input_infos' (compile(..., {'partition': True}) takes it)")
+    if opts.default_dtype != "float32" or opts.dim_ranges or opts.bucket_padding:
+        raise ValueError("tvm.contrib.torch.partition: default_dtype, dim_ranges and "
+                         "bucket_padding do not apply; the model runs in its own dtype at the "
+                         "example shapes (convert it with .half() for float16)")
+    if not isinstance(example_inputs, (list, tuple)):
+        raise TypeError("tvm.contrib.torch.partition: example_inputs must be a list or tuple "
+                        f"of forward's arguments, got {type(example_inputs).__name__}")
+    started = time.perf_counter()
+    device = opts.device or _device_of(example_inputs)
+    with _quiet_torchscript():
+        script = _as_script(module, example_inputs)
+        frozen = _freeze(script)
+    graph = frozen.graph
+    types = gp.record_tensor_types(graph, frozen, example_inputs)
+    classes = gp.classify(graph, types, opts.torch_executed_ops)
+    before = _count_operators(graph)
+    runs = gp.find_runs(graph, classes)
+    if opts.require_full_compilation:
+        kept_now = {k: v for k, v in _count_operators(
+            graph, [n for run in runs for n in run]).items()}
+        short = [r for r in runs
+                 if sum(n in classes.compute for n in r) < opts.min_block_size]
+        for run in short:
+            for node in run:
+                if node in classes.compute:
+                    kept_now[node.kind()] = kept_now.get(node.kind(), 0) + 1
+                    classes.reasons.setdefault(node, f"in a run below min_block_size="
+                                                     f"{opts.min_block_size}")
+        if kept_now:
+            raise _full_compilation_error(kept_now, _kept_reasons(classes, graph))
+
+    worker = _Partitioner(frozen, opts, device, classes)
+    for run in runs:
+        worker.offload(run)
+    torch._C._jit_pass_dce(graph)  # pylint: disable=protected-access
+    graph.lint()
+    kept = _count_operators(graph, worker.calls)
+    reasons = _kept_reasons(classes, graph)
+    if opts.require_full_compilation and kept:
+        raise _full_compilation_error(kept, reasons)
+    report = PartitionReport(
+        num_operators=sum(before.values()),
+        offloaded_operators=sum(sum(s["operators"].values()) for s in worker.segments),
+        kept_operators=kept,
+        segments=worker.segments,
+        kept_reasons=reasons,
+        skipped=worker.skipped,
+    )
+    frozen._c._register_attribute(  # pylint: disable=protected-access
+        REPORT_ATTRIBUTE, torch._C.StringType.get(), report.to_json())
+    # A save/load round trip gives a module exactly like the one users will load later (and
+    # checks that it serialises).
+    buffer = io.BytesIO()
+    with _quiet_torchscript():
+        torch.jit.save(frozen, buffer)
+        buffer.seek(0)
+        result = torch.jit.load(buffer, map_location=device)
+    logger.info("partitioned in %.1fs: %s", time.perf_counter() - started,
+                report.summary().splitlines()[0])
+    return result
+
+
+__all__ = ["PartitionReport", "partition", "partition_report"]

@@ -1,13 +1,13 @@
 """``python -m tvm.contrib.torch compile MODEL.pt --input x:1x3x224x224 -o MODEL_tvm.pt``.
 
-Takes a saved TorchScript model and writes a drop-in replacement: a saved TorchScript model
-with the same ``forward`` signature (tensor arguments in, a tensor or a tuple of tensors out)
-whose body calls the TVM-compiled module. Prints a short report.
+Takes a saved TorchScript model and writes a drop-in replacement: the model partitioned by
+:func:`tvm.contrib.torch.partition` (the operators TVM supports run as TVM programs, the rest
+stays TorchScript), saved with the same ``forward`` signature. Prints what was offloaded and
+the latency before and after.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import sys
@@ -40,60 +40,20 @@ def _parse_input(text: str) -> Tuple[str, Tuple[int, ...]]:
     return name, shape
 
 
-def _signature(model: torch.jit.ScriptModule) -> Tuple[List[str], int]:
-    """Tensor argument names of forward and the number of tensors it returns (0: one tensor)."""
-    schema = model.forward.schema
+def _argument_names(model: torch.jit.ScriptModule) -> List[str]:
+    """Names of forward's arguments; each must be a Tensor (given by one --input)."""
     names = []
-    for arg in schema.arguments[1:]:
+    for arg in model.forward.schema.arguments[1:]:
         if str(arg.type) != "Tensor":
             raise CliError(f"forward argument '{arg.name}' is {arg.type}; only Tensor arguments "
                            "are supported")
         names.append(arg.name)
-    ret = str(schema.returns[0].type)
-    if ret == "Tensor":
-        return names, 0
-    if ret.startswith("Tuple[") and all(t.strip() == "Tensor" for t in ret[6:-1].split(",")):
-        return names, len(ret[6:-1].split(","))
-    raise CliError(f"forward returns {ret}; only a Tensor or a tuple of Tensors is supported")
-
-
-_WRAPPER = '''
-from typing import List, Tuple
-import torch
-
-
-class TvmDropIn(torch.nn.Module):
-    def __init__(self, tvm_module):
-        super().__init__()
-        self.tvm_module = tvm_module
-
-    def forward(self, {args}) -> {ret}:
-        out: List[torch.Tensor] = self.tvm_module([{names}])
-        return {result}
-'''
-
-
-def _drop_in(tvm_module: torch.nn.Module, names: Sequence[str], num_tuple: int,
-             workdir: str) -> torch.jit.ScriptModule:
-    """Script a wrapper whose forward has the original signature (TorchScript needs source)."""
-    ret = "torch.Tensor" if num_tuple == 0 else \
-        "Tuple[" + ", ".join(["torch.Tensor"] * num_tuple) + "]"
-    result = "out[0]" if num_tuple == 0 else \
-        "(" + ", ".join(f"out[{i}]" for i in range(num_tuple)) + ",)"
-    source = _WRAPPER.format(args=", ".join(f"{n}: torch.Tensor" for n in names),
-                             names=", ".join(names), ret=ret, result=result)
-    path = os.path.join(workdir, "tvm_drop_in.py")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("tvm_drop_in", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return torch.jit.script(module.TvmDropIn(tvm_module))
+    return names
 
 
 def compile_command(args: argparse.Namespace) -> None:
     """The ``compile`` subcommand."""
-    from . import compile as tvm_compile  # pylint: disable=import-outside-toplevel
+    from . import partition, partition_report  # pylint: disable=import-outside-toplevel
 
     if not os.path.isfile(args.model):
         raise CliError(f"no such model file: {args.model}")
@@ -101,33 +61,40 @@ def compile_command(args: argparse.Namespace) -> None:
         model = torch.jit.load(args.model, map_location="cpu").eval()
     except Exception as err:  # pylint: disable=broad-except
         raise CliError(f"cannot load {args.model} as TorchScript: {err}") from err
-    names, num_tuple = _signature(model)
+    names = _argument_names(model)
     infos = [_parse_input(text) for text in args.input]
     if len(infos) != len(names):
         raise CliError(f"the model's forward takes {len(names)} tensor(s) ({', '.join(names)}) "
                        f"but {len(infos)} --input given")
     dtype = _DTYPES[args.dtype]
-    inputs = [torch.rand(shape).to(dtype) for _, shape in infos]
-    option = {"input_infos": list(infos), "default_dtype": args.dtype,
-              "tuning_n_trials": args.trials}
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.rand(shape, generator=generator).to(dtype) for _, shape in infos]
+    option = {"tuning_n_trials": args.trials, "min_block_size": args.min_block_size,
+              "torch_executed_ops": list(args.torch_executed_op or []),
+              "require_full_compilation": args.require_full_compilation}
     if args.tuning_log:
         option["tuning_log_file"] = args.tuning_log
     with tempfile.TemporaryDirectory(prefix="tvm_torch_cli_") as workdir:
         option["export_dir"] = os.path.join(workdir, "export")
         start = time.perf_counter()
         with torch.no_grad():
-            tvm_module = tvm_compile(model, option)
+            replacement = partition(model, inputs, option)
         compile_s = time.perf_counter() - start
-        drop_in = _drop_in(tvm_module, names, num_tuple, workdir)
         out_dir = os.path.dirname(os.path.abspath(args.output))
         tmp_out = os.path.join(out_dir, f".{os.path.basename(args.output)}.partial")
-        drop_in.save(tmp_out)
-        os.replace(tmp_out, args.output)  # a complete file or none
+        try:
+            replacement.save(tmp_out)
+            os.replace(tmp_out, args.output)  # a complete file or none
+        finally:
+            if os.path.exists(tmp_out):
+                os.unlink(tmp_out)
     with torch.no_grad():
-        float_inputs = [x.float() for x in inputs]
-        before = measure(lambda: model(*float_inputs), args.repeat)[0]
-        after = measure(lambda: drop_in(*inputs), args.repeat)[0]
+        before = measure(lambda: model(*inputs), args.repeat)[0]
+        after = measure(lambda: replacement(*inputs), args.repeat)[0]
     print(f"compiled {args.model} -> {args.output} in {compile_s:.1f} s")
+    print(partition_report(replacement).summary())
     print(f"latency: TorchScript {before:.2f} ms, TVM {after:.2f} ms ({before / after:.2f}x)")
 
 
@@ -140,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser(
         "compile", help="compile a saved TorchScript model",
         description="Write a saved TorchScript model with the same forward signature as MODEL "
-                    "whose computation runs as TVM-compiled code. Load it with "
+                    "whose operators run as TVM-compiled code where TVM supports them (the "
+                    "rest, control flow included, stays TorchScript). Load it with "
                     "`import tvm.contrib.torch` (or the runtime library in C++) first.")
     comp.add_argument("model", help="the saved TorchScript model (torch.jit.save)")
     comp.add_argument("--input", action="append", required=True, metavar="NAME:SHAPE",
@@ -150,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--trials", type=int, default=0,
                       help="MetaSchedule tuning trials (default 0: no tuning)")
     comp.add_argument("--tuning-log", help="MetaSchedule log to write and re-use")
+    comp.add_argument("--min-block-size", type=int, default=3,
+                      help="the fewest operators a TVM subgraph may have (default 3)")
+    comp.add_argument("--torch-executed-op", action="append", metavar="KIND",
+                      help="an operator kind that stays in TorchScript, e.g. aten::softmax "
+                           "(repeatable)")
+    comp.add_argument("--require-full-compilation", action="store_true",
+                      help="fail instead of keeping operators in TorchScript")
     comp.add_argument("--repeat", type=int, default=10,
                       help="timed calls for the before/after report (default 10)")
     comp.add_argument("-o", "--output", required=True, help="where to save the result")

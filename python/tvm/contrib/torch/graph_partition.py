@@ -31,6 +31,11 @@ STRUCTURAL_KINDS = frozenset({
     "aten::size", "aten::Int", "prim::NumToTensor", "aten::__getitem__",
 })
 
+#: Fused operators (decomposed by :mod:`.decompositions`) worth a program on their own: a run
+#: holding one meets any ``min_block_size``.
+FUSED_KINDS = frozenset({"aten::_transformer_encoder_layer_fwd",
+                         "aten::_native_multi_head_attention"})
+
 #: Nodes that are neither operators nor structure: never in a segment, never counted.
 _IGNORED_KINDS = frozenset({"prim::Constant", "prim::GetAttr"})
 
@@ -88,6 +93,13 @@ def _defined_values(graph: torch._C.Graph) -> List[Tuple[torch._C.Value, object,
 def is_tensor(value: torch._C.Value) -> bool:
     """Whether a value is typed ``Tensor``."""
     return isinstance(value.type(), torch._C.TensorType)
+
+
+def is_tensor_list(value: torch._C.Value) -> bool:
+    """Whether a value is typed ``List[Tensor]``."""
+    kind = value.type()
+    return isinstance(kind, torch._C.ListType) and \
+        isinstance(kind.getElementType(), torch._C.TensorType)
 
 
 def _first_position(block):
@@ -270,8 +282,7 @@ def classify(graph: torch._C.Graph, types: Dict[torch._C.Value, Set[TensorType]]
                 reason = "mutates its inputs"
             elif node.isNondeterministic():
                 reason = "nondeterministic"
-            elif not outputs or not all(
-                    is_tensor(v) or str(v.type()) == "Tensor[]" for v in outputs):
+            elif not outputs or not all(is_tensor(v) or is_tensor_list(v) for v in outputs):
                 reason = "returns non-tensor values"
             elif not table.supports(schema):
                 reason = "no TVM converter"
@@ -306,6 +317,11 @@ class Segment:
     def num_operators(self) -> int:
         """Number of counted operators in the run."""
         return sum(self.operators.values())
+
+    def meets(self, min_block_size: int) -> bool:
+        """Whether the run is big enough for a program of its own."""
+        return self.num_operators >= min_block_size or \
+            any(kind in FUSED_KINDS for kind in self.operators)
 
 
 def segment_of(nodes: Sequence[torch._C.Node], classes: Classification) -> Segment:
@@ -441,6 +457,7 @@ def find_runs(graph: torch._C.Graph, classes: Classification) -> List[List[torch
 
 __all__ = [
     "Classification",
+    "FUSED_KINDS",
     "STRUCTURAL_KINDS",
     "Segment",
     "classify",
@@ -448,6 +465,7 @@ __all__ = [
     "is_operator",
     "is_pure",
     "is_tensor",
+    "is_tensor_list",
     "record_tensor_types",
     "segment_of",
     "walk_nodes",

@@ -129,11 +129,14 @@ def _as_script(module: Any, example_inputs: Sequence[Any]) -> torch.jit.ScriptMo
 
 
 def _freeze(script: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """Freeze (weights become constants, methods inlined) and functionalise in-place ops."""
     was_training = script.training
     try:
         frozen = torch.jit.freeze(script.eval())
     finally:
         script.train(was_training)
+    # relu_ / add_ on values nothing else aliases become relu / add (TVM takes those).
+    torch._C._jit_pass_remove_mutation(frozen.graph)  # pylint: disable=protected-access
     return frozen
 
 
@@ -166,6 +169,9 @@ def _subgraph(segment: gp.Segment) -> torch._C.Graph:
                 # Conversion reads the weights on the host; the program runs on the device.
                 constant.t_("value", producer.t("value").cpu())
             graph.appendNode(constant)
+            # Flat names: torch's converter turns dotted names ("self.fc.weight") into
+            # attribute paths, which clash when one name prefixes another.
+            constant.output().setDebugName(f"constant{len(mapping)}")
             mapping[value] = constant.output()
         return mapping[value]
 
@@ -259,7 +265,7 @@ class _Partitioner:
     def offload(self, nodes: List[torch._C.Node]) -> None:
         """Compile a run (splitting it when TVM cannot convert it whole) and rewrite the graph."""
         segment = gp.segment_of(nodes, self.classes)
-        if segment.num_operators < self.opts.min_block_size:
+        if not segment.meets(self.opts.min_block_size):
             self.skip(segment, f"a run of {segment.num_operators} operator(s), below "
                                f"min_block_size={self.opts.min_block_size}")
             return
@@ -407,7 +413,7 @@ def partition(module: Any, example_inputs: Sequence[Any],
         kept_now = {k: v for k, v in _count_operators(
             graph, [n for run in runs for n in run]).items()}
         short = [r for r in runs
-                 if sum(n in classes.compute for n in r) < opts.min_block_size]
+                 if not gp.segment_of(r, classes).meets(opts.min_block_size)]
         for run in short:
             for node in run:
                 if node in classes.compute:

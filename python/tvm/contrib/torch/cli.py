@@ -8,6 +8,7 @@ the latency before and after.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from .frontend import ConversionError
 from .timing import measure
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,15 @@ def compile_command(args: argparse.Namespace) -> None:
     """The ``compile`` subcommand."""
     from . import partition, partition_report  # pylint: disable=import-outside-toplevel
 
+    for name in args.import_module or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise CliError(f"cannot import {name}: {err}") from err
+    for path in args.load_library or []:
+        if not os.path.isfile(path):
+            raise CliError(f"no such library: {path}")
+        torch.ops.load_library(path)
     if not os.path.isfile(args.model):
         raise CliError(f"no such model file: {args.model}")
     try:
@@ -118,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--trials", type=int, default=0,
                       help="MetaSchedule tuning trials (default 0: no tuning)")
     comp.add_argument("--tuning-log", help="MetaSchedule log to write and re-use")
+    comp.add_argument("--import-module", action="append", metavar="MODULE",
+                      help="a Python module to import first, e.g. one registering the model's "
+                           "custom operators with torch.library (repeatable)")
+    comp.add_argument("--load-library", action="append", metavar="PATH",
+                      help="a custom-operator library to load first with "
+                           "torch.ops.load_library (repeatable)")
     comp.add_argument("--min-block-size", type=int, default=3,
                       help="the fewest operators a TVM subgraph may have (default 3)")
     comp.add_argument("--torch-executed-op", action="append", metavar="KIND",
@@ -141,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ConversionError as err:  # its lines name the operators: all of them are useful
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except Exception as err:  # pylint: disable=broad-except
         print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
               file=sys.stderr)

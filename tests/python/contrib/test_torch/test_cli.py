@@ -1,18 +1,24 @@
 """python -m tvm.contrib.torch compile: saved TorchScript in, drop-in replacement out."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import torch
 
 import models
+import partition_models
 from conftest import run_fresh_python
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def _cli(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [TESTS_DIR] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     return subprocess.run([sys.executable, "-m", "tvm.contrib.torch", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_compile_writes_a_drop_in_replacement(tmp_path):
@@ -23,6 +29,7 @@ def test_compile_writes_a_drop_in_replacement(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "compiled model.pt -> model_tvm.pt in" in proc.stdout
     assert "latency: TorchScript" in proc.stdout
+    assert "operators offloaded to TVM in 1 subgraph(s); 0 kept in TorchScript" in proc.stdout
     torch.save(inputs, str(tmp_path / "inputs.pt"))
     out = run_fresh_python("""
         import torch, tvm.contrib.torch
@@ -35,6 +42,40 @@ def test_compile_writes_a_drop_in_replacement(tmp_path):
         print("OK")
     """, cwd=str(tmp_path))
     assert "OK" in out
+
+
+def test_partitions_a_model_with_a_custom_operator(tmp_path):
+    model = partition_models.init(partition_models.CustomOpCNN())
+    x = torch.rand(1, 3, 16, 16)
+    torch.jit.trace(model, (x,)).save(str(tmp_path / "model.pt"))
+    proc = _cli("compile", "model.pt", "--input", "x:1x3x16x16",
+                "--import-module", "partition_models", "--torch-executed-op", "aten::flatten",
+                "--min-block-size", "2", "-o", "model_tvm.pt", cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1] == ("7 of 10 operators offloaded to TVM in 2 subgraph(s); 3 kept in "
+                        "TorchScript")
+    # linear alone after the kept flatten is a run of 1, below --min-block-size 2
+    assert ("  kept aten::linear x1: a run of 1 operator(s), below min_block_size=2"
+            in lines)
+    assert "  kept aten::flatten x1: listed in torch_executed_ops" in lines
+    assert "  kept tvm_test::scale_shift x1: no TVM converter (not an ATen operator)" in lines
+    torch.save([x, model(x).detach()], str(tmp_path / "data.pt"))
+    out = run_fresh_python(f"""
+        import sys
+        sys.path.insert(0, {TESTS_DIR!r})
+        import torch, tvm.contrib.torch, partition_models
+        x, expected = torch.load("data.pt")
+        torch.testing.assert_close(torch.jit.load("model_tvm.pt")(x), expected,
+                                   rtol=1e-4, atol=1e-4)
+        print("OK")
+    """, cwd=str(tmp_path))
+    assert "OK" in out
+    proc = _cli("compile", "model.pt", "--input", "x:1x3x16x16", "--import-module",
+                "partition_models", "--require-full-compilation", "-o", "full.pt",
+                cwd=str(tmp_path))
+    assert proc.returncode == 1 and "tvm_test::scale_shift x1" in proc.stderr
+    assert not (tmp_path / "full.pt").exists()
 
 
 def test_errors_are_one_line_with_nonzero_exit(tmp_path):
@@ -55,5 +96,7 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path):
 def test_help_explains_every_flag(tmp_path):
     proc = _cli("compile", "--help", cwd=str(tmp_path))
     assert proc.returncode == 0
-    for flag in ("--input", "--dtype", "--trials", "--tuning-log", "--repeat", "--output"):
+    for flag in ("--input", "--dtype", "--trials", "--tuning-log", "--repeat", "--output",
+                 "--import-module", "--load-library", "--min-block-size", "--torch-executed-op",
+                 "--require-full-compilation"):
         assert flag in proc.stdout

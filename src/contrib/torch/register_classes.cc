@@ -29,6 +29,8 @@ void RegisterModuleClass(torch::Library& lib, const char* name) {
            })
       .def("forward",
            [](const Self& self, std::vector<at::Tensor> inputs) { return self->Forward(inputs); })
+      .def("accepts",
+           [](const Self& self, std::vector<at::Tensor> inputs) { return self->Accepts(inputs); })
       .def("to", [](const Self& self, std::string device) { self->To(device); })
       .def("device", [](const Self& self) { return self->Device(); })
       .def("signatures", [](const Self& self) { return self->Signatures(); })

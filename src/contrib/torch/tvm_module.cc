@@ -149,6 +149,19 @@ std::vector<at::Tensor> TvmModule::Forward(const std::vector<at::Tensor>& inputs
   return outputs;
 }
 
+bool TvmModule::Accepts(const std::vector<at::Tensor>& inputs) const {
+  if (static_cast<int64_t>(inputs.size()) != num_inputs_) return false;
+  for (const at::Tensor& t : inputs) {
+    if (!t.defined() || t.device() != device_) return false;
+  }
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  try {
+    return Select(inputs).program != nullptr;
+  } catch (const c10::Error&) {
+    return false;
+  }
+}
+
 void TvmModule::SetBucketPadding(bool enabled) {
   std::unique_lock<std::shared_mutex> lock(mutex_);
   bucket_padding_ = enabled;

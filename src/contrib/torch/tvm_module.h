@@ -51,6 +51,13 @@ class TvmModule : public torch::CustomClassHolder {
   /*! \brief Run the program that matches the inputs' shapes and dtypes. */
   std::vector<at::Tensor> Forward(const std::vector<at::Tensor>& inputs);
 
+  /*!
+   * \brief Whether forward would run these inputs: right count and device, and a compiled
+   * program for their shapes and dtypes (what a partitioned graph checks before calling, to
+   * fall back to TorchScript otherwise).
+   */
+  bool Accepts(const std::vector<at::Tensor>& inputs) const;
+
   /*! \brief Move to another device, reloading every program for it. */
   void To(const std::string& device);
 

@@ -76,6 +76,10 @@ class _TvmModuleBase(torch.nn.Module):
         """The signature of the program that served the calling thread's last call."""
         return self.engine.last_signature()
 
+    def accepts(self, inputs: List[torch.Tensor]) -> bool:
+        """Whether :meth:`forward` has a compiled program for these inputs."""
+        return self.engine.accepts(inputs)
+
     def forward(self, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
         """Run the compiled program that matches the inputs' shapes and dtypes."""
         return self.engine.forward(inputs)

@@ -201,12 +201,27 @@ def _input_infos(segment: gp.Segment, classes: gp.Classification):
 
 def _rewrite(graph: torch._C.Graph, segment: gp.Segment, engine: torch.ScriptObject,
              attribute: str, classes: gp.Classification) -> torch._C.Node:
-    """Replace the segment's outputs with those of ``engine.forward([inputs])``.
+    """Route the segment's outputs through the TVM program, guarded by ``engine.accepts``.
 
-    The segment's nodes become dead (dead-code elimination removes them later), except
-    the kept ones, which now read the program's outputs.
+    Inserted before the segment's first node::
+
+        inputs = [...]
+        if self.<attribute>.accepts(inputs):
+            outputs = self.<attribute>.forward(inputs)
+        else:
+            outputs = <the segment's nodes, as they were>
+
+    so inputs of shapes the program was not compiled for still run (in TorchScript). The
+    original nodes become dead (dead-code elimination removes them), except the kept ones,
+    which now read the ``if``'s outputs.
+
+    Returns
+    -------
+    list of torch._C.Node
+        The inserted operator nodes (the ``accepts`` call and the ``prim::If``).
     """
-    tensor_list = torch._C.ListType(torch._C.TensorType.get())
+    tensor_type = torch._C.TensorType.get()
+    tensor_list = torch._C.ListType(tensor_type)
     self_value = next(graph.inputs())
     first = segment.nodes[0]
     get = graph.create("prim::GetAttr", [self_value], 1)
@@ -216,17 +231,38 @@ def _rewrite(graph: torch._C.Graph, segment: gp.Segment, engine: torch.ScriptObj
     pack = graph.create("prim::ListConstruct", list(segment.inputs), 1)
     pack.output().setType(tensor_list)
     pack.insertAfter(get)
+    accepts = graph.create("prim::CallMethod", [get.output(), pack.output()], 1)
+    accepts.s_("name", "accepts")
+    accepts.output().setType(torch._C.BoolType.get())
+    accepts.insertAfter(pack)
+    branch = graph.create("prim::If", [accepts.output()], len(segment.outputs))
+    branch.insertAfter(accepts)
+    compiled, fallback = branch.addBlock(), branch.addBlock()
+
     call = graph.create("prim::CallMethod", [get.output(), pack.output()], 1)
     call.s_("name", "forward")
     call.output().setType(tensor_list)
-    call.insertAfter(pack)
+    call.insertBefore(compiled.returnNode())
     unpack = graph.create("prim::ListUnpack", [call.output()], len(segment.outputs))
-    unpack.insertAfter(call)
-    for old, new in zip(segment.outputs, unpack.outputs()):
-        new.setType(torch._C.TensorType.get())
+    unpack.insertBefore(compiled.returnNode())
+    for value in unpack.outputs():
+        value.setType(tensor_type)
+        compiled.registerOutput(value)
+
+    mapping: Dict[torch._C.Value, torch._C.Value] = {}
+    for node in segment.nodes:
+        clone = graph.createClone(node, lambda v: mapping.get(v, v))
+        clone.insertBefore(fallback.returnNode())
+        for old, new in zip(node.outputs(), clone.outputs()):
+            mapping[old] = new
+    for value in segment.outputs:
+        fallback.registerOutput(mapping[value])
+
+    for old, new in zip(segment.outputs, branch.outputs()):
+        new.setType(tensor_type)
         classes.types[new] = classes.types.get(old, set())
         old.replaceAllUsesWith(new)
-    return call
+    return [accepts, branch]
 
 
 def _split_points(nodes: Sequence[torch._C.Node]) -> List[int]:
@@ -297,7 +333,7 @@ class _Partitioner:
             attribute, engine._type(), engine)  # pylint: disable=protected-access
         # The graph changed since the run was analysed only outside it; inputs are re-read.
         segment = gp.segment_of(nodes, self.classes)
-        self.calls.append(_rewrite(self.graph, segment, engine, attribute, self.classes))
+        self.calls.extend(_rewrite(self.graph, segment, engine, attribute, self.classes))
         infos = _input_infos(segment, self.classes)
         self.segments.append({
             "attribute": attribute,
@@ -334,9 +370,20 @@ class _Partitioner:
 
 
 def _count_operators(graph: torch._C.Graph, exclude=()) -> Dict[str, int]:
+    """Operators by kind, not counting ``exclude`` nodes and what their blocks hold."""
     excluded = set(exclude)
-    counts = collections.Counter(node.kind() for node in gp.walk_nodes(graph.block())
-                                 if gp.is_operator(node) and node not in excluded)
+    counts: Dict[str, int] = collections.Counter()
+
+    def visit(block):
+        for node in block.nodes():
+            if node in excluded:
+                continue
+            if gp.is_operator(node):
+                counts[node.kind()] += 1
+            for sub in node.blocks():
+                visit(sub)
+
+    visit(graph.block())
     return dict(counts)
 
 

@@ -66,6 +66,19 @@ def test_custom_operator_in_a_cnn_stays_in_torch(how, tmp_path):
     assert _check_in_fresh_process(module, [x], expected, tmp_path) == ["OK", "2"]
 
 
+def test_shapes_not_compiled_for_run_in_torchscript(tmp_path):
+    model = pm.init(pm.CustomOpCNN())
+    x = torch.rand(2, 3, 16, 16)
+    module = partition(torch.jit.script(model), [x], {"export_dir": str(tmp_path / "export")})
+    first = module._tvm_segment_0  # pylint: disable=protected-access
+    torch.testing.assert_close(module(x), model(x).detach(), **TOL)
+    assert first.call_counts() == {"(float32[2, 3, 16, 16])": 1}
+    other = torch.rand(5, 3, 12, 12)
+    torch.testing.assert_close(module(other), model(other).detach(), **TOL)
+    assert first.call_counts() == {"(float32[2, 3, 16, 16])": 1}  # served by the fallback
+    assert not first.accepts([other]) and first.accepts([x])
+
+
 def test_branches_and_loop_bodies_get_their_own_subgraphs(tmp_path):
     model = pm.init(pm.BranchAndLoop())
     scripted = torch.jit.script(model)

@@ -6,8 +6,9 @@
  *                     [--output OUT.bin] [--repeat N]
  *   RUNTIME_LIB  libtvm_torch_runtime.so (tvm.contrib.torch.runtime_library_path())
  *   INPUT.bin    raw little-endian tensor data; SHAPE like 1x3x224x224
- * The model is called as model.forward([input]) and returns a list of tensors; each output's
- * shape and first values are printed, the first output's raw data is written to OUT.bin, and
+ * A module from compile() is called as model.forward([input]) and returns a list of tensors;
+ * a drop-in module from partition() / the CLI is called as model.forward(input) and returns a
+ * tensor or a tuple of tensors. Each output's shape and first values are printed, the first output's raw data is written to OUT.bin, and
  * the median latency over N calls is printed.
  */
 #include <dlfcn.h>
@@ -38,6 +39,19 @@ int Fail(const std::string& message) {
 }
 
 }  // namespace
+
+/*! \brief The tensors of a forward result: a tensor, a list or a tuple of tensors. */
+std::vector<torch::Tensor> Tensors(const torch::jit::IValue& result) {
+  if (result.isTensor()) return {result.toTensor()};
+  if (result.isTensorList()) return result.toTensorVector();
+  std::vector<torch::Tensor> out;
+  if (result.isTuple()) {
+    for (const auto& element : result.toTupleRef().elements()) out.push_back(element.toTensor());
+    return out;
+  }
+  throw std::runtime_error("forward returned " + result.tagKind() +
+                           "; expected a tensor, a list or a tuple of tensors");
+}
 
 int main(int argc, char** argv) {
   if (argc < 5) {
@@ -70,9 +84,17 @@ int main(int argc, char** argv) {
     if (in.gcount() != static_cast<std::streamsize>(input.nbytes())) {
       return Fail("input file holds fewer bytes than shape x dtype needs");
     }
-    std::vector<torch::jit::IValue> args{c10::List<torch::Tensor>({input})};
+    const auto& arguments = model.get_method("forward").function().getSchema().arguments();
+    const bool takes_list = arguments.size() > 1 &&
+                            arguments[1].type()->kind() == c10::TypeKind::ListType;
+    std::vector<torch::jit::IValue> args;
+    if (takes_list) {
+      args.emplace_back(c10::List<torch::Tensor>({input}));
+    } else {
+      args.emplace_back(input);
+    }
     torch::NoGradGuard no_grad;
-    auto outputs = model.forward(args).toTensorList();
+    std::vector<torch::Tensor> outputs = Tensors(model.forward(args));
     std::vector<double> times;
     for (int i = 0; i < repeat; ++i) {
       auto start = std::chrono::steady_clock::now();
@@ -81,12 +103,12 @@ int main(int argc, char** argv) {
                           std::chrono::steady_clock::now() - start).count());
     }
     for (size_t i = 0; i < outputs.size(); ++i) {
-      torch::Tensor out = outputs.get(i).contiguous();
+      torch::Tensor out = outputs[i].contiguous();
       std::cout << "output " << i << " shape " << out.sizes() << " first "
                 << out.flatten().slice(0, 0, 5).to(torch::kFloat) << std::endl;
     }
     if (!output_path.empty()) {
-      torch::Tensor out = outputs.get(0).contiguous().to(torch::kFloat);
+      torch::Tensor out = outputs[0].contiguous().to(torch::kFloat);
       std::ofstream os(output_path, std::ios::binary);
       os.write(static_cast<const char*>(out.data_ptr()), out.nbytes());
     }
@@ -96,6 +118,8 @@ int main(int argc, char** argv) {
     }
   } catch (const c10::Error& err) {
     return Fail(err.what_without_backtrace());
+  } catch (const std::exception& err) {
+    return Fail(err.what());
   }
   return 0;
 }

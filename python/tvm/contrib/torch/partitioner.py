@@ -250,8 +250,17 @@ def _rewrite(graph: torch._C.Graph, segment: gp.Segment, engine: torch.ScriptObj
         compiled.registerOutput(value)
 
     mapping: Dict[torch._C.Value, torch._C.Value] = {}
+
+    def lookup(value):
+        if value not in mapping and value.node().kind() == "prim::Constant":
+            # Constants may sit after the insertion point: copy them into the block.
+            constant = graph.createClone(value.node(), lambda v: v)
+            constant.insertBefore(fallback.returnNode())
+            mapping[value] = constant.output()
+        return mapping.get(value, value)
+
     for node in segment.nodes:
-        clone = graph.createClone(node, lambda v: mapping.get(v, v))
+        clone = graph.createClone(node, lookup)
         clone.insertBefore(fallback.returnNode())
         for old, new in zip(node.outputs(), clone.outputs()):
             mapping[old] = new

@@ -79,6 +79,24 @@ def test_shapes_not_compiled_for_run_in_torchscript(tmp_path):
     assert not first.accepts([other]) and first.accepts([x])
 
 
+@pytest.mark.parametrize("how", ["trace", "script"])
+def test_resnet18_becomes_one_subgraph(how, tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.rand(1, 3, 64, 64)
+    module = partition(_as_torchscript(model, (x,), how), [x],
+                       {"export_dir": str(tmp_path / "export")})
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), model(x), rtol=1e-3, atol=1e-3)
+    report = partition_report(module)
+    # relu_ / add_ are functionalised; a scripted model keeps flatten's rank check only.
+    assert report.num_subgraphs == 1 and report.offloaded_operators == 49
+    kept = {} if how == "trace" else \
+        {"aten::len": 1, "aten::gt": 1, "prim::If": 1, "prim::RaiseException": 1}
+    assert report.kept_operators == kept
+
+
 def test_branches_and_loop_bodies_get_their_own_subgraphs(tmp_path):
     model = pm.init(pm.BranchAndLoop())
     scripted = torch.jit.script(model)

@@ -265,6 +265,14 @@ class PyTorchTVMModule:
         return module
 
 
+def apply_tuning_options(ptm: PyTorchTVMModule, opts: CompileOptions) -> None:
+    """Tune when ``tuning_n_trials`` > 0; else apply an explicitly named, existing log."""
+    if opts.tuning_n_trials > 0:
+        ptm.tune_tvm(opts.tuning_log_file, opts.tuning_n_trials)
+    elif opts.tuning_log_explicit and os.path.exists(opts.tuning_log_file):
+        ptm.tuning_log_file = os.path.abspath(opts.tuning_log_file)
+
+
 def compile(module: Any, option: Optional[Dict[str, Any]] = None) -> torch.nn.Module:  # pylint: disable=redefined-builtin
     """Compile a PyTorch model with TVM into a scriptable module.
 
@@ -296,11 +304,7 @@ def compile(module: Any, option: Optional[Dict[str, Any]] = None) -> torch.nn.Mo
     if opts.num_outputs is not None and opts.num_outputs != ptm.num_outputs:
         raise ValueError(f"tvm.contrib.torch.compile: num_outputs={opts.num_outputs} but the "
                          f"model returns {ptm.num_outputs} tensor(s)")
-    if opts.tuning_n_trials > 0:
-        ptm.tune_tvm(opts.tuning_log_file, opts.tuning_n_trials)
-    elif opts.tuning_log_explicit and os.path.exists(opts.tuning_log_file):
-        # An explicitly named log from an earlier tuning run: apply its records.
-        ptm.tuning_log_file = os.path.abspath(opts.tuning_log_file)
+    apply_tuning_options(ptm, opts)
     ptm.build_tvm(opts.export_dir)
     result = ptm.build_pytorch_module(opts.num_inputs, ptm.num_outputs)
     if opts.bucket_padding:

@@ -39,6 +39,18 @@ FUSED_KINDS = frozenset({"aten::_transformer_encoder_layer_fwd",
 #: Nodes that are neither operators nor structure: never in a segment, never counted.
 _IGNORED_KINDS = frozenset({"prim::Constant", "prim::GetAttr"})
 
+#: Integer arithmetic on sizes (``dim // heads``) a run may copy along with them.
+_INT_ARITHMETIC_KINDS = frozenset({"aten::add", "aten::sub", "aten::mul", "aten::floordiv",
+                                   "aten::neg"})
+
+
+def _is_int_arithmetic(node: torch._C.Node) -> bool:
+    """Whether a node is integer arithmetic (on sizes): structure, not an operator."""
+    int_type = torch._C.IntType.get()
+    return node.kind() in _INT_ARITHMETIC_KINDS and \
+        all(v.type() == int_type for v in list(node.inputs()) + list(node.outputs()))
+
+
 #: Dtypes TVM compiles.
 _DTYPES = frozenset({"float32", "float16", "bfloat16", "float64", "int8", "int16", "int32",
                      "int64", "uint8", "bool"})
@@ -123,6 +135,10 @@ def record_tensor_types(graph: torch._C.Graph, module: torch.jit.ScriptModule,
     for key, (value, block, node) in enumerate(copied):
         if not is_tensor(value):
             continue
+        if node is None and block is not copy.block():
+            continue  # a loop-carried value, maybe uninitialised on entry: derived below
+        if node is not None and node.kind() == "prim::Uninitialized":
+            continue
         constant = copy.create("prim::Constant")
         constant.i_("value", key)
         constant.output().setType(int_type)
@@ -141,7 +157,23 @@ def record_tensor_types(graph: torch._C.Graph, module: torch.jit.ScriptModule,
         store = _recording.store
     finally:
         _recording.store = None
-    return {original[key][0]: types for key, types in store.items()}
+    types = {original[key][0]: seen for key, seen in store.items()}
+    _derive_loop_carried(graph, types)
+    return types
+
+
+def _derive_loop_carried(graph: torch._C.Graph, types: Dict[torch._C.Value, Set[TensorType]]):
+    """Types of loop-carried tensors: those of their initial and their next values."""
+    for node in walk_nodes(graph.block()):
+        if node.kind() != "prim::Loop":
+            continue
+        body = next(iter(node.blocks()))
+        for carried, initial, following in zip(list(body.inputs())[1:],
+                                               list(node.inputs())[2:],
+                                               list(body.outputs())[1:]):
+            seen = types.get(initial, set()) | types.get(following, set())
+            if is_tensor(carried) and seen:
+                types[carried] = seen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +202,8 @@ class Classification:
 
 def is_operator(node: torch._C.Node) -> bool:
     """Whether a node counts as an operator in reports (not a constant or plumbing)."""
-    return node.kind() not in _IGNORED_KINDS and node.kind() not in STRUCTURAL_KINDS
+    return node.kind() not in _IGNORED_KINDS and node.kind() not in STRUCTURAL_KINDS and \
+        not _is_int_arithmetic(node)
 
 
 class _ConverterTable:
@@ -225,6 +258,21 @@ def _schema(node: torch._C.Node) -> Optional[torch._C.FunctionSchema]:
     return torch._C.parse_schema(text)
 
 
+def _constant(value: torch._C.Value):
+    node = value.node()
+    return value.toIValue() if node.kind() == "prim::Constant" else None
+
+
+def _without_randomness(node: torch._C.Node, schema: torch._C.FunctionSchema) -> bool:
+    """Whether a dropout-style operator is called with probability 0 or outside training."""
+    for arg, value in zip(schema.arguments, node.inputs()):
+        if arg.name in ("dropout_p", "p") and _constant(value) == 0.0:
+            return True
+        if arg.name in ("train", "training") and _constant(value) is False:
+            return True
+    return False
+
+
 def classify(graph: torch._C.Graph, types: Dict[torch._C.Value, Set[TensorType]],
              torch_executed_ops: Sequence[str] = ()) -> Classification:
     """Sort the nodes of ``graph`` into compute, structural and kept (with a reason).
@@ -251,10 +299,9 @@ def classify(graph: torch._C.Graph, types: Dict[torch._C.Value, Set[TensorType]]
                 return "not executed with the example inputs"
             if len(seen) > 1:
                 return f"shapes vary between calls ({len(seen)} seen)"
-            shape, dtype, _ = next(iter(seen))
+            _, dtype, _ = next(iter(seen))
             if dtype not in _DTYPES:
                 return f"dtype {dtype} is not supported"
-            del shape
         return None
 
     for node in walk_nodes(graph.block()):
@@ -266,7 +313,7 @@ def classify(graph: torch._C.Graph, types: Dict[torch._C.Value, Set[TensorType]]
             reason = "listed in torch_executed_ops"
         elif list(node.blocks()):
             reason = "control flow stays in TorchScript (its blocks are partitioned)"
-        elif kind in STRUCTURAL_KINDS:
+        elif kind in STRUCTURAL_KINDS or _is_int_arithmetic(node):
             reason = tensor_types_ok(list(node.inputs()) + list(node.outputs()))
             if reason is None:
                 result.structural.add(node)
@@ -280,7 +327,7 @@ def classify(graph: torch._C.Graph, types: Dict[torch._C.Value, Set[TensorType]]
                 reason = "no operator schema"
             elif schema.is_mutable:
                 reason = "mutates its inputs"
-            elif node.isNondeterministic():
+            elif node.isNondeterministic() and not _without_randomness(node, schema):
                 reason = "nondeterministic"
             elif not outputs or not all(is_tensor(v) or is_tensor_list(v) for v in outputs):
                 reason = "returns non-tensor values"
@@ -312,6 +359,9 @@ class Segment:
     kept: List[torch._C.Node]
     #: Counted operators: kind -> count.
     operators: Dict[str, int]
+    #: Shape plumbing before the run (``aten::size`` of an input, its unpacking) that the run
+    #: reads: copied into the program, left where it is in TorchScript.
+    pulled: List[torch._C.Node] = dataclasses.field(default_factory=list)
 
     @property
     def num_operators(self) -> int:
@@ -324,15 +374,56 @@ class Segment:
             any(kind in FUSED_KINDS for kind in self.operators)
 
 
+#: Structural kinds with non-tensor results that a run may copy from before its start.
+_PULLABLE_KINDS = frozenset({"aten::size", "prim::ListUnpack", "prim::ListConstruct",
+                             "prim::TupleUnpack", "prim::TupleConstruct", "aten::Int",
+                             "aten::__getitem__"})
+
+
+def _pull_chain(value: torch._C.Value, inside: Set[torch._C.Node], classes: Classification,
+                tainted: Set[torch._C.Value] = frozenset()) -> Optional[List[torch._C.Node]]:
+    """Nodes to copy so a run can compute ``value`` itself, or None when it cannot.
+
+    ``[]`` when the value is a constant, comes from the run, or is a recorded tensor (an input
+    of the program); otherwise the chain of shape plumbing (``aten::size`` of a recorded
+    tensor, list/tuple unpacking, ``aten::Int``) producing it, dependencies first.
+    """
+    producer = value.node()
+    if producer in inside or producer.kind() == "prim::Constant":
+        return []
+    if value in tainted:
+        return None
+    if is_tensor(value):
+        return [] if classes.static_type(value) is not None else None
+    if any(is_tensor(v) for v in producer.outputs()):
+        return None
+    if producer.kind() not in _PULLABLE_KINDS and not _is_int_arithmetic(producer):
+        return None
+    chain: List[torch._C.Node] = []
+    for source in producer.inputs():
+        sub = _pull_chain(source, inside, classes, tainted)
+        if sub is None:
+            return None
+        chain.extend(n for n in sub if n not in chain)
+    chain.append(producer)
+    return chain
+
+
 def segment_of(nodes: Sequence[torch._C.Node], classes: Classification) -> Segment:
-    """Inputs, outputs and kept members of a run of nodes."""
+    """Inputs, outputs, kept members and pulled shape plumbing of a run of nodes."""
     members = set(nodes)
-    inputs: List[torch._C.Value] = []
-    seen_inputs: Set[torch._C.Value] = set()
+    pulled: List[torch._C.Node] = []
     for node in nodes:
         for value in node.inputs():
+            chain = _pull_chain(value, members, classes) if not is_tensor(value) else []
+            pulled.extend(n for n in chain or [] if n not in pulled)
+    readers = set(members) | set(pulled)
+    inputs: List[torch._C.Value] = []
+    seen_inputs: Set[torch._C.Value] = set()
+    for node in pulled + list(nodes):
+        for value in node.inputs():
             producer = value.node()
-            if producer in members or producer.kind() == "prim::Constant":
+            if producer in readers or producer.kind() == "prim::Constant":
                 continue
             if value not in seen_inputs:
                 seen_inputs.add(value)
@@ -340,7 +431,6 @@ def segment_of(nodes: Sequence[torch._C.Node], classes: Classification) -> Segme
 
     # Members whose non-tensor outputs are read outside stay in TorchScript as well; the
     # tensors they read from the run then become outputs of the run.
-    kept: List[torch._C.Node] = []
     kept_set: Set[torch._C.Node] = set()
     changed = True
     while changed:
@@ -348,8 +438,8 @@ def segment_of(nodes: Sequence[torch._C.Node], classes: Classification) -> Segme
         for node in nodes:
             if node in kept_set:
                 continue
-            readers = [use.user for v in node.outputs() if not is_tensor(v) for use in v.uses()]
-            if any(r not in members or r in kept_set for r in readers):
+            users = [use.user for v in node.outputs() if not is_tensor(v) for use in v.uses()]
+            if any(r not in members or r in kept_set for r in users):
                 kept_set.add(node)
                 changed = True
     kept = [n for n in nodes if n in kept_set]
@@ -362,19 +452,14 @@ def segment_of(nodes: Sequence[torch._C.Node], classes: Classification) -> Segme
             if is_tensor(value) and any(use.user not in inside for use in value.uses()):
                 outputs.append(value)
     operators = collections.Counter(n.kind() for n in nodes if n in classes.compute)
-    return Segment(list(nodes), inputs, outputs, kept, dict(operators))
+    return Segment(list(nodes), inputs, outputs, kept, dict(operators), pulled)
 
 
-def _joinable(node: torch._C.Node, run: Set[torch._C.Node], classes: Classification) -> bool:
-    """Whether every input of ``node`` is a constant, from ``run``, or a recorded tensor."""
-    for value in node.inputs():
-        producer = value.node()
-        if producer in run or producer.kind() == "prim::Constant":
-            continue
-        if is_tensor(value) and classes.static_type(value) is not None:
-            continue
-        return False
-    return True
+def _joinable(node: torch._C.Node, run: Set[torch._C.Node], classes: Classification,
+              tainted: Set[torch._C.Value]) -> bool:
+    """Whether every input of ``node`` is a constant, from ``run``, a recorded tensor, or
+    shape plumbing the run can copy; none of them computed by a deferred node."""
+    return all(_pull_chain(v, run, classes, tainted) is not None for v in node.inputs())
 
 
 def _trim(run: List[torch._C.Node], classes: Classification) -> List[torch._C.Node]:
@@ -431,8 +516,7 @@ def find_runs(graph: torch._C.Graph, classes: Classification) -> List[List[torch
             deferred: List[torch._C.Node] = []
             stop = len(remaining)
             for index, node in enumerate(remaining):
-                if (classes.eligible(node) and _joinable(node, run_set, classes)
-                        and not any(v in tainted for v in node.inputs())):
+                if classes.eligible(node) and _joinable(node, run_set, classes, tainted):
                     run.append(node)
                     run_set.add(node)
                 elif not run:

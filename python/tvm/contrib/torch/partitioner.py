@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from . import graph_partition as gp
-from .compiler import PyTorchTVMModule
+from .compiler import PyTorchTVMModule, apply_tuning_options
 from .frontend import ConversionError
 from .options import CompileOptions, parse_options
 
@@ -140,6 +140,22 @@ def _freeze(script: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     return frozen
 
 
+def _complete_arguments(frozen: torch.jit.ScriptModule, example_inputs: Sequence[Any]) -> List[Any]:
+    """``example_inputs`` plus the defaults of the forward arguments they leave out."""
+    arguments = frozen.forward.schema.arguments[1:]
+    if len(example_inputs) > len(arguments):
+        raise TypeError(f"tvm.contrib.torch.partition: forward takes {len(arguments)} "
+                        f"argument(s) ({', '.join(a.name for a in arguments)}), "
+                        f"example_inputs has {len(example_inputs)}")
+    values = list(example_inputs)
+    for arg in arguments[len(values):]:
+        if not arg.has_default_value():
+            raise TypeError(f"tvm.contrib.torch.partition: example_inputs leaves out forward's "
+                            f"argument '{arg.name}', which has no default")
+        values.append(arg.default_value)
+    return values
+
+
 def _device_of(example_inputs: Sequence[Any]) -> str:
     for value in example_inputs:
         if isinstance(value, torch.Tensor) and value.device.type == "cuda":
@@ -175,7 +191,7 @@ def _subgraph(segment: gp.Segment) -> torch._C.Graph:
             mapping[value] = constant.output()
         return mapping[value]
 
-    for node in segment.nodes:
+    for node in segment.pulled + segment.nodes:
         clone = graph.createClone(node, lookup)
         graph.appendNode(clone)
         for old, new in zip(node.outputs(), clone.outputs()):
@@ -366,10 +382,7 @@ class _Partitioner:
         if ptm.num_outputs != len(segment.outputs):
             raise ConversionError(f"the program returns {ptm.num_outputs} tensors, the run has "
                                   f"{len(segment.outputs)} outputs")
-        if self.opts.tuning_n_trials > 0:
-            ptm.tune_tvm(self.opts.tuning_log_file, self.opts.tuning_n_trials)
-        elif os.path.exists(self.opts.tuning_log_file) and self.opts.tuning_log_explicit:
-            ptm.tuning_log_file = os.path.abspath(self.opts.tuning_log_file)
+        apply_tuning_options(ptm, self.opts)
         # Each program gets its own directory; a second pass over the same run overwrites.
         ptm.build_tvm(os.path.join(self.opts.export_dir, f"segment{index}"))
         module = ptm.build_pytorch_module(len(segment.inputs), len(segment.outputs))
@@ -461,7 +474,7 @@ def partition(module: Any, example_inputs: Sequence[Any],
         script = _as_script(module, example_inputs)
         frozen = _freeze(script)
     graph = frozen.graph
-    types = gp.record_tensor_types(graph, frozen, example_inputs)
+    types = gp.record_tensor_types(graph, frozen, _complete_arguments(frozen, example_inputs))
     classes = gp.classify(graph, types, opts.torch_executed_ops)
     before = _count_operators(graph)
     runs = gp.find_runs(graph, classes)

@@ -77,3 +77,21 @@ def init(module: nn.Module) -> nn.Module:
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 1.5)
     return module.eval()
+
+
+class Attention(nn.Module):
+    """Self-attention written out: shapes read from the input, SDPA with dropout_p=0."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).chunk(3, -1)
+        shape = [batch, tokens, self.heads, dim // self.heads]
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
+        return self.out(y.transpose(1, 2).reshape(batch, tokens, dim))

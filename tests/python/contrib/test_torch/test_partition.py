@@ -97,6 +97,20 @@ def test_resnet18_becomes_one_subgraph(how, tmp_path):
     assert report.kept_operators == kept
 
 
+def test_attention_with_shape_arithmetic_is_one_subgraph(tmp_path):
+    model = pm.Attention().eval()
+    x = torch.rand(2, 5, 32)
+    module = partition(torch.jit.script(model), [x], {"export_dir": str(tmp_path / "export")})
+    torch.testing.assert_close(module(x), model(x).detach(), **TOL)
+    report = partition_report(module)
+    # x.shape read before the first linear is copied into the program; SDPA with
+    # dropout_p=0.0 is deterministic.
+    assert report.num_subgraphs == 1 and report.num_kept_operators == 0
+    assert report.segments[0]["operators"]["aten::scaled_dot_product_attention"] == 1
+    other = torch.rand(1, 7, 32)  # not compiled for: the TorchScript fallback runs it
+    torch.testing.assert_close(module(other), model(other).detach(), **TOL)
+
+
 def test_branches_and_loop_bodies_get_their_own_subgraphs(tmp_path):
     model = pm.init(pm.BranchAndLoop())
     scripted = torch.jit.script(model)
@@ -224,5 +238,10 @@ def test_bad_arguments_are_reported(tmp_path):
         partition(model, [x], {"input_infos": [("x", (2, 4))]})
     with pytest.raises(TypeError, match="example_inputs must be a list or tuple"):
         partition(model, x)
+    with pytest.raises(TypeError, match=r"forward takes 1 argument\(s\) \(input\), "
+                                        "example_inputs has 2"):
+        partition(model, [x, x])
+    with pytest.raises(TypeError, match="leaves out forward's argument 'input', which has no"):
+        partition(model, [])
     with pytest.raises(ValueError, match="was not made by partition"):
         partition_report(torch.jit.script(model))

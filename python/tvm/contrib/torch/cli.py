@@ -43,12 +43,17 @@ def _parse_input(text: str) -> Tuple[str, Tuple[int, ...]]:
 
 
 def _argument_names(model: torch.jit.ScriptModule) -> List[str]:
-    """Names of forward's arguments; each must be a Tensor (given by one --input)."""
+    """Names of the forward arguments given by --input: the tensors before any default.
+
+    Arguments with defaults (``src_mask=None``) are left out and keep their defaults.
+    """
     names = []
     for arg in model.forward.schema.arguments[1:]:
+        if arg.has_default_value():
+            break
         if str(arg.type) != "Tensor":
             raise CliError(f"forward argument '{arg.name}' is {arg.type}; only Tensor arguments "
-                           "are supported")
+                           "(and arguments with defaults) are supported")
         names.append(arg.name)
     return names
 

@@ -78,6 +78,20 @@ def test_partitions_a_model_with_a_custom_operator(tmp_path):
     assert not (tmp_path / "full.pt").exists()
 
 
+def test_arguments_with_defaults_keep_them(tmp_path):
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    torch.jit.script(layer).save(str(tmp_path / "layer.pt"))  # forward(src, src_mask=None, ...)
+    proc = _cli("compile", "layer.pt", "--input", "src:2x4x16", "-o", "layer_tvm.pt",
+                "--repeat", "2", cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    replaced = torch.jit.load(str(tmp_path / "layer_tvm.pt"))
+    src = torch.rand(2, 4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(replaced(src), layer(src), rtol=1e-4, atol=1e-4)
+    assert [a.name for a in replaced.forward.schema.arguments] == \
+        ["self", "src", "src_mask", "src_key_padding_mask", "is_causal"]
+
+
 def test_errors_are_one_line_with_nonzero_exit(tmp_path):
     model, _, _ = models.make("mlp")
     torch.jit.script(model).save(str(tmp_path / "model.pt"))

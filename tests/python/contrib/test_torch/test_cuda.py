@@ -83,3 +83,20 @@ def test_gpu_module_saved_and_reloaded(tmp_path):
     loaded = torch.jit.load(path)
     x = inputs[0].cuda()
     torch.testing.assert_close(loaded([x])[0], compiled([x])[0])
+
+
+@requires_gpu
+def test_partition_on_gpu_keeps_the_custom_operator_in_torch(tmp_path):
+    import partition_models  # pylint: disable=import-outside-toplevel
+    from tvm.contrib.torch import partition, partition_report  # pylint: disable=import-outside-toplevel
+
+    model = partition_models.init(partition_models.CustomOpCNN()).cuda()
+    x = torch.rand(2, 3, 16, 16, device="cuda")
+    module = partition(torch.jit.trace(model, (x,)), [x], {"export_dir": str(tmp_path / "e")})
+    expected = model(x).detach()
+    torch.testing.assert_close(module(x), expected, rtol=1e-3, atol=1e-3)
+    report = partition_report(module)
+    assert report.num_subgraphs == 2 and report.kept_operators == {partition_models.CUSTOM_OP: 1}
+    module.save(str(tmp_path / "p.pt"))
+    again = torch.jit.load(str(tmp_path / "p.pt"))
+    torch.testing.assert_close(again(x), expected, rtol=1e-3, atol=1e-3)

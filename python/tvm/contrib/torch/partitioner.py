@@ -424,6 +424,21 @@ def _full_compilation_error(kept: Dict[str, int], reasons: Dict[str, str]) -> Co
                            "these operators would stay in TorchScript:\n" + "\n".join(lines))
 
 
+def _check_full_compilation(graph: torch._C.Graph, runs: List[List[torch._C.Node]],
+                            classes: gp.Classification, min_block_size: int) -> None:
+    """Before compiling anything: raise if an operator cannot be in any subgraph."""
+    kept = _count_operators(graph, [node for run in runs for node in run])
+    for run in runs:
+        if gp.segment_of(run, classes).meets(min_block_size):
+            continue
+        for node in run:
+            if node in classes.compute:
+                kept[node.kind()] = kept.get(node.kind(), 0) + 1
+                classes.reasons.setdefault(node, f"in a run below min_block_size={min_block_size}")
+    if kept:
+        raise _full_compilation_error(kept, _kept_reasons(classes, graph))
+
+
 def partition(module: Any, example_inputs: Sequence[Any],
               option: Optional[Dict[str, Any]] = None) -> torch.jit.ScriptModule:
     """Offload the parts of a model TVM supports; keep the rest in TorchScript.
@@ -479,19 +494,7 @@ def partition(module: Any, example_inputs: Sequence[Any],
     before = _count_operators(graph)
     runs = gp.find_runs(graph, classes)
     if opts.require_full_compilation:
-        kept_now = {k: v for k, v in _count_operators(
-            graph, [n for run in runs for n in run]).items()}
-        short = [r for r in runs
-                 if not gp.segment_of(r, classes).meets(opts.min_block_size)]
-        for run in short:
-            for node in run:
-                if node in classes.compute:
-                    kept_now[node.kind()] = kept_now.get(node.kind(), 0) + 1
-                    classes.reasons.setdefault(node, f"in a run below min_block_size="
-                                                     f"{opts.min_block_size}")
-        if kept_now:
-            raise _full_compilation_error(kept_now, _kept_reasons(classes, graph))
-
+        _check_full_compilation(graph, runs, classes, opts.min_block_size)
     worker = _Partitioner(frozen, opts, device, classes)
     for run in runs:
         worker.offload(run)

@@ -153,7 +153,13 @@ def record_tensor_types(graph: torch._C.Graph, module: torch.jit.ScriptModule,
     _recording.store = collections.defaultdict(set)
     try:
         with torch.no_grad(), torch.jit.optimized_execution(False):
-            function(module._c, *example_inputs)  # pylint: disable=protected-access
+            try:
+                function(module._c, *example_inputs)  # pylint: disable=protected-access
+            except RuntimeError as err:
+                lines = [line for line in str(err).splitlines() if line.strip()]
+                raise RuntimeError("tvm.contrib.torch.partition: running the model on "
+                                   f"example_inputs failed: {lines[-1] if lines else err}") \
+                    from err
         store = _recording.store
     finally:
         _recording.store = None

@@ -243,5 +243,8 @@ def test_bad_arguments_are_reported(tmp_path):
         partition(model, [x, x])
     with pytest.raises(TypeError, match="leaves out forward's argument 'input', which has no"):
         partition(model, [])
+    with pytest.raises(RuntimeError, match="running the model on example_inputs failed: "
+                                           ".*mat1 and mat2 shapes cannot be multiplied"):
+        partition(model, [torch.rand(2, 3)])
     with pytest.raises(ValueError, match="was not made by partition"):
         partition_report(torch.jit.script(model))

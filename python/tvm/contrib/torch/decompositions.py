@@ -37,11 +37,16 @@ def native_multi_head_attention(query, key, value, embed_dim, num_head, qkv_weig
     batch, tgt_len, _ = query.shape
     src_len = key.shape[1]
     head_dim = embed_dim // num_head
-    w_q, w_k, w_v = qkv_weight.chunk(3, dim=0)
-    b_q, b_k, b_v = qkv_bias.chunk(3, dim=0)
-    q = F.linear(query, w_q, b_q).view(batch, tgt_len, num_head, head_dim).transpose(1, 2)
-    k = F.linear(key, w_k, b_k).view(batch, src_len, num_head, head_dim).transpose(1, 2)
-    v = F.linear(value, w_v, b_v).view(batch, src_len, num_head, head_dim).transpose(1, 2)
+    if query is key and key is value:
+        # Self-attention: one matrix product for q, k and v (as the fused kernel does).
+        q, k, v = F.linear(query, qkv_weight, qkv_bias).chunk(3, dim=-1)
+    else:
+        w_q, w_k, w_v = qkv_weight.chunk(3, dim=0)
+        b_q, b_k, b_v = qkv_bias.chunk(3, dim=0)
+        q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+    q = q.reshape(batch, tgt_len, num_head, head_dim).transpose(1, 2)
+    k = k.reshape(batch, src_len, num_head, head_dim).transpose(1, 2)
+    v = v.reshape(batch, src_len, num_head, head_dim).transpose(1, 2)
     scores = torch.matmul(q, k.transpose(-2, -1)) * (float(head_dim) ** -0.5)
     full_mask = _attention_mask(mask, mask_type, batch, num_head)
     if full_mask is not None:

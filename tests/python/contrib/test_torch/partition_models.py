@@ -5,7 +5,7 @@ process that loads a saved model using it imports this module first).
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -95,3 +95,28 @@ class Attention(nn.Module):
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
         y = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
         return self.out(y.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 16)
+
+    def forward(self, x):
+        return x + self.down(nn.functional.gelu(self.up(x)))
+
+
+class MixedSignature(nn.Module):
+    """Integer ids, a float tensor and a bool in; a dict of tensor lists out."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(50, 16)
+        self.blocks = nn.ModuleList([_Residual(), _Residual()])
+
+    def forward(self, ids, x, use_ids: bool) -> Dict[str, List[torch.Tensor]]:
+        h = self.embedding(ids) if use_ids else x
+        for block in self.blocks:
+            h = block(h)
+        return {"tokens": [h], "pooled": [h.mean(1), h.amax(1)]}

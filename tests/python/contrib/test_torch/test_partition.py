@@ -204,6 +204,25 @@ def test_values_whose_shapes_vary_stay_in_torch(tmp_path):
     assert "aten::relu" not in str(report.segments)
 
 
+def test_mixed_argument_and_result_types(tmp_path):
+    model = pm.MixedSignature().eval()
+    ids, x = torch.randint(0, 50, (2, 7)), torch.rand(2, 7, 16)
+    module = partition(torch.jit.script(model), [ids, x, False],
+                       {"export_dir": str(tmp_path / "export")})
+    assert _signature(module) == _signature(torch.jit.script(model))
+    for use_ids in (False, True):
+        got, expected = module(ids, x, use_ids), model(ids, x, use_ids)
+        assert sorted(got) == ["pooled", "tokens"]
+        for key in got:
+            for a, b in zip(got[key], expected[key]):
+                torch.testing.assert_close(a, b.detach(), **TOL)
+    report = partition_report(module)
+    # Both residual blocks and the mean: one subgraph. The embedding branch was not taken.
+    assert report.num_subgraphs == 1 and report.segments[0]["input_dtypes"] == ["float32"]
+    assert report.kept_reasons["aten::embedding"] == "not executed with the example inputs"
+    assert report.kept_operators["prim::DictConstruct"] == 1
+
+
 def test_compile_option_partition_keeps_the_forward_signature(tmp_path):
     model = pm.init(pm.CustomOpCNN())
     x = torch.rand(1, 3, 16, 16)

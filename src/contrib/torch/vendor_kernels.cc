@@ -20,6 +20,7 @@
 #include <tvm/ffi/reflection/registry.h>
 #include <tvm/ffi/string.h>
 
+#include <optional>
 #include <vector>
 
 #include "tensor_bridge.h"
@@ -181,6 +182,22 @@ ffi::Tensor Softmax(ffi::Tensor x, int64_t axis) {
   return ToTvmTensor(at::softmax(ToTorchTensor(x), axis));
 }
 
+/*!
+ * \brief Attention in relax.nn.attention's layout (batch, seq, heads, head_dim) on ATen's
+ * fused scaled_dot_product_attention (flash attention on CPU and CUDA).
+ * \param scale The softmax scale; <= 0 means 1/sqrt(head_dim).
+ * \param causal Whether to apply a top-left causal mask.
+ */
+ffi::Tensor Attention(ffi::Tensor q, ffi::Tensor k, ffi::Tensor v, double scale, bool causal) {
+  auto heads_first = [](const ffi::Tensor& t) { return ToTorchTensor(t).transpose(1, 2); };
+  std::optional<double> softmax_scale;
+  if (scale > 0) softmax_scale = scale;
+  at::Tensor out = at::scaled_dot_product_attention(heads_first(q), heads_first(k),
+                                                    heads_first(v), std::nullopt, 0.0, causal,
+                                                    softmax_scale);
+  return ToTvmTensor(out.transpose(1, 2).contiguous());
+}
+
 /*! \brief Batched a @ b (numpy broadcasting semantics, as relax.matmul) on MKL. */
 ffi::Tensor Matmul(ffi::Tensor a, ffi::Tensor b) {
   return ToTvmTensor(at::matmul(ToTorchTensor(a), ToTorchTensor(b)));
@@ -201,5 +218,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.matmul_bias", tvm_torch::MatmulBias)
       .def("tvm_torch.matmul", tvm_torch::Matmul)
       .def("tvm_torch.layer_norm", tvm_torch::LayerNorm)
-      .def("tvm_torch.softmax", tvm_torch::Softmax);
+      .def("tvm_torch.softmax", tvm_torch::Softmax)
+      .def("tvm_torch.attention", tvm_torch::Attention);
 }

@@ -47,8 +47,13 @@ def native_multi_head_attention(query, key, value, embed_dim, num_head, qkv_weig
     q = q.reshape(batch, tgt_len, num_head, head_dim).transpose(1, 2)
     k = k.reshape(batch, src_len, num_head, head_dim).transpose(1, 2)
     v = v.reshape(batch, src_len, num_head, head_dim).transpose(1, 2)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * (float(head_dim) ** -0.5)
     full_mask = _attention_mask(mask, mask_type, batch, num_head)
+    if full_mask is None and not need_weights:
+        # One fused attention call (TVM: relax.nn.attention, offloaded to ATen's kernel).
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(batch, tgt_len, embed_dim)
+        return F.linear(out, proj_weight, proj_bias), query.new_empty((0,))
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (float(head_dim) ** -0.5)
     if full_mask is not None:
         if full_mask.dtype == torch.bool:
             scores = scores.masked_fill(full_mask, float("-inf"))
@@ -99,7 +104,13 @@ def fast_path_decompositions() -> Dict[torch._ops.OpOverload, callable]:
 
 
 def decomposition_table() -> Dict[torch._ops.OpOverload, callable]:
-    """PyTorch's default export decompositions plus :func:`fast_path_decompositions`."""
+    """PyTorch's default export decompositions (attention kept whole) plus
+    :func:`fast_path_decompositions`."""
     table = torch.export.default_decompositions()
+    # Attention reaches TVM whole (relax.nn.attention), not as matmul / softmax / matmul.
+    for op in (aten.scaled_dot_product_attention.default,
+               aten._scaled_dot_product_flash_attention_for_cpu.default,
+               aten._scaled_dot_product_attention_math.default):
+        table.pop(op, None)
     table.update(fast_path_decompositions())
     return table

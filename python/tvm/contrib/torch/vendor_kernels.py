@@ -14,6 +14,10 @@ vendor libraries that libtorch already ships. This pass rewrites them into
   ``tvm_torch.softmax`` (ATen's vectorised kernels).
 * ``matmul`` with a constant right-hand side (+ bias) (+ ReLU) -> ``tvm_torch.matmul_bias``;
   other ``matmul`` -> ``tvm_torch.matmul`` (MKL on CPU, cuBLAS on CUDA).
+* ``nn.attention`` (no bias, no window) -> ``tvm_torch.attention``: ATen's fused
+  ``scaled_dot_product_attention`` (flash attention), on CPU and CUDA.
+* ``permute_dims(permute_dims(x))`` -> one permutation, or ``x`` when they cancel (the
+  importer's layout changes around attention undo the model's own).
 
 On CUDA the same patterns go to ATen's convolution and matmul (cuDNN / cuBLAS) in NCHW, in
 float32 and float16, on the caller's current stream. On CPU only float32 is offloaded.
@@ -239,7 +243,19 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool) -> relax.Function:
             return call
         return relax.call_pure_packed("tvm_torch.matmul", lhs, rhs, ty_args=call.ty)
 
+    reshaped = is_op("relax.reshape")(mm_bias, wildcard())
+
+    def relu_through_reshape(call, matched):
+        """``relu(reshape(linear))`` -> ``reshape(linear + relu)`` (the relu runs in MKL's
+        epilogue pass instead of a TVM kernel of its own)."""
+        linear_call = matched[mm_bias]
+        fused = linear("relu", True)(linear_call, matched)
+        if fused.same_as(linear_call):
+            return call
+        return relax.op.reshape(fused, matched[reshaped].args[1])
+
     for pattern, fn in [
+        (is_op("relax.nn.relu")(reshaped), relu_through_reshape),
         (is_op("relax.nn.relu")(mm_bias), linear("relu", True)),
         (mm_bias, linear("none", True)),
         (mm_const, linear("none", False)),
@@ -281,6 +297,53 @@ def _rewrite_normalizations(func: relax.Function, gpu: bool) -> relax.Function:
     return rewrite_call(softmax, rewrite_softmax, func)
 
 
+def _rewrite_attention(func: relax.Function, gpu: bool) -> relax.Function:
+    """relax.nn.attention(q, k, v) -> ATen's scaled_dot_product_attention."""
+    ok_dtypes = ("float32", "float16") if gpu else ("float32",)
+    attention = is_op("relax.nn.attention")(wildcard(), wildcard(), wildcard())
+
+    def rewrite(call, _matched):
+        attrs = call.attrs
+        causal = attrs.causal_mask
+        if attrs.window_size is not None or causal not in (None, "TopLeft"):
+            return call
+        if any(len(_dims(a) or []) != 4 for a in call.args) or \
+                str(call.ty.dtype) not in ok_dtypes:
+            return call
+        scale = float(attrs.scale) if attrs.scale is not None else -1.0
+        return relax.call_pure_packed("tvm_torch.attention", *call.args,
+                                      tvm.tirx.FloatImm("float64", scale),
+                                      tvm.tirx.IntImm("bool", causal == "TopLeft"),
+                                      ty_args=call.ty)
+
+    return rewrite_call(attention, rewrite, func)
+
+
+def _fold_permutes(func: relax.Function) -> relax.Function:
+    """permute_dims of a permute_dims: one permutation, none when they cancel."""
+    inner = is_op("relax.permute_dims")(wildcard())
+    outer = is_op("relax.permute_dims")(inner)
+
+    def axes_of(call: relax.Call) -> Optional[list]:
+        rank = len(_dims(call.args[0]) or [])
+        if call.attrs.axes is None:
+            return list(reversed(range(rank))) if rank else None
+        return [int(a) % rank for a in call.attrs.axes] if rank else None
+
+    def rewrite(call, matched):
+        first = matched[inner]
+        first_axes, second_axes = axes_of(first), axes_of(call)
+        if first_axes is None or second_axes is None:
+            return call
+        composed = [first_axes[a] for a in second_axes]
+        source = first.args[0]
+        if composed == list(range(len(composed))):
+            return source
+        return relax.op.permute_dims(source, composed)
+
+    return rewrite_call(outer, rewrite, func)
+
+
 def offload_pass(gpu: bool = False) -> tvm.transform.Pass:
     """The offload as a module pass over ``main`` (after params were bound as constants).
 
@@ -302,6 +365,8 @@ def offload_pass(gpu: bool = False) -> tvm.transform.Pass:
         func = _rewrite_convs(func, gpu)
         func = _rewrite_matmuls(func, gpu)
         func = _rewrite_normalizations(func, gpu)
+        func = _rewrite_attention(func, gpu)
+        func = _fold_permutes(func)
         mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
         mod["main"] = func
         return relax.transform.DeadCodeElimination(["main"])(mod)

@@ -58,6 +58,36 @@ def test_transformer_fast_path_ops_are_decomposed(tmp_path):
                          atol=1e-4)
 
 
+def test_attention_and_epilogues_run_on_vendor_kernels(tmp_path):
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    src = torch.rand(2, 5, 32)
+    with torch.no_grad():
+        compiled = compile(torch.jit.trace(layer, src), {"input_infos": [("src", (2, 5, 32))],
+                                                         "export_dir": str(tmp_path)})
+        torch.testing.assert_close(compiled([src])[0], layer(src), rtol=1e-4, atol=1e-4)
+    relax_text = (tmp_path / "bucket0.relax").read_text()
+    main = relax_text[relax_text.index("def main("):]
+    # One fused attention call; the importer's layout changes around it cancel out; the
+    # feed-forward relu runs in the matrix product's epilogue.
+    assert main.count('"tvm_torch.attention"') == 1 and "R.nn.attention(" not in main
+    assert "R.permute_dims(" not in main
+    assert 'R.str("relu")' in main and "R.nn.relu(" not in main
+
+
+@pytest.mark.parametrize("vendor_kernels", [True, False])
+def test_scaled_dot_product_attention(vendor_kernels, tmp_path):
+    import partition_models  # pylint: disable=import-outside-toplevel
+
+    model = partition_models.Attention().eval()
+    x = torch.rand(2, 6, 32)
+    compiled = compile(torch.jit.script(model), {"input_infos": [("x", (2, 6, 32))],
+                                                 "export_dir": str(tmp_path),
+                                                 "vendor_kernels": vendor_kernels})
+    torch.testing.assert_close(compiled([x])[0], model(x).detach(), rtol=1e-4, atol=1e-4)
+    main = (tmp_path / "bucket0.relax").read_text()
+    assert ('"tvm_torch.attention"' in main) == vendor_kernels
+
+
 def test_scripted_data_dependent_branch_keeps_both_branches(tmp_path):
     class Branchy(torch.nn.Module):
         def forward(self, x):

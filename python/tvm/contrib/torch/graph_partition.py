@@ -6,8 +6,9 @@ Three steps, all on ``torch._C.Graph`` objects (no TVM involved):
    operator after every tensor value, so each value gets the ``(shape, dtype, device)`` it
    took. Values in loop bodies may take several; values in branches not taken take none.
 2. :func:`classify`: a node is *compute* (an ATen operator TVM's importer converts, pure,
-   deterministic, with tensor outputs of one recorded type each), *structural* (list / tuple /
-   size plumbing that TorchScript needs around compute nodes; never counted) or *kept*.
+   deterministic, whose tensors were computed with one rank and dtype each; sizes that vary
+   make the segment dynamic), *structural* (list / tuple / size plumbing that TorchScript
+   needs around compute nodes; never counted) or *kept*.
 3. :func:`find_segments`: in every block (top level, ``prim::If`` branches, ``prim::Loop``
    bodies), maximal runs of consecutive compute/structural nodes whose non-tensor inputs are
    constants or come from the run itself. Control-flow nodes end a run; their blocks are
@@ -64,7 +65,7 @@ def _record(tensor: torch.Tensor, key: int) -> None:
     store = getattr(_recording, "store", None)
     if store is not None:
         dtype = str(tensor.dtype).replace("torch.", "")
-        store[key].add((tuple(tensor.shape), dtype, tensor.device.type))
+        store[key].append((tuple(tensor.shape), dtype, tensor.device.type))
 
 
 def _define_record_op() -> None:
@@ -119,13 +120,14 @@ def _first_position(block):
 
 
 def record_tensor_types(graph: torch._C.Graph, module: torch.jit.ScriptModule,
-                        example_inputs: Sequence[torch.Tensor]) -> Dict[torch._C.Value, Set[TensorType]]:
+                        example_inputs: Sequence[torch.Tensor]) -> Dict[torch._C.Value, List[TensorType]]:
     """Run ``graph`` (a method graph of ``module``) once and record every tensor value's type.
 
     Returns
     -------
     dict
-        For each tensor value of ``graph`` that was computed, the set of types it took.
+        For each tensor value of ``graph`` that was computed, the types it took, in the order
+        it took them (several for values in loop bodies).
     """
     _define_record_op()
     original = _defined_values(graph)
@@ -150,7 +152,7 @@ def record_tensor_types(graph: torch._C.Graph, module: torch.jit.ScriptModule,
         record.insertAfter(constant)
     function = torch._C._create_function_from_graph(  # pylint: disable=protected-access
         "tvm_torch_record_types", copy)
-    _recording.store = collections.defaultdict(set)
+    _recording.store = collections.defaultdict(list)
     try:
         with torch.no_grad(), torch.jit.optimized_execution(False):
             try:
@@ -168,7 +170,7 @@ def record_tensor_types(graph: torch._C.Graph, module: torch.jit.ScriptModule,
     return types
 
 
-def _derive_loop_carried(graph: torch._C.Graph, types: Dict[torch._C.Value, Set[TensorType]]):
+def _derive_loop_carried(graph: torch._C.Graph, types: Dict[torch._C.Value, List[TensorType]]):
     """Types of loop-carried tensors: those of their initial and their next values."""
     for node in walk_nodes(graph.block()):
         if node.kind() != "prim::Loop":
@@ -177,7 +179,7 @@ def _derive_loop_carried(graph: torch._C.Graph, types: Dict[torch._C.Value, Set[
         for carried, initial, following in zip(list(body.inputs())[1:],
                                                list(node.inputs())[2:],
                                                list(body.outputs())[1:]):
-            seen = types.get(initial, set()) | types.get(following, set())
+            seen = types.get(initial, []) + types.get(following, [])
             if is_tensor(carried) and seen:
                 types[carried] = seen
 
@@ -194,7 +196,8 @@ class Classification:
     structural: Set[torch._C.Node]
     #: kept node -> reason
     reasons: Dict[torch._C.Node, str]
-    types: Dict[torch._C.Value, Set[TensorType]]
+    #: tensor value -> the types it took, in order
+    types: Dict[torch._C.Value, List[TensorType]]
 
     def eligible(self, node: torch._C.Node) -> bool:
         """Whether a node may be part of a segment."""
@@ -202,8 +205,14 @@ class Classification:
 
     def static_type(self, value: torch._C.Value) -> Optional[TensorType]:
         """The one type a tensor value took, or ``None`` (never computed, or several)."""
+        types = set(self.types.get(value, []))
+        return next(iter(types)) if len(types) == 1 else None
+
+    def known(self, value: torch._C.Value) -> bool:
+        """Whether a tensor value was computed, always with one rank, dtype and device
+        (its sizes may vary: such a value makes its segment dynamic)."""
         types = self.types.get(value)
-        return next(iter(types)) if types and len(types) == 1 else None
+        return bool(types) and len({(len(t[0]),) + t[1:] for t in types}) == 1
 
 
 def is_operator(node: torch._C.Node) -> bool:
@@ -279,8 +288,8 @@ def _without_randomness(node: torch._C.Node, schema: torch._C.FunctionSchema) ->
     return False
 
 
-def classify(graph: torch._C.Graph, types: Dict[torch._C.Value, Set[TensorType]],
-             torch_executed_ops: Sequence[str] = ()) -> Classification:
+def classify(graph: torch._C.Graph, types: Dict[torch._C.Value, List[TensorType]],
+             torch_executed_ops: Sequence[str] = (), dynamic_shapes: bool = True) -> Classification:
     """Sort the nodes of ``graph`` into compute, structural and kept (with a reason).
 
     Parameters
@@ -291,6 +300,9 @@ def classify(graph: torch._C.Graph, types: Dict[torch._C.Value, Set[TensorType]]
         :func:`record_tensor_types`'s result.
     torch_executed_ops : sequence of str
         Operator kinds (``"aten::relu"``) that stay in TorchScript whatever TVM supports.
+    dynamic_shapes : bool
+        Whether tensors whose sizes varied between calls (same rank and dtype) may be in a
+        segment (compiled with symbolic dims) instead of staying in TorchScript.
     """
     table = _ConverterTable()
     forced = set(torch_executed_ops)
@@ -303,9 +315,10 @@ def classify(graph: torch._C.Graph, types: Dict[torch._C.Value, Set[TensorType]]
             seen = types.get(value)
             if not seen:
                 return "not executed with the example inputs"
-            if len(seen) > 1:
-                return f"shapes vary between calls ({len(seen)} seen)"
-            _, dtype, _ = next(iter(seen))
+            distinct = set(seen)
+            if len(distinct) > 1 and not (dynamic_shapes and result.known(value)):
+                return f"shapes vary between calls ({len(distinct)} seen)"
+            _, dtype, _ = seen[0]
             if dtype not in _DTYPES:
                 return f"dtype {dtype} is not supported"
         return None
@@ -400,7 +413,7 @@ def _pull_chain(value: torch._C.Value, inside: Set[torch._C.Node], classes: Clas
     if value in tainted:
         return None
     if is_tensor(value):
-        return [] if classes.static_type(value) is not None else None
+        return [] if classes.known(value) else None
     if any(is_tensor(v) for v in producer.outputs()):
         return None
     if producer.kind() not in _PULLABLE_KINDS and not _is_int_arithmetic(producer):

@@ -43,6 +43,7 @@ class CompileOptions:
     min_block_size: int = 3
     torch_executed_ops: Tuple[str, ...] = ()
     require_full_compilation: bool = False
+    dynamic_shapes: bool = True
     #: Whether ``tuning_log_file`` was given (an existing log is then applied untuned).
     tuning_log_explicit: bool = False
 
@@ -84,6 +85,9 @@ OPTION_DOCS = {
                           '["aten::softmax"]',
     "require_full_compilation": "partition: raise instead of keeping any operator in "
                                 "TorchScript (default False)",
+    "dynamic_shapes": "partition: compile subgraphs whose sizes vary between calls (loop "
+                      "iterations) with symbolic dims (TvmVMModule) instead of keeping them in "
+                      "TorchScript (default True)",
 }
 
 _FLOAT_DTYPES = ("float32", "float16")
@@ -206,7 +210,8 @@ def parse_options(option: Optional[Dict[str, Any]],
             not all(isinstance(k, str) and "::" in k for k in executed):
         _fail("torch_executed_ops must be a list of operator kinds such as 'aten::relu', "
               f"got {executed!r}")
-    for key in ("vendor_kernels", "bucket_padding", "partition", "require_full_compilation"):
+    for key in ("vendor_kernels", "bucket_padding", "partition", "require_full_compilation",
+                "dynamic_shapes"):
         if key in option and not isinstance(option[key], bool):
             _fail(f"{key} must be a bool, got {option[key]!r}")
     return CompileOptions(
@@ -225,6 +230,7 @@ def parse_options(option: Optional[Dict[str, Any]],
         min_block_size=_int("min_block_size", 3, 1),
         torch_executed_ops=tuple(executed),
         require_full_compilation=option.get("require_full_compilation", False),
+        dynamic_shapes=option.get("dynamic_shapes", True),
         tuning_log_explicit="tuning_log_file" in option,
     )
 

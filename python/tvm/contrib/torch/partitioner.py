@@ -2,8 +2,9 @@
 
 :func:`partition` freezes the model, records the tensor types of one run on the example inputs,
 finds the runs of operators TVM converts (:mod:`.graph_partition`), compiles each run of at
-least ``min_block_size`` operators into a ``TvmGraphModule`` and rewrites the graph so the run
-becomes one call of that module. Control flow, operators TVM cannot take and operators listed
+least ``min_block_size`` operators into a ``TvmGraphModule`` (a ``TvmVMModule`` with symbolic
+dims when its sizes varied between calls) and rewrites the graph so the run becomes one
+guarded call of that module. Control flow, operators TVM cannot take and operators listed
 in ``torch_executed_ops`` stay in TorchScript. The result is a ``torch.jit.ScriptModule`` with
 the input's ``forward`` signature that saves and loads like any other; its
 ``tvm_partition_report`` attribute (JSON, saved with it) says what was offloaded.
@@ -208,11 +209,28 @@ def _subgraph(segment: gp.Segment) -> torch._C.Graph:
 
 
 def _input_infos(segment: gp.Segment, classes: gp.Classification):
+    """``input_infos`` and ``dim_ranges`` of a segment's program, from the recorded types.
+
+    A dim whose size varied between calls becomes symbolic; dims whose sizes varied the same
+    way (the same sequence of sizes) share a symbol. Its range runs from the smallest size
+    seen to eight times the largest; sizes outside it fall back to TorchScript.
+    """
+    symbols: Dict[tuple, str] = {}
+    ranges: Dict[str, tuple] = {}
     infos = []
     for index, value in enumerate(segment.inputs):
-        shape, dtype, _ = classes.static_type(value)
-        infos.append((f"input{index}", tuple(shape) or (), dtype))
-    return infos
+        records = classes.types[value]
+        dims = []
+        for axis in range(len(records[0][0])):
+            sizes = tuple(record[0][axis] for record in records)
+            if len(set(sizes)) == 1:
+                dims.append(sizes[0])
+                continue
+            name = symbols.setdefault(sizes, f"s{len(symbols)}")
+            ranges[name] = (min(sizes), 8 * max(sizes))
+            dims.append(name)
+        infos.append((f"input{index}", tuple(dims), records[0][1]))
+    return infos, ranges
 
 
 def _rewrite(graph: torch._C.Graph, segment: gp.Segment, engine: torch.ScriptObject,
@@ -285,7 +303,7 @@ def _rewrite(graph: torch._C.Graph, segment: gp.Segment, engine: torch.ScriptObj
 
     for old, new in zip(segment.outputs, branch.outputs()):
         new.setType(tensor_type)
-        classes.types[new] = classes.types.get(old, set())
+        classes.types[new] = classes.types.get(old, [])
         old.replaceAllUsesWith(new)
     return [accepts, branch]
 
@@ -359,12 +377,13 @@ class _Partitioner:
         # The graph changed since the run was analysed only outside it; inputs are re-read.
         segment = gp.segment_of(nodes, self.classes)
         self.calls.extend(_rewrite(self.graph, segment, engine, attribute, self.classes))
-        infos = _input_infos(segment, self.classes)
+        infos, ranges = _input_infos(segment, self.classes)
         self.segments.append({
             "attribute": attribute,
             "operators": segment.operators,
             "input_shapes": [list(i[1]) for i in infos],
             "input_dtypes": [i[2] for i in infos],
+            "dim_ranges": {k: list(v) for k, v in ranges.items()},
             "num_outputs": len(segment.outputs),
         })
 
@@ -372,13 +391,13 @@ class _Partitioner:
         index = len(self.segments)
         function = torch._C._create_function_from_graph(  # pylint: disable=protected-access
             f"tvm_segment_{index}", _subgraph(segment))
-        infos = _input_infos(segment, self.classes)
+        infos, ranges = _input_infos(segment, self.classes)
         floats = {dtype for _, _, dtype in infos if dtype in ("float32", "float16")}
         default_dtype = "float16" if floats == {"float16"} else "float32"
         started = time.perf_counter()
         ptm = PyTorchTVMModule(target=self.opts.target, device=self.device)
         ptm.vendor_kernels = self.opts.vendor_kernels
-        ptm.from_pytorch(function, infos, default_dtype=default_dtype)
+        ptm.from_pytorch(function, infos, default_dtype=default_dtype, dim_ranges=ranges)
         if ptm.num_outputs != len(segment.outputs):
             raise ConversionError(f"the program returns {ptm.num_outputs} tensors, the run has "
                                   f"{len(segment.outputs)} outputs")
@@ -450,12 +469,13 @@ def partition(module: Any, example_inputs: Sequence[Any],
         fails). It computes in its own dtype; convert it (``.half()``) for float16.
     example_inputs : sequence
         The arguments of one ``forward`` call. Shapes inside the model are recorded from
-        this call: TVM programs are compiled for these shapes, branches not taken and values
-        whose shapes vary between loop iterations stay in TorchScript.
+        this call: TVM programs are compiled for these shapes (with symbolic dims where sizes
+        varied between loop iterations); branches not taken stay in TorchScript.
     option : dict, optional
         ``min_block_size`` (default 3), ``torch_executed_ops`` (operator kinds such as
         ``"aten::relu"`` that stay in TorchScript), ``require_full_compilation`` (raise
-        instead of keeping operators in TorchScript), and the compile options ``export_dir``,
+        instead of keeping operators in TorchScript), ``dynamic_shapes`` (default True:
+        varying sizes get symbolic dims), and the compile options ``export_dir``,
         ``target``, ``vendor_kernels``, ``tuning_n_trials``, ``tuning_log_file``.
 
     Returns
@@ -490,7 +510,7 @@ def partition(module: Any, example_inputs: Sequence[Any],
         frozen = _freeze(script)
     graph = frozen.graph
     types = gp.record_tensor_types(graph, frozen, _complete_arguments(frozen, example_inputs))
-    classes = gp.classify(graph, types, opts.torch_executed_ops)
+    classes = gp.classify(graph, types, opts.torch_executed_ops, opts.dynamic_shapes)
     before = _count_operators(graph)
     runs = gp.find_runs(graph, classes)
     if opts.require_full_compilation:

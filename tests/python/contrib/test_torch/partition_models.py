@@ -120,3 +120,17 @@ class MixedSignature(nn.Module):
         for block in self.blocks:
             h = block(h)
         return {"tokens": [h], "pooled": [h.mean(1), h.amax(1)]}
+
+
+class RaggedLoop(nn.Module):
+    """A loop over chunks of different lengths: its body sees a new shape every iteration."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x, sizes: List[int]):
+        outs: List[torch.Tensor] = []
+        for chunk in torch.split(x, sizes, 0):
+            outs.append(torch.tanh(self.proj(chunk) * 2.0).sum(0))
+        return torch.stack(outs)

@@ -193,11 +193,33 @@ def test_require_full_compilation_names_what_would_stay(tmp_path):
     torch.testing.assert_close(full(y), layer(y).detach(), **TOL)
 
 
-def test_values_whose_shapes_vary_stay_in_torch(tmp_path):
+def test_shapes_that_vary_between_iterations_get_symbolic_dims(tmp_path):
+    model = pm.RaggedLoop().eval()
+    x = torch.rand(6, 8)
+    module = partition(torch.jit.script(model), [x, [1, 2, 3]],
+                       {"export_dir": str(tmp_path / "export")})
+    report = partition_report(module)
+    assert report.num_subgraphs == 1
+    segment = report.segments[0]
+    assert segment["input_shapes"] == [["s0", 8]] and segment["dim_ranges"] == {"s0": [1, 24]}
+    engine = module._tvm_segment_0  # pylint: disable=protected-access
+    assert "TvmVMModule" in str(engine._type())  # pylint: disable=protected-access
+    for sizes in ([1, 2, 3], [4, 5, 7], [2, 30]):  # 30 rows: beyond the range, in TorchScript
+        data = torch.rand(sum(sizes), 8)
+        torch.testing.assert_close(module(data, sizes), model(data, sizes).detach(), **TOL)
+    assert sum(engine.call_counts().values()) == 3 + 3 + 1  # every chunk but the 30-row one
+    assert engine.accepts([torch.rand(24, 8)]) and not engine.accepts([torch.rand(30, 8)])
+    data = torch.rand(9, 8)
+    expected = model(data, [4, 5]).detach()
+    assert _check_in_fresh_process(module, [data, [4, 5]], expected, tmp_path) == ["OK", "1"]
+
+
+def test_values_whose_shapes_vary_stay_in_torch_without_dynamic_shapes(tmp_path):
     model = pm.VaryingLoop()
     x = torch.rand(6, 4)
     module = partition(torch.jit.script(model), [x], {"export_dir": str(tmp_path / "export"),
-                                                      "min_block_size": 1})
+                                                      "min_block_size": 1,
+                                                      "dynamic_shapes": False})
     torch.testing.assert_close(module(x), model(x).detach(), **TOL)
     report = partition_report(module)
     assert report.kept_reasons["aten::relu"] == "shapes vary between calls (3 seen)"

@@ -133,6 +133,13 @@ ffi::Tensor Conv2dAddNhwc(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packe
   return NchwAsNhwc(y);
 }
 
+/*! \brief max_pool2d of an NHWC tensor on ATen's vectorised channels-last kernel. */
+ffi::Tensor MaxPool2dNhwc(ffi::Tensor x, ffi::Shape kernel, ffi::Shape stride,
+                          ffi::Shape padding, ffi::Shape dilation, bool ceil_mode) {
+  return NchwAsNhwc(at::max_pool2d(NhwcAsNchw(x), ToVector(kernel), ToVector(stride),
+                                   ToVector(padding), ToVector(dilation), ceil_mode));
+}
+
 /*! \brief y = conv2d(x, w) + bias in NCHW on whatever torch picks for the device (cuDNN on CUDA). */
 at::Tensor ConvolutionNchw(const ffi::Tensor& x, const ffi::Tensor& weight, const ffi::Tensor& bias,
                            const ffi::Shape& padding, const ffi::Shape& stride,
@@ -219,5 +226,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.matmul", tvm_torch::Matmul)
       .def("tvm_torch.layer_norm", tvm_torch::LayerNorm)
       .def("tvm_torch.softmax", tvm_torch::Softmax)
-      .def("tvm_torch.attention", tvm_torch::Attention);
+      .def("tvm_torch.attention", tvm_torch::Attention)
+      .def("tvm_torch.max_pool2d_nhwc", tvm_torch::MaxPool2dNhwc);
 }

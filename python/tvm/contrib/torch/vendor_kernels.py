@@ -12,6 +12,8 @@ vendor libraries that libtorch already ships. This pass rewrites them into
   ``main_transform_params``: the runtime prepacks every weight once, at load time.
 * ``layer_norm`` (trailing axes) and ``softmax`` -> ``tvm_torch.layer_norm`` /
   ``tvm_torch.softmax`` (ATen's vectorised kernels).
+* ``max_pool2d`` in NHWC (CPU, symmetric padding) -> ``tvm_torch.max_pool2d_nhwc`` (ATen's
+  channels-last kernel; TVM's default schedule for it is ~10x slower).
 * ``matmul`` with a constant right-hand side (+ bias) (+ ReLU) -> ``tvm_torch.matmul_bias``;
   other ``matmul`` -> ``tvm_torch.matmul`` (MKL on CPU, cuBLAS on CUDA).
 * ``nn.attention`` (no bias, no window) -> ``tvm_torch.attention``: ATen's fused
@@ -297,6 +299,28 @@ def _rewrite_normalizations(func: relax.Function, gpu: bool) -> relax.Function:
     return rewrite_call(softmax, rewrite_softmax, func)
 
 
+def _rewrite_max_pools(func: relax.Function, gpu: bool) -> relax.Function:
+    """NHWC max_pool2d (float32, symmetric padding) -> ATen's channels-last kernel (CPU)."""
+    if gpu:
+        return func
+    pool = is_op("relax.nn.max_pool2d")(wildcard())
+
+    def rewrite(call, _matched):
+        attrs = call.attrs
+        if attrs.layout != "NHWC" or attrs.out_layout != "NHWC" or \
+                len(_static_shape(call.args[0]) or []) != 4 or str(call.ty.dtype) != "float32":
+            return call
+        top, left, bottom, right = (int(p) for p in attrs.padding)
+        if (top, left) != (bottom, right):
+            return call
+        return relax.call_pure_packed(
+            "tvm_torch.max_pool2d_nhwc", call.args[0], _shape(attrs.pool_size),
+            _shape(attrs.strides), _shape([top, left]), _shape(attrs.dilation),
+            tvm.tirx.IntImm("bool", bool(attrs.ceil_mode)), ty_args=call.ty)
+
+    return rewrite_call(pool, rewrite, func)
+
+
 def _rewrite_attention(func: relax.Function, gpu: bool) -> relax.Function:
     """relax.nn.attention(q, k, v) -> ATen's scaled_dot_product_attention."""
     ok_dtypes = ("float32", "float16") if gpu else ("float32",)
@@ -365,6 +389,7 @@ def offload_pass(gpu: bool = False) -> tvm.transform.Pass:
         func = _rewrite_convs(func, gpu)
         func = _rewrite_matmuls(func, gpu)
         func = _rewrite_normalizations(func, gpu)
+        func = _rewrite_max_pools(func, gpu)
         func = _rewrite_attention(func, gpu)
         func = _fold_permutes(func)
         mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)

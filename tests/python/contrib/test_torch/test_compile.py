@@ -74,6 +74,18 @@ def test_attention_and_epilogues_run_on_vendor_kernels(tmp_path):
     assert 'R.str("relu")' in main and "R.nn.relu(" not in main
 
 
+@pytest.mark.parametrize("padding, ceil_mode", [(0, False), (1, False), (1, True)])
+def test_max_pool_runs_on_aten_channels_last(padding, ceil_mode, tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(),
+                                torch.nn.MaxPool2d(3, 2, padding, ceil_mode=ceil_mode)).eval()
+    x = torch.rand(2, 3, 20, 21)
+    compiled = compile(torch.jit.trace(model, x), {"input_infos": [("x", (2, 3, 20, 21))],
+                                                   "export_dir": str(tmp_path)})
+    torch.testing.assert_close(compiled([x])[0], model(x).detach(), rtol=1e-5, atol=1e-5)
+    main = (tmp_path / "bucket0.relax").read_text()
+    assert '"tvm_torch.max_pool2d_nhwc"' in main and "R.nn.max_pool2d(" not in main
+
+
 @pytest.mark.parametrize("vendor_kernels", [True, False])
 def test_scaled_dot_product_attention(vendor_kernels, tmp_path):
     import partition_models  # pylint: disable=import-outside-toplevel

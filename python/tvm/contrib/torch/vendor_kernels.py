@@ -12,8 +12,12 @@ vendor libraries that libtorch already ships. This pass rewrites them into
   ``main_transform_params``: the runtime prepacks every weight once, at load time.
 * ``layer_norm`` (trailing axes) and ``softmax`` -> ``tvm_torch.layer_norm`` /
   ``tvm_torch.softmax`` (ATen's vectorised kernels).
-* ``max_pool2d`` in NHWC (CPU, symmetric padding) -> ``tvm_torch.max_pool2d_nhwc`` (ATen's
-  channels-last kernel; TVM's default schedule for it is ~10x slower).
+* ``max_pool2d`` / ``avg_pool2d`` in NHWC (CPU, symmetric padding, no dilation for average)
+  -> ``tvm_torch.max_pool2d_nhwc`` / ``tvm_torch.avg_pool2d_nhwc`` (ATen's channels-last
+  kernels; TVM's default schedules for them are ~10x slower).
+* ``gelu``, ``gelu_tanh``, ``sigmoid``, ``tanh``, ``silu``, ``exp`` on CPU (float32, 4096+
+  elements) -> ``tvm_torch.unary`` (ATen's vectorised kernels; TVM's default code calls scalar
+  libm for them, 10-30x slower).
 * ``matmul`` with a constant right-hand side (+ bias) (+ ReLU) -> ``tvm_torch.matmul_bias``;
   other ``matmul`` -> ``tvm_torch.matmul`` (MKL on CPU, cuBLAS on CUDA).
 * ``nn.attention`` (no bias, no window) -> ``tvm_torch.attention``: ATen's fused
@@ -299,26 +303,68 @@ def _rewrite_normalizations(func: relax.Function, gpu: bool) -> relax.Function:
     return rewrite_call(softmax, rewrite_softmax, func)
 
 
-def _rewrite_max_pools(func: relax.Function, gpu: bool) -> relax.Function:
-    """NHWC max_pool2d (float32, symmetric padding) -> ATen's channels-last kernel (CPU)."""
+def _rewrite_pools(func: relax.Function, gpu: bool) -> relax.Function:
+    """NHWC max/avg pooling (float32, symmetric padding) -> ATen's channels-last kernels."""
     if gpu:
         return func
-    pool = is_op("relax.nn.max_pool2d")(wildcard())
 
-    def rewrite(call, _matched):
+    def geometry(call):
+        """(input, padding [top, left]) when ATen can take the call, else None."""
         attrs = call.attrs
         if attrs.layout != "NHWC" or attrs.out_layout != "NHWC" or \
                 len(_static_shape(call.args[0]) or []) != 4 or str(call.ty.dtype) != "float32":
-            return call
+            return None
         top, left, bottom, right = (int(p) for p in attrs.padding)
-        if (top, left) != (bottom, right):
+        return None if (top, left) != (bottom, right) else [top, left]
+
+    def max_pool(call, _matched):
+        padding = geometry(call)
+        if padding is None:
             return call
+        attrs = call.attrs
         return relax.call_pure_packed(
             "tvm_torch.max_pool2d_nhwc", call.args[0], _shape(attrs.pool_size),
-            _shape(attrs.strides), _shape([top, left]), _shape(attrs.dilation),
+            _shape(attrs.strides), _shape(padding), _shape(attrs.dilation),
             tvm.tirx.IntImm("bool", bool(attrs.ceil_mode)), ty_args=call.ty)
 
-    return rewrite_call(pool, rewrite, func)
+    def avg_pool(call, _matched):
+        padding = geometry(call)
+        attrs = call.attrs
+        if padding is None or any(int(d) != 1 for d in attrs.dilation):
+            return call
+        return relax.call_pure_packed(
+            "tvm_torch.avg_pool2d_nhwc", call.args[0], _shape(attrs.pool_size),
+            _shape(attrs.strides), _shape(padding),
+            tvm.tirx.IntImm("bool", bool(attrs.ceil_mode)),
+            tvm.tirx.IntImm("bool", bool(attrs.count_include_pad)), ty_args=call.ty)
+
+    func = rewrite_call(is_op("relax.nn.max_pool2d")(wildcard()), max_pool, func)
+    return rewrite_call(is_op("relax.nn.avg_pool2d")(wildcard()), avg_pool, func)
+
+
+#: Relax elementwise ops whose TVM code calls scalar libm -> name for ``tvm_torch.unary``.
+_UNARY = {"relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu_tanh", "relax.sigmoid": "sigmoid",
+          "relax.tanh": "tanh", "relax.nn.silu": "silu", "relax.exp": "exp"}
+
+#: Below this many elements a fused TVM kernel beats a vendor call's fixed cost.
+_UNARY_MIN_ELEMENTS = 4096
+
+
+def _rewrite_unary(func: relax.Function, gpu: bool) -> relax.Function:
+    """Transcendental elementwise ops on large float32 CPU tensors -> ATen's kernels."""
+    if gpu:
+        return func
+    for op_name, name in _UNARY.items():
+        def rewrite(call, _matched, name=name):
+            dims = _dims(call.args[0])
+            if dims is None or str(call.ty.dtype) != "float32":
+                return call
+            if None not in dims and int(np.prod(dims)) < _UNARY_MIN_ELEMENTS:
+                return call
+            return relax.call_pure_packed("tvm_torch.unary", call.args[0],
+                                          tvm.ir.StringImm(name), ty_args=call.ty)
+        func = rewrite_call(is_op(op_name)(wildcard()), rewrite, func)
+    return func
 
 
 def _rewrite_attention(func: relax.Function, gpu: bool) -> relax.Function:
@@ -389,7 +435,8 @@ def offload_pass(gpu: bool = False) -> tvm.transform.Pass:
         func = _rewrite_convs(func, gpu)
         func = _rewrite_matmuls(func, gpu)
         func = _rewrite_normalizations(func, gpu)
-        func = _rewrite_max_pools(func, gpu)
+        func = _rewrite_pools(func, gpu)
+        func = _rewrite_unary(func, gpu)
         func = _rewrite_attention(func, gpu)
         func = _fold_permutes(func)
         mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)

@@ -8,7 +8,7 @@ cannot take between two stages: only partitioning compiles it. Columns: median a
 (> 1 is faster than eager) and compile time. Then the per-call overhead of the custom class on a
 tiny model against calling the Relax VM directly, and dynamic-vs-static shape cost.
 
-    python apps/pt_tvm_demo/benchmark.py [--models resnet18_b1,resnet18_custom_b1,transformer]
+    python apps/pt_tvm_demo/benchmark.py [--models resnet18_b1,resnet18_custom_b1,transformer_gelu]
                                          [--repeat 30] [--tuning-log tuning.log]
 """
 from __future__ import annotations
@@ -61,9 +61,10 @@ def models_to_run(names: List[str]) -> Dict[str, Tuple[torch.nn.Module, torch.Te
         elif name.startswith("resnet18_b"):
             batch = int(name.split("_b")[1])
             out[name] = (torchvision.models.resnet18().eval(), torch.rand(batch, 3, 224, 224))
-        elif name == "transformer":
-            layer = torch.nn.TransformerEncoderLayer(512, 8, 2048, dropout=0.0,
-                                                     batch_first=True).eval()
+        elif name in ("transformer", "transformer_gelu"):
+            layer = torch.nn.TransformerEncoderLayer(
+                512, 8, 2048, dropout=0.0, batch_first=True,
+                activation="gelu" if name.endswith("gelu") else "relu").eval()
             out[name] = (layer, torch.rand(1, 128, 512))
         else:
             raise ValueError(f"unknown model {name}")
@@ -193,7 +194,8 @@ def bench_dynamic(repeat: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models",
-                        default="resnet18_b1,resnet18_b8,resnet18_custom_b1,transformer")
+                        default="resnet18_b1,resnet18_b8,resnet18_custom_b1,transformer,"
+                                "transformer_gelu")
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--tuning-log", help="MetaSchedule log: adds a tuned row")
     parser.add_argument("--trials", type=int, default=0,

@@ -20,11 +20,16 @@ def _have_cuda_compiler() -> bool:
 
 @pytest.mark.skipif(not _have_cuda_compiler(), reason="neither nvcc nor a GPU is present")
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_cuda_target_generates_code_without_a_gpu(dtype, tmp_path):
+@pytest.mark.parametrize("name, vendor_kernels", [("mlp", True), ("transformer", True),
+                                                  ("transformer", False)])
+def test_cuda_target_generates_code_without_a_gpu(name, vendor_kernels, dtype, tmp_path):
     """CPU CI compiles the CUDA path (code generation only) so that it cannot silently rot."""
-    model, inputs, infos = models.make("mlp")
+    model, inputs, infos = models.make(name)
     ptm = PyTorchTVMModule(target=build.cuda_target("sm_80"), device="cuda")
-    ptm.from_pytorch(torch.jit.trace(model, tuple(inputs)), infos, default_dtype=dtype)
+    ptm.vendor_kernels = vendor_kernels
+    with torch.no_grad():
+        traced = torch.jit.trace(model, tuple(inputs))
+    ptm.from_pytorch(traced, infos, default_dtype=dtype)
     files = ptm.build_tvm(str(tmp_path))
     manifest = json.loads(open(files[0].graph_path).read())
     assert '"kind": "cuda"' in manifest["target"]

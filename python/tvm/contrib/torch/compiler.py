@@ -19,7 +19,14 @@ from . import build as build_mod
 from . import export as export_mod
 from . import frontend, passes
 from .module import GraphModule, VMModule
-from .options import CompileOptions, InputInfo, example_tensor, parse_options, shapes_of
+from .options import (
+    PARTITION_KEYS,
+    CompileOptions,
+    InputInfo,
+    example_tensor,
+    parse_options,
+    shapes_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +302,10 @@ def compile(module: Any, option: Optional[Dict[str, Any]] = None) -> torch.nn.Mo
     opts: CompileOptions = parse_options(option)
     if opts.partition:
         return _compile_partitioned(module, opts, option)
+    misplaced = sorted(set(option or {}) & set(PARTITION_KEYS))
+    if misplaced:
+        raise ValueError(f"tvm.contrib.torch.compile: {misplaced} apply only with "
+                         "'partition': True")
     device = opts.device or _model_device(module)
     started = time.perf_counter()
     ptm = PyTorchTVMModule(target=opts.target, device=device)

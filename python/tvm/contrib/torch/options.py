@@ -90,6 +90,10 @@ OPTION_DOCS = {
                       "TorchScript (default True)",
 }
 
+#: Keys that only apply with ``"partition": True``.
+PARTITION_KEYS = ("min_block_size", "torch_executed_ops", "require_full_compilation",
+                  "dynamic_shapes")
+
 _FLOAT_DTYPES = ("float32", "float16")
 
 

@@ -295,6 +295,8 @@ def test_num_outputs_is_checked(tmp_path):
      r"num_outputs must be an int >= 1, got '1'"),
     ({}, r"input_infos is required"),
     ({"input_infos": [("x", (4, 0))]}, r"input_infos\[0\] \('x'\) dims must be positive"),
+    ({"input_infos": [("x", (4, 16))], "min_block_size": 2},
+     r"\['min_block_size'\] apply only with 'partition': True"),
 ])
 def test_bad_options_are_rejected(option, message):
     model, _, _ = models.make("mlp")

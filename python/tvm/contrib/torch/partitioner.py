@@ -168,8 +168,12 @@ def _device_of(example_inputs: Sequence[Any]) -> str:
 # one segment: subgraph, compilation, rewrite
 
 
-def _subgraph(segment: gp.Segment) -> torch._C.Graph:
-    """A standalone graph computing the segment's outputs from its inputs (constants copied)."""
+def _subgraph(segment: gp.Segment, upcast_half: bool = False) -> torch._C.Graph:
+    """A standalone graph computing the segment's outputs from its inputs (constants copied).
+
+    ``upcast_half``: float16 weights are copied as float32 (the pipeline converts a float32
+    model and makes it float16 with ``ToMixedPrecision``, float16 inputs and outputs).
+    """
     graph = torch._C.Graph()
     mapping: Dict[torch._C.Value, torch._C.Value] = {}
     for value in segment.inputs:
@@ -184,7 +188,10 @@ def _subgraph(segment: gp.Segment) -> torch._C.Graph:
             constant = graph.createClone(producer, lambda v: v)
             if gp.is_tensor(value) and producer.kindOf("value") == "t":
                 # Conversion reads the weights on the host; the program runs on the device.
-                constant.t_("value", producer.t("value").cpu())
+                weight = producer.t("value").cpu()
+                if upcast_half and weight.dtype == torch.float16:
+                    weight = weight.float()
+                constant.t_("value", weight)
             graph.appendNode(constant)
             # Flat names: torch's converter turns dotted names ("self.fc.weight") into
             # attribute paths, which clash when one name prefixes another.
@@ -389,11 +396,11 @@ class _Partitioner:
 
     def _compile(self, segment: gp.Segment) -> torch.nn.Module:
         index = len(self.segments)
-        function = torch._C._create_function_from_graph(  # pylint: disable=protected-access
-            f"tvm_segment_{index}", _subgraph(segment))
         infos, ranges = _input_infos(segment, self.classes)
         floats = {dtype for _, _, dtype in infos if dtype in ("float32", "float16")}
         default_dtype = "float16" if floats == {"float16"} else "float32"
+        function = torch._C._create_function_from_graph(  # pylint: disable=protected-access
+            f"tvm_segment_{index}", _subgraph(segment, upcast_half=default_dtype == "float16"))
         started = time.perf_counter()
         ptm = PyTorchTVMModule(target=self.opts.target, device=self.device)
         ptm.vendor_kernels = self.opts.vendor_kernels

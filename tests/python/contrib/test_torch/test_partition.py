@@ -1,6 +1,7 @@
 """partition(): TVM takes the operators it supports, TorchScript keeps the rest."""
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -224,6 +225,20 @@ def test_values_whose_shapes_vary_stay_in_torch_without_dynamic_shapes(tmp_path)
     report = partition_report(module)
     assert report.kept_reasons["aten::relu"] == "shapes vary between calls (3 seen)"
     assert "aten::relu" not in str(report.segments)
+
+
+def test_float16_model(tmp_path):
+    model = pm.init(pm.CustomOpCNN())
+    x = torch.rand(2, 3, 16, 16)
+    expected = model(x).detach()
+    half = torch.jit.trace(copy.deepcopy(model).half(), (x.half(),))
+    module = partition(half, [x.half()], {"export_dir": str(tmp_path / "export")})
+    got = module(x.half())
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+    report = partition_report(module)
+    assert report.num_subgraphs == 2 and report.kept_operators == {pm.CUSTOM_OP: 1}
+    assert {d for s in report.segments for d in s["input_dtypes"]} == {"float16"}
 
 
 def test_mixed_argument_and_result_types(tmp_path):

@@ -9,10 +9,12 @@ Three steps, all on ``torch._C.Graph`` objects (no TVM involved):
    deterministic, whose tensors were computed with one rank and dtype each; sizes that vary
    make the segment dynamic), *structural* (list / tuple / size plumbing that TorchScript
    needs around compute nodes; never counted) or *kept*.
-3. :func:`find_segments`: in every block (top level, ``prim::If`` branches, ``prim::Loop``
-   bodies), maximal runs of consecutive compute/structural nodes whose non-tensor inputs are
-   constants or come from the run itself. Control-flow nodes end a run; their blocks are
-   searched on their own.
+3. :func:`find_runs`: in every block (top level, ``prim::If`` branches, ``prim::Loop``
+   bodies), runs of compute/structural nodes whose non-tensor inputs are constants, come from
+   the run, or are shape plumbing the run can copy (``x.shape``, ``dim // heads``). A pure
+   node that cannot join is deferred (the run is computed before it); a node with side
+   effects, control flow included, ends the run; blocks are searched on their own.
+   :func:`segment_of` gives a run's program inputs and outputs.
 """
 from __future__ import annotations
 

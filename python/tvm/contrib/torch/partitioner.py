@@ -241,7 +241,7 @@ def _input_infos(segment: gp.Segment, classes: gp.Classification):
 
 
 def _rewrite(graph: torch._C.Graph, segment: gp.Segment, engine: torch.ScriptObject,
-             attribute: str, classes: gp.Classification) -> torch._C.Node:
+             attribute: str, classes: gp.Classification) -> List[torch._C.Node]:
     """Route the segment's outputs through the TVM program, guarded by ``engine.accepts``.
 
     Inserted before the segment's first node::

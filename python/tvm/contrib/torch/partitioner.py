@@ -366,8 +366,8 @@ class _Partitioner:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             points = _split_points(nodes)
             if segment.num_operators <= 1 or not points:
-                logger.info("kept in TorchScript, TVM could not compile %s: %s",
-                            sorted(segment.operators), message)
+                logger.warning("kept in TorchScript, TVM could not compile %s: %s",
+                               sorted(segment.operators), message)
                 self.skip(segment, f"TVM could not compile it: {message}")
                 return
             cut = min(points, key=lambda p: abs(p - len(nodes) // 2))
@@ -381,7 +381,7 @@ class _Partitioner:
         engine = module.engine
         self.frozen._c._register_attribute(  # pylint: disable=protected-access
             attribute, engine._type(), engine)  # pylint: disable=protected-access
-        # The graph changed since the run was analysed only outside it; inputs are re-read.
+        # Earlier rewrites may have replaced the values the run reads: its inputs are re-read.
         segment = gp.segment_of(nodes, self.classes)
         self.calls.extend(_rewrite(self.graph, segment, engine, attribute, self.classes))
         infos, ranges = _input_infos(segment, self.classes)

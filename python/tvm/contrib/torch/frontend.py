@@ -66,17 +66,23 @@ def _dynamic_shapes_spec(num_inputs: int, dims: Optional[Sequence[Dict[int, Any]
 
 
 @contextlib.contextmanager
-def _quiet_converter():
-    """Silence the converter's per-buffer warnings about unused state (num_batches_tracked)."""
+def quiet_torchscript_warnings():
+    """Silence TorchScript's deprecation notices (TorchScript is this tool's input format) and
+    the converter's per-buffer warnings about unused state (num_batches_tracked)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Manually populate .* into state_dict")
         warnings.filterwarnings("ignore", message="`torch.jit.*` is deprecated")
         yield
 
 
-def _freeze_script(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    """Freeze a scripted module (in eval mode) so attribute-dependent branches fold away."""
-    return torch.jit.freeze(module.eval())
+def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """A frozen copy of a TorchScript module, in eval mode: weights become constants, methods
+    are inlined and attribute-dependent branches fold away. ``module`` keeps its own mode."""
+    was_training = module.training
+    try:
+        return torch.jit.freeze(module.eval())
+    finally:
+        module.train(was_training)
 
 
 def to_exported_program(
@@ -112,7 +118,7 @@ def to_exported_program(
             model = eager
     if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
         try:
-            with torch.no_grad(), _quiet_converter():
+            with torch.no_grad(), quiet_torchscript_warnings():
                 return _ShapedTS2EPConverter(model, args, dynamic_shapes).convert()
         except Exception as first_error:  # pylint: disable=broad-except
             if not isinstance(model, torch.jit.ScriptModule):
@@ -120,8 +126,8 @@ def to_exported_program(
             # Scripted modules keep every branch of their Python source (training flags,
             # fast-path checks); freezing folds the attribute-dependent ones. Retry on that.
             try:
-                frozen = _freeze_script(model)
-                with torch.no_grad(), _quiet_converter():
+                frozen = freeze(model)
+                with torch.no_grad(), quiet_torchscript_warnings():
                     return _ShapedTS2EPConverter(frozen, args, dynamic_shapes).convert()
             except Exception:  # pylint: disable=broad-except
                 raise _ts_conversion_error(model, args, first_error) from first_error
@@ -137,7 +143,7 @@ def to_exported_program(
 def _ts_conversion_error(model, args, error: Exception) -> ConversionError:
     detail = ""
     try:
-        with _quiet_converter():
+        with quiet_torchscript_warnings():
             detail = TS2EPConverter(model, args).explain(print_output=False)
     except Exception:  # pylint: disable=broad-except
         pass
@@ -228,7 +234,9 @@ def relax_input_count(mod: tvm.IRModule) -> int:
 __all__ = [
     "ConversionError",
     "decompose",
+    "freeze",
     "input_names",
+    "quiet_torchscript_warnings",
     "relax_input_count",
     "to_exported_program",
     "to_relax",

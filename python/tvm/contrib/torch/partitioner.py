@@ -12,18 +12,17 @@ the input's ``forward`` signature that saves and loads like any other; its
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import io
 import json
 import logging
 import os
 import time
-import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from . import frontend
 from . import graph_partition as gp
 from .compiler import PyTorchTVMModule, apply_tuning_options
 from .frontend import ConversionError
@@ -103,13 +102,6 @@ def partition_report(module: torch.jit.ScriptModule) -> PartitionReport:
     return PartitionReport.from_json(getattr(module, REPORT_ATTRIBUTE))
 
 
-@contextlib.contextmanager
-def _quiet_torchscript():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\..*` is deprecated")
-        yield
-
-
 def _as_script(module: Any, example_inputs: Sequence[Any]) -> torch.jit.ScriptModule:
     if isinstance(module, torch.export.ExportedProgram):
         raise TypeError("tvm.contrib.torch.partition: expected a TorchScript module or an "
@@ -131,11 +123,7 @@ def _as_script(module: Any, example_inputs: Sequence[Any]) -> torch.jit.ScriptMo
 
 def _freeze(script: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     """Freeze (weights become constants, methods inlined) and functionalise in-place ops."""
-    was_training = script.training
-    try:
-        frozen = torch.jit.freeze(script.eval())
-    finally:
-        script.train(was_training)
+    frozen = frontend.freeze(script)
     # relu_ / add_ on values nothing else aliases become relu / add (TVM takes those).
     torch._C._jit_pass_remove_mutation(frozen.graph)  # pylint: disable=protected-access
     return frozen
@@ -512,7 +500,7 @@ def partition(module: Any, example_inputs: Sequence[Any],
                         f"of forward's arguments, got {type(example_inputs).__name__}")
     started = time.perf_counter()
     device = opts.device or _device_of(example_inputs)
-    with _quiet_torchscript():
+    with frontend.quiet_torchscript_warnings():
         script = _as_script(module, example_inputs)
         frozen = _freeze(script)
     graph = frozen.graph
@@ -544,7 +532,7 @@ def partition(module: Any, example_inputs: Sequence[Any],
     # A save/load round trip gives a module exactly like the one users will load later (and
     # checks that it serialises).
     buffer = io.BytesIO()
-    with _quiet_torchscript():
+    with frontend.quiet_torchscript_warnings():
         torch.jit.save(frozen, buffer)
         buffer.seek(0)
         result = torch.jit.load(buffer, map_location=device)

@@ -55,15 +55,9 @@ def _dims(expr: relax.Expr) -> Optional[list]:
 
 
 def _static_shape(expr: relax.Expr) -> Optional[list]:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    dims = []
-    for dim in ty.shape.values:
-        if not isinstance(dim, tvm.tirx.IntImm):
-            return None
-        dims.append(int(dim))
-    return dims
+    """Dims of a tensor expression when all of them are static, else None."""
+    dims = _dims(expr)
+    return dims if dims is not None and None not in dims else None
 
 
 def _const_array(expr: relax.Expr) -> np.ndarray:

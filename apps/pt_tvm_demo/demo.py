@@ -66,24 +66,22 @@ class Predictor(nn.Module):
         self.resnet18 = resnet
         self.transforms = preprocess()
 
-    def forward(self, images: List[torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            x = torch.stack([self.transforms(image) for image in images])
-            return self.resnet18(x).argmax(dim=1)
-
-
-class PredictorTVM(nn.Module):
-    """The same pipeline with the ResNet-18 compiled by TVM."""
-
-    def __init__(self, resnet_tvm: nn.Module):
-        super().__init__()
-        self.resnet18 = resnet_tvm
-        self.transforms = preprocess()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's scores for a preprocessed batch."""
+        return self.resnet18(x)
 
     def forward(self, images: List[torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
             x = torch.stack([self.transforms(image) for image in images])
-            return self.resnet18([x])[0].argmax(dim=1)
+            return self.logits(x).argmax(dim=1)
+
+
+class PredictorTVM(Predictor):
+    """The same pipeline with the ResNet-18 compiled by TVM (List[Tensor] in and out)."""
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's scores for a preprocessed batch."""
+        return self.resnet18([x])[0]
 
 
 def main() -> int:

@@ -129,37 +129,37 @@ std::string ProgramManifest::SignatureString() const {
   return os.str();
 }
 
-std::string ProgramManifest::Mismatch(const std::vector<at::Tensor>& given) const {
-  // Built with plain string concatenation: the matching path allocates nothing.
-  auto which = [&](size_t i) { return "input " + std::to_string(i) + " ('" + inputs[i].name + "')"; };
-  if (given.size() != inputs.size()) {
-    return "expected " + std::to_string(inputs.size()) + " inputs, got " +
-           std::to_string(given.size());
-  }
+namespace {
+
+/*!
+ * \brief The first way inputs fail a signature, as indices only, so that matching allocates
+ *        nothing and the message is made only by Mismatch().
+ */
+struct InputCheck {
+  enum Kind { kMatch, kCount, kDtype, kRank, kSize, kSymbolic } kind = kMatch;
+  /*! \brief The input and dim at fault. */
+  size_t input = 0, dim = 0;
+  /*! \brief For kSymbolic: the earlier input and dim that gave the dim another value. */
+  size_t other_input = 0, other_dim = 0;
+};
+
+InputCheck CheckInputs(const ProgramManifest& m, const std::vector<at::Tensor>& given) {
+  const std::vector<InputSpec>& inputs = m.inputs;
+  if (given.size() != inputs.size()) return {InputCheck::kCount};
   for (size_t i = 0; i < inputs.size(); ++i) {
     const InputSpec& spec = inputs[i];
     const at::Tensor& t = given[i];
-    if (DtypeName(t.scalar_type()) != spec.dtype) {
-      return which(i) + " has dtype " + DtypeName(t.scalar_type()) + ", expected " + spec.dtype;
-    }
-    if (static_cast<size_t>(t.dim()) != spec.dims.size()) {
-      return which(i) + " has rank " + std::to_string(t.dim()) + ", expected " +
-             std::to_string(spec.dims.size());
-    }
+    const char* dtype = SupportedDtypeName(t.scalar_type());
+    if (dtype == nullptr || spec.dtype != dtype) return {InputCheck::kDtype, i};
+    if (static_cast<size_t>(t.dim()) != spec.dims.size()) return {InputCheck::kRank, i};
     for (size_t d = 0; d < spec.dims.size(); ++d) {
       int64_t size = t.size(static_cast<int64_t>(d));
       if (size < spec.ranges[d].first || size > spec.ranges[d].second) {
-        std::string msg = which(i) + " has size " + std::to_string(size) + " at dim " +
-                          std::to_string(d) + ", expected " + spec.dim_names[d];
-        if (spec.dims[d] < 0) {
-          msg += " in [" + std::to_string(spec.ranges[d].first) + ", " +
-                 std::to_string(spec.ranges[d].second) + "]";
-        }
-        return msg;
+        return {InputCheck::kSize, i, d};
       }
     }
   }
-  if (!dynamic) return "";
+  if (!m.dynamic) return {};
   // A symbolic dim named in several places must have one value.
   for (size_t i = 0; i < inputs.size(); ++i) {
     for (size_t d = 0; d < inputs[i].dims.size(); ++d) {
@@ -167,14 +167,54 @@ std::string ProgramManifest::Mismatch(const std::vector<at::Tensor>& given) cons
       for (size_t j = 0; j <= i; ++j) {
         for (size_t e = 0; e < inputs[j].dims.size() && (j < i || e < d); ++e) {
           if (inputs[j].dims[e] >= 0 || inputs[j].dim_names[e] != inputs[i].dim_names[d]) continue;
-          int64_t a = given[j].size(static_cast<int64_t>(e));
-          int64_t b = given[i].size(static_cast<int64_t>(d));
-          if (a != b) {
-            return "symbolic dim '" + inputs[i].dim_names[d] + "' is " + std::to_string(a) +
-                   " in " + which(j) + " and " + std::to_string(b) + " in " + which(i);
+          if (given[j].size(static_cast<int64_t>(e)) != given[i].size(static_cast<int64_t>(d))) {
+            return {InputCheck::kSymbolic, i, d, j, e};
           }
         }
       }
+    }
+  }
+  return {};
+}
+
+}  // namespace
+
+bool ProgramManifest::Matches(const std::vector<at::Tensor>& given) const {
+  return CheckInputs(*this, given).kind == InputCheck::kMatch;
+}
+
+std::string ProgramManifest::Mismatch(const std::vector<at::Tensor>& given) const {
+  const InputCheck check = CheckInputs(*this, given);
+  auto which = [&](size_t i) { return "input " + std::to_string(i) + " ('" + inputs[i].name + "')"; };
+  const size_t i = check.input, d = check.dim;
+  switch (check.kind) {
+    case InputCheck::kMatch:
+      return "";
+    case InputCheck::kCount:
+      return "expected " + std::to_string(inputs.size()) + " inputs, got " +
+             std::to_string(given.size());
+    case InputCheck::kDtype:
+      return which(i) + " has dtype " + DtypeName(given[i].scalar_type()) + ", expected " +
+             inputs[i].dtype;
+    case InputCheck::kRank:
+      return which(i) + " has rank " + std::to_string(given[i].dim()) + ", expected " +
+             std::to_string(inputs[i].dims.size());
+    case InputCheck::kSize: {
+      const InputSpec& spec = inputs[i];
+      std::string msg = which(i) + " has size " +
+                        std::to_string(given[i].size(static_cast<int64_t>(d))) + " at dim " +
+                        std::to_string(d) + ", expected " + spec.dim_names[d];
+      if (spec.dims[d] < 0) {
+        msg += " in [" + std::to_string(spec.ranges[d].first) + ", " +
+               std::to_string(spec.ranges[d].second) + "]";
+      }
+      return msg;
+    }
+    case InputCheck::kSymbolic: {
+      const size_t j = check.other_input, e = check.other_dim;
+      return "symbolic dim '" + inputs[i].dim_names[d] + "' is " +
+             std::to_string(given[j].size(static_cast<int64_t>(e))) + " in " + which(j) +
+             " and " + std::to_string(given[i].size(static_cast<int64_t>(d))) + " in " + which(i);
     }
   }
   return "";

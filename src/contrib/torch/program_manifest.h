@@ -46,6 +46,9 @@ struct ProgramManifest {
   /*! \brief "float32[1, 3, 224, 224], int64[batch, 8]" description of the input signature. */
   std::string SignatureString() const;
 
+  /*! \brief Whether inputs match this signature; allocates nothing (the per-call check). */
+  bool Matches(const std::vector<at::Tensor>& inputs) const;
+
   /*!
    * \brief Check inputs against this signature.
    * \return An empty string if they match, otherwise why not.

@@ -1,11 +1,21 @@
 /*!
  * \file register_classes.cc
- * \brief All TorchScript registration of the tvm_class library, in one place.
+ * \brief All TorchScript registration of the tvm_class library, in one place, and the
+ *        tvm_torch.runtime_contract global function that tells Python what this build reads.
  */
 #include <torch/custom_class.h>
 #include <torch/library.h>
+#include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/map.h>
+#include <tvm/ffi/extra/json.h>
+#include <tvm/ffi/reflection/registry.h>
+#include <tvm/ffi/string.h>
 
+#include <string>
+
+#include "program_manifest.h"
 #include "state_format.h"
+#include "tensor_bridge.h"
 #include "tvm_module.h"
 
 namespace tvm_torch {
@@ -58,8 +68,26 @@ void RegisterModuleClass(torch::Library& lib, const char* name) {
           });
 }
 
+/*!
+ * \brief The formats and dtypes this library accepts, as JSON, so that Python's own constants
+ *        (export.MANIFEST_FORMAT_VERSION, its dtype lists) can be checked against them.
+ */
+std::string RuntimeContract() {
+  namespace json = tvm::ffi::json;
+  json::Array dtypes;
+  for (const SupportedDtype& dtype : kSupportedDtypes) dtypes.push_back(tvm::ffi::String(dtype.name));
+  json::Object contract{{"manifest_format_version", kManifestFormatVersion},
+                        {"state_format_version", kStateFormatVersion},
+                        {"supported_dtypes", dtypes}};
+  return std::string(json::Stringify(contract));
+}
+
 }  // namespace
 }  // namespace tvm_torch
+
+TVM_FFI_STATIC_INIT_BLOCK() {
+  tvm::ffi::reflection::GlobalDef().def("tvm_torch.runtime_contract", tvm_torch::RuntimeContract);
+}
 
 TORCH_LIBRARY(tvm_class, m) {
   tvm_torch::RegisterModuleClass<tvm_torch::TvmGraphModule>(

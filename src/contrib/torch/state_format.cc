@@ -67,7 +67,7 @@ std::string TensorToBytes(const at::Tensor& tensor, const char* what) {
   return std::string(static_cast<const char*>(c.data_ptr()), static_cast<size_t>(c.numel()));
 }
 
-std::tuple<int64_t, std::string, std::vector<at::Tensor>> EncodeState(const ModuleState& state) {
+SerializedState EncodeState(const ModuleState& state) {
   json::Array programs;
   std::vector<at::Tensor> blobs;
   for (const ProgramBlobs& p : state.programs) {
@@ -89,7 +89,7 @@ std::tuple<int64_t, std::string, std::vector<at::Tensor>> EncodeState(const Modu
   return {kStateFormatVersion, std::string(json::Stringify(header)), std::move(blobs)};
 }
 
-ModuleState DecodeState(const std::tuple<int64_t, std::string, std::vector<at::Tensor>>& encoded) {
+ModuleState DecodeState(const SerializedState& encoded) {
   const auto& [version, header_text, blobs] = encoded;
   TORCH_CHECK(version == kStateFormatVersion, "tvm_class: the saved TVM module uses state format "
               "version ", version, ", but this library reads version ", kStateFormatVersion,

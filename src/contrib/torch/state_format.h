@@ -38,11 +38,14 @@ struct ModuleState {
   std::vector<ProgramBlobs> programs;
 };
 
+/*! \brief Pickled state: (format version, header JSON, blobs as uint8 CPU tensors). */
+using SerializedState = std::tuple<int64_t, std::string, std::vector<at::Tensor>>;
+
 /*! \brief Encode a module state. */
-std::tuple<int64_t, std::string, std::vector<at::Tensor>> EncodeState(const ModuleState& state);
+SerializedState EncodeState(const ModuleState& state);
 
 /*! \brief Decode and verify a state; throws c10::Error naming what is wrong. */
-ModuleState DecodeState(const std::tuple<int64_t, std::string, std::vector<at::Tensor>>& encoded);
+ModuleState DecodeState(const SerializedState& encoded);
 
 /*! \brief Copy bytes into a uint8 CPU tensor. */
 at::Tensor BytesToTensor(const std::string& bytes);

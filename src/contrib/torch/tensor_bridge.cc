@@ -12,31 +12,16 @@
 
 namespace tvm_torch {
 
-std::string DtypeName(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat:
-      return "float32";
-    case at::kHalf:
-      return "float16";
-    case at::kBFloat16:
-      return "bfloat16";
-    case at::kDouble:
-      return "float64";
-    case at::kChar:
-      return "int8";
-    case at::kShort:
-      return "int16";
-    case at::kInt:
-      return "int32";
-    case at::kLong:
-      return "int64";
-    case at::kByte:
-      return "uint8";
-    case at::kBool:
-      return "bool";
-    default:
-      return std::string("unsupported(") + c10::toString(type) + ")";
+const char* SupportedDtypeName(at::ScalarType type) {
+  for (const SupportedDtype& dtype : kSupportedDtypes) {
+    if (dtype.type == type) return dtype.name;
   }
+  return nullptr;
+}
+
+std::string DtypeName(at::ScalarType type) {
+  const char* name = SupportedDtypeName(type);
+  return name ? std::string(name) : std::string("unsupported(") + c10::toString(type) + ")";
 }
 
 std::string DescribeTensor(const at::Tensor& tensor) {

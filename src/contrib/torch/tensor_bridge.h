@@ -17,6 +17,25 @@ namespace tvm_torch {
 /*! \brief Alignment TVM-generated kernels assume for tensor data (bytes). */
 constexpr size_t kTvmDataAlignment = 64;
 
+/*! \brief A dtype that crosses the bridge: its TVM name and its torch scalar type. */
+struct SupportedDtype {
+  const char* name;
+  at::ScalarType type;
+};
+
+/*!
+ * \brief Every dtype a compiled program's inputs may have. The one C++ list: Python's dtype
+ *        checks are compared with it through tvm_torch.runtime_contract.
+ */
+inline constexpr SupportedDtype kSupportedDtypes[] = {
+    {"float32", at::kFloat}, {"float16", at::kHalf}, {"bfloat16", at::kBFloat16},
+    {"float64", at::kDouble}, {"int8", at::kChar},  {"int16", at::kShort},
+    {"int32", at::kInt},      {"int64", at::kLong}, {"uint8", at::kByte},
+    {"bool", at::kBool}};
+
+/*! \brief TVM dtype name of a torch scalar type, or nullptr when it is not supported. */
+const char* SupportedDtypeName(at::ScalarType type);
+
 /*! \brief TVM dtype name ("float32", "int64", ...) of a torch scalar type. */
 std::string DtypeName(at::ScalarType type);
 

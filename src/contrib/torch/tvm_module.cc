@@ -6,9 +6,11 @@
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include <algorithm>
+#include <atomic>
+#include <iterator>
 #include <limits>
 #include <mutex>
-#include <sstream>
 #include <unordered_map>
 
 #include "state_format.h"
@@ -17,39 +19,111 @@
 namespace tvm_torch {
 namespace {
 
-/*! \brief "float32[1,3,224,224];int64[4]": the key of a static signature. */
-std::string TensorsKey(const std::vector<at::Tensor>& inputs) {
-  std::string key;
+/*! \brief FNV-1a over 64-bit words: the shape hash of tensors and of manifests. */
+class ShapeHasher {
+ public:
+  void Add(int64_t word) {
+    hash_ = (hash_ ^ static_cast<uint64_t>(word)) * 1099511628211ULL;
+  }
+  uint64_t value() const { return hash_; }
+
+ private:
+  uint64_t hash_ = 1469598103934665603ULL;
+};
+
+/*! \brief Position of a dtype in kSupportedDtypes, -1 when not there. */
+int64_t DtypeCode(at::ScalarType type) {
+  for (size_t i = 0; i < std::size(kSupportedDtypes); ++i) {
+    if (kSupportedDtypes[i].type == type) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
+int64_t DtypeCode(const std::string& name) {
+  for (size_t i = 0; i < std::size(kSupportedDtypes); ++i) {
+    if (name == kSupportedDtypes[i].name) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
+/*! \brief Hash of the inputs' dtypes and sizes; the one key computation of a call. */
+uint64_t ShapeHash(const std::vector<at::Tensor>& inputs) {
+  ShapeHasher h;
   for (const at::Tensor& t : inputs) {
-    key += DtypeName(t.scalar_type());
-    key += '[';
-    for (int64_t d = 0; d < t.dim(); ++d) {
-      if (d) key += ',';
-      key += std::to_string(t.size(d));
-    }
-    key += "];";
+    h.Add(DtypeCode(t.scalar_type()));
+    h.Add(t.dim());
+    for (int64_t size : t.sizes()) h.Add(size);
   }
-  return key;
+  return h.value();
 }
 
-std::string ManifestKey(const ProgramManifest& manifest) {
-  std::string key;
+/*! \brief ShapeHash of the inputs a static signature takes. */
+uint64_t ShapeHash(const ProgramManifest& manifest) {
+  ShapeHasher h;
   for (const InputSpec& spec : manifest.inputs) {
-    key += spec.dtype;
-    key += '[';
-    for (size_t d = 0; d < spec.dims.size(); ++d) {
-      if (d) key += ',';
-      key += std::to_string(spec.dims[d]);
-    }
-    key += "];";
+    h.Add(DtypeCode(spec.dtype));
+    h.Add(static_cast<int64_t>(spec.dims.size()));
+    for (int64_t dim : spec.dims) h.Add(dim);
   }
-  return key;
+  return h.value();
 }
 
-/*! \brief Per thread and module: the program that served the thread's last call. */
-std::unordered_map<const TvmModule*, std::weak_ptr<CompiledProgram>>& LastServed() {
-  static thread_local std::unordered_map<const TvmModule*, std::weak_ptr<CompiledProgram>> last;
+bool SameSignature(const ProgramManifest& a, const ProgramManifest& b) {
+  if (a.inputs.size() != b.inputs.size()) return false;
+  for (size_t i = 0; i < a.inputs.size(); ++i) {
+    if (a.inputs[i].dtype != b.inputs[i].dtype || a.inputs[i].dims != b.inputs[i].dims) {
+      return false;
+    }
+  }
+  return true;
+}
+
+/*! \brief The inputs zero-padded along dim 0 to a bucket's batch. */
+std::vector<at::Tensor> PadBatch(const std::vector<at::Tensor>& inputs, int64_t batch,
+                                 int64_t bucket_batch) {
+  std::vector<at::Tensor> padded;
+  padded.reserve(inputs.size());
+  for (const at::Tensor& t : inputs) {
+    std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+    shape[0] = bucket_batch;
+    at::Tensor p = at::zeros(shape, t.options());
+    p.narrow(0, 0, batch).copy_(t);
+    padded.push_back(std::move(p));
+  }
+  return padded;
+}
+
+/*!
+ * \brief This thread's last served program, by module id. Entries whose program is gone (the
+ *        module died, or its programs were reloaded) are pruned whenever the map has doubled
+ *        since the last pruning, so it stays proportional to the live modules this thread uses.
+ */
+struct LastServedMap {
+  std::unordered_map<uint64_t, std::weak_ptr<CompiledProgram>> entries;
+  size_t prune_at = 16;
+
+  void Record(uint64_t module_id, const std::shared_ptr<CompiledProgram>& program) {
+    auto [it, inserted] = entries.try_emplace(module_id, program);
+    if (!inserted) {
+      it->second = program;
+      return;
+    }
+    if (entries.size() < prune_at) return;
+    std::erase_if(entries, [](const auto& entry) { return entry.second.expired(); });
+    prune_at = std::max<size_t>(16, 2 * entries.size());
+  }
+};
+
+LastServedMap& LastServed() {
+  // No entry is erased by ~TvmModule: a module may die on another thread, or after this
+  // thread's thread_locals are gone (a static model at exit); pruning covers both.
+  static thread_local LastServedMap last;
   return last;
+}
+
+uint64_t NextModuleId() {
+  static std::atomic<uint64_t> next{0};
+  return next.fetch_add(1, std::memory_order_relaxed);
 }
 
 std::string DeviceString(const c10::Device& device) {
@@ -69,7 +143,10 @@ void CheckDeviceAvailable(const c10::Device& device) {
 }  // namespace
 
 TvmModule::TvmModule(int64_t num_inputs, int64_t num_outputs, const std::string& device)
-    : num_inputs_(num_inputs), num_outputs_(num_outputs), device_(ParseDevice(device)) {
+    : num_inputs_(num_inputs),
+      num_outputs_(num_outputs),
+      device_(ParseDevice(device)),
+      id_(NextModuleId()) {
   TORCH_CHECK(num_inputs > 0, "tvm_class: num_inputs must be positive, got ", num_inputs);
   TORCH_CHECK(num_outputs > 0, "tvm_class: num_outputs must be positive, got ", num_outputs);
   CheckDeviceAvailable(device_);
@@ -131,10 +208,14 @@ std::vector<at::Tensor> TvmModule::Forward(const std::vector<at::Tensor>& inputs
   Selection selection;
   {
     std::shared_lock<std::shared_mutex> lock(mutex_);
-    selection = Select(inputs);
+    selection = TrySelect(inputs);
+    // The message lists the loaded programs, so it is made under the same lock.
+    if (selection.program == nullptr) TORCH_CHECK(false, NoMatchMessage(inputs));
   }
   std::vector<at::Tensor> outputs =
-      selection.program->Run(selection.padded.empty() ? inputs : selection.padded);
+      selection.batch < 0
+          ? selection.program->Run(inputs)
+          : selection.program->Run(PadBatch(inputs, selection.batch, selection.bucket_batch));
   TORCH_CHECK(static_cast<int64_t>(outputs.size()) == num_outputs_, "tvm_class: the compiled "
               "program returned ", outputs.size(), " tensors, expected ", num_outputs_);
   if (selection.batch >= 0) {
@@ -145,7 +226,7 @@ std::vector<at::Tensor> TvmModule::Forward(const std::vector<at::Tensor>& inputs
     }
   }
   selection.program->CountCall();
-  LastServed()[this] = selection.program;  // the signature string is made only when asked
+  LastServed().Record(id_, selection.program);  // the signature string is made only when asked
   return outputs;
 }
 
@@ -155,11 +236,7 @@ bool TvmModule::Accepts(const std::vector<at::Tensor>& inputs) const {
     if (!t.defined() || t.device() != device_) return false;
   }
   std::shared_lock<std::shared_mutex> lock(mutex_);
-  try {
-    return Select(inputs).program != nullptr;
-  } catch (const c10::Error&) {
-    return false;
-  }
+  return TrySelect(inputs).program != nullptr;
 }
 
 void TvmModule::SetBucketPadding(bool enabled) {
@@ -177,8 +254,9 @@ c10::Dict<std::string, int64_t> TvmModule::CallCounts() const {
 }
 
 std::string TvmModule::LastSignature() const {
-  auto it = LastServed().find(this);
-  if (it == LastServed().end()) return "";
+  const auto& entries = LastServed().entries;
+  auto it = entries.find(id_);
+  if (it == entries.end()) return "";
   auto program = it->second.lock();
   return program ? program->manifest().SignatureString() : "";
 }
@@ -244,31 +322,40 @@ void TvmGraphModule::AddProgram(std::shared_ptr<CompiledProgram> program) {
   const ProgramManifest& m = program->manifest();
   TORCH_CHECK(!m.dynamic, "tvm_class: TvmGraphModule takes static-shape programs; ",
               m.SignatureString(), " has symbolic dims (use TvmVMModule)");
-  std::string key = ManifestKey(m);
-  if (by_signature_.find(key) == by_signature_.end()) load_order_.push_back(key);
-  by_signature_[key] = std::move(program);  // a reload of the same signature replaces it
+  auto same = std::find_if(programs_.begin(), programs_.end(), [&](const auto& loaded) {
+    return SameSignature(loaded->manifest(), m);
+  });
+  if (same != programs_.end()) {
+    *same = std::move(program);  // a reload of the same signature replaces it, in place
+  } else {
+    programs_.push_back(std::move(program));
+  }
+  by_shape_.clear();  // loading is rare: rebuild the index rather than patch it
+  for (const auto& loaded : programs_) by_shape_.emplace(ShapeHash(loaded->manifest()), loaded);
 }
 
-Selection TvmGraphModule::Select(const std::vector<at::Tensor>& inputs) const {
-  auto it = by_signature_.find(TensorsKey(inputs));
-  if (it != by_signature_.end()) return Selection{it->second, {}, -1, -1};
-  if (bucket_padding_) {
-    Selection padded = PadToBucket(inputs);
-    if (padded.program != nullptr) return padded;
+Selection TvmGraphModule::TrySelect(const std::vector<at::Tensor>& inputs) const {
+  auto [first, last] = by_shape_.equal_range(ShapeHash(inputs));
+  for (auto it = first; it != last; ++it) {
+    if (it->second->manifest().Matches(inputs)) return Selection{it->second};
   }
+  return bucket_padding_ ? FindBucket(inputs) : Selection{};
+}
+
+std::string TvmGraphModule::NoMatchMessage(const std::vector<at::Tensor>& inputs) const {
   std::string given;
   for (const at::Tensor& t : inputs) given += (given.empty() ? "" : ", ") + DescribeTensor(t);
-  TORCH_CHECK(false, "tvm_class: no compiled program for inputs (", given,
-              "); compiled signatures: ", SignatureList(),
-              bucket_padding_ ? " (bucket padding found no larger batch bucket)" : "");
+  return "tvm_class: no compiled program for inputs (" + given + "); compiled signatures: " +
+         SignatureList() +
+         (bucket_padding_ ? " (bucket padding found no larger batch bucket)" : "");
 }
 
-Selection TvmGraphModule::PadToBucket(const std::vector<at::Tensor>& inputs) const {
+Selection TvmGraphModule::FindBucket(const std::vector<at::Tensor>& inputs) const {
   const int64_t batch = inputs[0].dim() > 0 ? inputs[0].size(0) : -1;
   if (batch < 0) return {};
   std::shared_ptr<CompiledProgram> best;
   int64_t best_batch = std::numeric_limits<int64_t>::max();
-  for (const auto& [key, program] : by_signature_) {
+  for (const auto& program : programs_) {
     const ProgramManifest& m = program->manifest();
     const int64_t bucket = m.inputs[0].dims.empty() ? -1 : m.inputs[0].dims[0];
     if (bucket < batch || bucket >= best_batch) continue;
@@ -276,7 +363,8 @@ Selection TvmGraphModule::PadToBucket(const std::vector<at::Tensor>& inputs) con
     for (size_t i = 0; fits && i < inputs.size(); ++i) {
       const InputSpec& spec = m.inputs[i];
       const at::Tensor& t = inputs[i];
-      fits = DtypeName(t.scalar_type()) == spec.dtype &&
+      const char* dtype = SupportedDtypeName(t.scalar_type());
+      fits = dtype != nullptr && spec.dtype == dtype &&
              static_cast<size_t>(t.dim()) == spec.dims.size() && t.dim() > 0 &&
              t.size(0) == batch && spec.dims[0] == bucket;
       for (int64_t d = 1; fits && d < t.dim(); ++d) fits = t.size(d) == spec.dims[d];
@@ -287,26 +375,16 @@ Selection TvmGraphModule::PadToBucket(const std::vector<at::Tensor>& inputs) con
     }
   }
   if (best == nullptr) return {};
-  Selection selection{best, {}, batch, best_batch};
-  for (const at::Tensor& t : inputs) {
-    std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
-    shape[0] = best_batch;
-    at::Tensor padded = at::zeros(shape, t.options());
-    padded.narrow(0, 0, batch).copy_(t);
-    selection.padded.push_back(padded);
-  }
-  return selection;
+  return Selection{std::move(best), batch, best_batch};
 }
 
 std::vector<std::shared_ptr<CompiledProgram>> TvmGraphModule::Programs() const {
-  std::vector<std::shared_ptr<CompiledProgram>> out;
-  for (const std::string& key : load_order_) out.push_back(by_signature_.at(key));
-  return out;
+  return programs_;
 }
 
 void TvmGraphModule::ClearPrograms() {
-  by_signature_.clear();
-  load_order_.clear();
+  programs_.clear();
+  by_shape_.clear();
 }
 
 // ---- TvmVMModule ----
@@ -315,13 +393,17 @@ void TvmVMModule::AddProgram(std::shared_ptr<CompiledProgram> program) {
   program_ = std::move(program);  // one executable: loading again replaces it
 }
 
-Selection TvmVMModule::Select(const std::vector<at::Tensor>& inputs) const {
-  TORCH_CHECK(program_ != nullptr, "tvm_class: TvmVMModule has no compiled program; call "
-              "load_tvm_module first");
-  std::string mismatch = program_->manifest().Mismatch(inputs);
-  TORCH_CHECK(mismatch.empty(), "tvm_class: ", mismatch, "; compiled signature: ",
-              program_->manifest().SignatureString());
-  return Selection{program_, {}, -1, -1};
+Selection TvmVMModule::TrySelect(const std::vector<at::Tensor>& inputs) const {
+  if (program_ == nullptr || !program_->manifest().Matches(inputs)) return {};
+  return Selection{program_};
+}
+
+std::string TvmVMModule::NoMatchMessage(const std::vector<at::Tensor>& inputs) const {
+  if (program_ == nullptr) {
+    return "tvm_class: TvmVMModule has no compiled program; call load_tvm_module first";
+  }
+  return "tvm_class: " + program_->manifest().Mismatch(inputs) +
+         "; compiled signature: " + program_->manifest().SignatureString();
 }
 
 std::vector<std::shared_ptr<CompiledProgram>> TvmVMModule::Programs() const {

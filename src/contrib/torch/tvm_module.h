@@ -9,11 +9,11 @@
 #include <ATen/core/Dict.h>
 #include <torch/custom_class.h>
 
-#include <map>
+#include <cstdint>
 #include <memory>
 #include <shared_mutex>
 #include <string>
-#include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "compiled_program.h"
@@ -21,15 +21,14 @@
 
 namespace tvm_torch {
 
-/*! \brief Pickled state: (format version, header JSON, blobs as uint8 CPU tensors). */
-using SerializedState = std::tuple<int64_t, std::string, std::vector<at::Tensor>>;
-
-/*! \brief The program chosen for a call, and the inputs padded to its bucket if needed. */
+/*!
+ * \brief The program that serves a call. Choosing it copies nothing: padding a smaller batch
+ *        up to its bucket is left to Forward, so Accepts can ask the same question for free.
+ */
 struct Selection {
+  /*! \brief Null when no loaded program takes the inputs. */
   std::shared_ptr<CompiledProgram> program;
-  /*! \brief Inputs padded along dim 0 (empty when the inputs are used as they are). */
-  std::vector<at::Tensor> padded;
-  /*! \brief The caller's batch size and the bucket's, when padded. */
+  /*! \brief The caller's batch and the bucket's when the inputs must be padded, else -1. */
   int64_t batch = -1;
   int64_t bucket_batch = -1;
 };
@@ -92,8 +91,13 @@ class TvmModule : public torch::CustomClassHolder {
  protected:
   /*! \brief Accept or reject a newly loaded program (called under the write lock). */
   virtual void AddProgram(std::shared_ptr<CompiledProgram> program) = 0;
-  /*! \brief Pick the program for these inputs or throw a message listing what is loaded. */
-  virtual Selection Select(const std::vector<at::Tensor>& inputs) const = 0;
+  /*!
+   * \brief The program for these inputs (null program when none), called under the read lock
+   *        on every forward and accepts call: it throws nothing and builds no strings.
+   */
+  virtual Selection TrySelect(const std::vector<at::Tensor>& inputs) const = 0;
+  /*! \brief Why no program takes these inputs; made only when forward raises it. */
+  virtual std::string NoMatchMessage(const std::vector<at::Tensor>& inputs) const = 0;
   /*! \brief All loaded programs, in load order. */
   virtual std::vector<std::shared_ptr<CompiledProgram>> Programs() const = 0;
   /*! \brief Drop every loaded program. */
@@ -108,6 +112,11 @@ class TvmModule : public torch::CustomClassHolder {
   bool bucket_padding_ = false;
   /*! \brief Readers: forward. Writers: load, to(). */
   mutable std::shared_mutex mutex_;
+  /*!
+   * \brief Identifies the module in each thread's last-served map. Unlike `this`, an id is
+   *        never reused, so a new module cannot see a dead one's entry.
+   */
+  const uint64_t id_;
 };
 
 /*! \brief Static shapes: one compiled program per input signature, in a signature-keyed map. */
@@ -118,16 +127,22 @@ class TvmGraphModule : public TvmModule {
 
  protected:
   void AddProgram(std::shared_ptr<CompiledProgram> program) override;
-  Selection Select(const std::vector<at::Tensor>& inputs) const override;
+  Selection TrySelect(const std::vector<at::Tensor>& inputs) const override;
+  std::string NoMatchMessage(const std::vector<at::Tensor>& inputs) const override;
   std::vector<std::shared_ptr<CompiledProgram>> Programs() const override;
   void ClearPrograms() override;
 
  private:
-  /*! \brief The smallest bucket whose batch (dim 0) holds the inputs, with padded inputs. */
-  Selection PadToBucket(const std::vector<at::Tensor>& inputs) const;
+  /*! \brief The smallest bucket whose batch (dim 0) holds the inputs (null when none). */
+  Selection FindBucket(const std::vector<at::Tensor>& inputs) const;
 
-  std::map<std::string, std::shared_ptr<CompiledProgram>> by_signature_;
-  std::vector<std::string> load_order_;
+  /*! \brief Loaded programs in load order; one per signature. */
+  std::vector<std::shared_ptr<CompiledProgram>> programs_;
+  /*!
+   * \brief programs_ by a hash of their static signature: a call hashes its inputs' dtypes
+   *        and sizes once (no allocation) and checks the few candidates.
+   */
+  std::unordered_multimap<uint64_t, std::shared_ptr<CompiledProgram>> by_shape_;
 };
 
 /*! \brief Dynamic shapes: one compiled program whose inputs have symbolic dims. */
@@ -138,7 +153,8 @@ class TvmVMModule : public TvmModule {
 
  protected:
   void AddProgram(std::shared_ptr<CompiledProgram> program) override;
-  Selection Select(const std::vector<at::Tensor>& inputs) const override;
+  Selection TrySelect(const std::vector<at::Tensor>& inputs) const override;
+  std::string NoMatchMessage(const std::vector<at::Tensor>& inputs) const override;
   std::vector<std::shared_ptr<CompiledProgram>> Programs() const override;
   void ClearPrograms() override;
 

@@ -18,17 +18,15 @@ import torch
 import tvm
 from torch._export.converter import TS2EPConverter
 from tvm.relax.frontend import detach_params
-from tvm.relax.frontend.torch import from_exported_program
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
+from . import fx_passes
+from .converters import CUSTOM_CONVERTERS
 from .decompositions import decomposition_table
+from .errors import ConversionError
 from .script_rebuild import rebuild_eager
 
 logger = logging.getLogger(__name__)
-
-
-class ConversionError(RuntimeError):
-    """A model could not be converted to Relax; the message names the operators and places."""
 
 
 class _ShapedTS2EPConverter(TS2EPConverter):
@@ -175,7 +173,7 @@ def unsupported_operators(ep: torch.export.ExportedProgram) -> Dict[str, List[st
     dict of str to list of str
         Operator name to the places in the model where it occurs.
     """
-    supported = ExportedProgramImporter().convert_map
+    supported = set(ExportedProgramImporter().convert_map) | set(CUSTOM_CONVERTERS)
     missing: Dict[str, List[str]] = {}
     for node in ep.graph.nodes:
         if node.op != "call_function":
@@ -187,8 +185,49 @@ def unsupported_operators(ep: torch.export.ExportedProgram) -> Dict[str, List[st
 
 
 def decompose(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """Decompose to core ATen, including the fused transformer fast-path ops."""
-    return ep.run_decompositions(decomposition_table())
+    """Decompose to core ATen (fused transformer fast-path ops included), then make static
+    scalars and dtype promotion explicit (:mod:`.fx_passes`)."""
+    try:
+        ep = ep.run_decompositions(decomposition_table())
+    except Exception as err:  # pylint: disable=broad-except
+        raise ConversionError(f"tvm.contrib.torch: torch could not decompose the exported "
+                              f"program: {type(err).__name__}: {_first_line(err)}") from err
+    return fx_passes.run(ep)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class _NodeConversionError(Exception):
+    """Carries the FX node a converter failed on out of TVM's importer."""
+
+    def __init__(self, node: torch.fx.Node, error: BaseException):
+        super().__init__(str(error))
+        self.node = node
+        self.error = error
+
+
+def _reporting(converter):
+    def convert(node):
+        try:
+            return converter(node)
+        except _NodeConversionError:
+            raise
+        except Exception as err:  # pylint: disable=broad-except
+            raise _NodeConversionError(node, err) from err
+    return convert
+
+
+def _importer() -> ExportedProgramImporter:
+    """TVM's importer with our converters (:mod:`.converters`), every converter reporting the
+    node it fails on."""
+    importer = ExportedProgramImporter()
+    for name, converter in CUSTOM_CONVERTERS.items():
+        importer.convert_map[name] = (lambda node, f=converter: f(node, importer))
+    importer.convert_map = {name: _reporting(f) for name, f in importer.convert_map.items()}
+    return importer
 
 
 def to_relax(ep: torch.export.ExportedProgram) -> Tuple[tvm.IRModule, List[tvm.runtime.Tensor]]:
@@ -208,7 +247,19 @@ def to_relax(ep: torch.export.ExportedProgram) -> Tuple[tvm.IRModule, List[tvm.r
         raise ConversionError(
             "tvm.contrib.torch: TVM cannot convert these operators yet:\n" + "\n".join(lines))
     _drop_unused_constants(ep)
-    mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False)
+    try:
+        mod = _importer().from_exported_program(ep, True, False, False, None)
+    except _NodeConversionError as err:
+        node = err.node
+        name = getattr(node.target, "__name__", str(node.target))
+        raise ConversionError(
+            f"tvm.contrib.torch: TVM could not convert {name} at {_node_origin(node)}: "
+            f"{type(err.error).__name__}: {_first_line(err.error)}") from err.error
+    except ConversionError:
+        raise
+    except Exception as err:  # pylint: disable=broad-except
+        raise ConversionError(f"tvm.contrib.torch: TVM's importer failed: "
+                              f"{type(err).__name__}: {_first_line(err)}") from err
     mod, params = detach_params(mod)
     return mod, list(params.get("main", []))
 
@@ -220,12 +271,6 @@ def _drop_unused_constants(ep: torch.export.ExportedProgram) -> None:
         del ep._constants[name]  # pylint: disable=protected-access
 
 
-def input_names(ep: torch.export.ExportedProgram) -> List[str]:
-    """User input names of an exported program."""
-    return [spec.arg.name for spec in ep.graph_signature.input_specs
-            if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
-
-
 def relax_input_count(mod: tvm.IRModule) -> int:
     """Number of user inputs of ``main`` (the rest are params)."""
     return int(mod["main"].attrs["num_input"])
@@ -235,7 +280,6 @@ __all__ = [
     "ConversionError",
     "decompose",
     "freeze",
-    "input_names",
     "quiet_torchscript_warnings",
     "relax_input_count",
     "to_exported_program",

@@ -1,0 +1,258 @@
+"""Rewrites of a decomposed ``ExportedProgram`` that make real models import exactly into Relax.
+
+TVM's importer takes an FX graph node by node and trusts that each node's arguments already
+have the dtypes the operator computes in. PyTorch's graphs do not promise that: ``uint8 + 0.5``
+is one ``aten.add`` whose result is float32, a traced ``position_ids[:, :x.size(1)]`` leaves
+a chain of scalar tensors, ``_local_scalar_dense`` and runtime assertions on sizes. These
+passes run between :func:`tvm.contrib.torch.frontend.decompose` and the import:
+
+* :func:`fold_static_scalars`: sizes, scalar arithmetic and scalar tensors that depend only
+  on constants and static shapes are computed here; assertions that hold are removed, one
+  that fails raises :class:`ConversionError` with its message; assertions on symbolic sizes
+  are dropped (the runtime class checks input shapes against the compiled dim ranges).
+* :func:`make_promotion_explicit`: every elementwise operator whose tensor arguments differ
+  from the dtype it computes in (``torch.result_type``) gets explicit casts; bitwise operators
+  on ``bool`` become logical ones; Python-number divisors become typed scalar tensors.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from typing import Any, Dict, Optional
+
+import torch
+from torch import fx
+
+from .errors import ConversionError
+
+logger = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+
+#: Python operators on sizes that torch.export leaves in graphs (``operator.or_`` & co.).
+_PYTHON_SCALAR_OPS = frozenset({
+    operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+    operator.mod, operator.neg, operator.pow, operator.eq, operator.ne, operator.lt,
+    operator.le, operator.gt, operator.ge, operator.and_, operator.or_, operator.xor,
+    operator.not_, operator.invert, math.ceil, math.floor, math.trunc, min, max, abs,
+    torch.sym_float, torch.sym_int, torch.sym_max, torch.sym_min, torch.sym_not,
+})
+
+#: ATen operators on scalars whose value may be computed here when their inputs are known.
+_ATEN_SCALAR_OPS = frozenset({
+    aten.scalar_tensor.default, aten._local_scalar_dense.default, aten._to_copy.default,
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.div.Tensor_mode,
+    aten.floor_divide.default, aten.remainder.Scalar, aten.remainder.Tensor, aten.neg.default,
+    aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.clone.default,
+    aten.lift_fresh_copy.default, aten.ge.Scalar, aten.le.Scalar, aten.eq.Scalar,
+    aten.gt.Scalar, aten.lt.Scalar, aten.ne.Scalar, aten.ceil.default, aten.floor.default,
+})
+
+_ASSERTIONS = frozenset({aten._assert_scalar.default, aten.sym_constrain_range.default,
+                         aten.sym_constrain_range_for_size.default})
+
+_UNKNOWN = object()
+
+
+def _static_value(node: fx.Node) -> Any:
+    """A node's value when its ``meta['val']`` is a plain Python number (a static size)."""
+    val = node.meta.get("val")
+    if isinstance(val, (bool, int, float)):
+        return val
+    return _UNKNOWN
+
+
+def _is_small_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float)) or \
+        (isinstance(value, torch.Tensor) and value.numel() <= 1)
+
+
+def fold_static_scalars(graph_module: fx.GraphModule) -> None:
+    """Compute scalar values that depend only on constants and static sizes (in place).
+
+    Raises
+    ------
+    ConversionError
+        When a runtime assertion of the model fails at the shapes it is compiled for.
+    """
+    graph = graph_module.graph
+    known: Dict[fx.Node, Any] = {}
+
+    def value_of(arg):
+        if isinstance(arg, fx.Node):
+            return known.get(arg, _UNKNOWN)
+        if isinstance(arg, (list, tuple)):
+            items = [value_of(a) for a in arg]
+            return _UNKNOWN if any(i is _UNKNOWN for i in items) else type(arg)(items)
+        return arg
+
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if target in _ASSERTIONS:
+            condition = value_of(node.args[0]) if node.args else _UNKNOWN
+            if target is aten._assert_scalar.default and condition is not _UNKNOWN:
+                if not bool(condition):
+                    message = node.args[1] if len(node.args) > 1 else "an assertion"
+                    raise ConversionError(
+                        f"tvm.contrib.torch: the model's runtime check fails at the compiled "
+                        f"shapes: {message}")
+            # Holds, or is about symbolic sizes the runtime class bounds by dim_ranges.
+            graph.erase_node(node)
+            continue
+        if target is aten.sym_size.int or target is aten.sym_numel.default:
+            value = _static_value(node)
+            if value is not _UNKNOWN:
+                known[node] = value
+            continue
+        if target not in _PYTHON_SCALAR_OPS and target not in _ATEN_SCALAR_OPS:
+            continue
+        args, kwargs = value_of(list(node.args)), value_of(dict(node.kwargs))
+        if args is _UNKNOWN or any(v is _UNKNOWN for v in kwargs.values()):
+            value = _static_value(node)  # e.g. a comparison of static sizes
+            if value is not _UNKNOWN:
+                known[node] = value
+            continue
+        try:
+            value = target(*args, **kwargs)
+        except Exception:  # pylint: disable=broad-except
+            continue  # leave it to the importer
+        if _is_small_scalar(value):
+            known[node] = value
+
+    # Python numbers replace the nodes that computed them in their users' arguments; scalar
+    # tensors stay nodes (they are tensors to the operators reading them).
+    numbers = {n: v for n, v in known.items() if isinstance(v, (bool, int, float))}
+    for node in list(graph.nodes):
+        if node in numbers or node.op != "call_function":
+            continue
+        if any(isinstance(a, fx.Node) and a in numbers for a in node.all_input_nodes):
+            node.args = fx.map_arg(node.args, lambda a: numbers.get(a, a))
+            node.kwargs = fx.map_arg(node.kwargs, lambda a: numbers.get(a, a))
+    graph.eliminate_dead_code()
+    graph_module.recompile()
+
+
+#: Elementwise operators whose tensor arguments compute in the result dtype.
+_ARITHMETIC = frozenset({
+    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor,
+    aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode,
+    aten.div.Scalar_mode, aten.rsub.Tensor, aten.rsub.Scalar, aten.pow.Tensor_Tensor,
+    aten.pow.Tensor_Scalar, aten.remainder.Tensor, aten.remainder.Scalar, aten.fmod.Tensor,
+    aten.fmod.Scalar, aten.floor_divide.default, aten.maximum.default, aten.minimum.default,
+    aten.atan2.default, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor,
+    aten.bitwise_xor.Tensor, aten.bitwise_and.Scalar, aten.bitwise_or.Scalar,
+    aten.bitwise_xor.Scalar,
+})
+
+#: Comparisons: the result is bool; the arguments compute in their common dtype.
+_COMPARISONS = frozenset({
+    aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar, aten.lt.Tensor,
+    aten.lt.Scalar, aten.le.Tensor, aten.le.Scalar, aten.gt.Tensor, aten.gt.Scalar,
+    aten.ge.Tensor, aten.ge.Scalar,
+})
+
+#: Bitwise operators on bool are logical ones (TVM's bitwise ops take integers only).
+_LOGICAL_OF_BITWISE = {
+    aten.bitwise_and.Tensor: aten.logical_and.default,
+    aten.bitwise_or.Tensor: aten.logical_or.default,
+    aten.bitwise_xor.Tensor: aten.logical_xor.default,
+    aten.bitwise_not.default: aten.logical_not.default,
+}
+
+#: Divisions whose Python-number operand TVM's importer types as int32/float32 regardless of
+#: the tensor's dtype: the operand becomes a scalar tensor of the compute dtype.
+_DIVISIONS = {
+    aten.div.Tensor: aten.div.Tensor,
+    aten.div.Scalar: aten.div.Tensor,
+    aten.div.Tensor_mode: aten.div.Tensor_mode,
+    aten.div.Scalar_mode: aten.div.Tensor_mode,
+    aten.floor_divide.default: aten.floor_divide.default,
+}
+
+
+def _tensor_val(arg) -> Optional[torch.Tensor]:
+    if isinstance(arg, fx.Node):
+        val = arg.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return val
+    return None
+
+
+def _example(value):
+    """A stand-in with the dtype category and dimensionality ``torch.result_type`` reads."""
+    val = _tensor_val(value)
+    if val is not None:
+        return torch.empty((0,) * val.dim(), dtype=val.dtype)
+    return value
+
+
+def _cast(graph: fx.Graph, before: fx.Node, arg: fx.Node, dtype: torch.dtype) -> fx.Node:
+    with graph.inserting_before(before):
+        cast = graph.call_function(aten._to_copy.default, (arg,), {"dtype": dtype})
+    val = _tensor_val(arg)
+    if val is not None:
+        cast.meta["val"] = val.to(dtype)
+    return cast
+
+
+def _scalar_tensor(graph: fx.Graph, before: fx.Node, value, dtype: torch.dtype) -> fx.Node:
+    with graph.inserting_before(before):
+        node = graph.call_function(aten.scalar_tensor.default, (value,), {"dtype": dtype})
+    out = before.meta.get("val")
+    if isinstance(out, torch.Tensor):
+        node.meta["val"] = torch.empty((), dtype=dtype, device=out.device)
+    return node
+
+
+def make_promotion_explicit(graph_module: fx.GraphModule) -> None:
+    """Cast the arguments of elementwise operators to the dtype PyTorch computes in (in place)."""
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        target = node.target
+        out = node.meta.get("val")
+        if not isinstance(out, torch.Tensor):
+            continue
+        if target in _LOGICAL_OF_BITWISE and out.dtype == torch.bool:
+            node.target = _LOGICAL_OF_BITWISE[target]
+            continue
+        if target in _ARITHMETIC:
+            compute = out.dtype
+            positions = range(len(node.args))
+        elif target in _COMPARISONS:
+            compute = torch.result_type(_example(node.args[0]), _example(node.args[1]))
+            positions = range(2)
+        elif target is aten.where.self:
+            compute = out.dtype
+            positions = (1, 2)
+        else:
+            continue
+        args = list(node.args)
+        for position in positions:
+            if position >= len(args):
+                continue
+            arg = args[position]
+            val = _tensor_val(arg)
+            if val is not None and val.dtype != compute:
+                args[position] = _cast(graph, node, arg, compute)
+            elif target in _DIVISIONS and position == 1 and \
+                    isinstance(arg, (int, float)) and not isinstance(arg, bool):
+                args[position] = _scalar_tensor(graph, node, arg, compute)
+                node.target = _DIVISIONS[target]
+        node.args = tuple(args)
+    graph.lint()
+    graph_module.recompile()
+
+
+def run(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """All rewrites, in place on ``ep``'s graph; returns ``ep``."""
+    fold_static_scalars(ep.graph_module)
+    make_promotion_explicit(ep.graph_module)
+    return ep
+
+
+__all__ = ["fold_static_scalars", "make_promotion_explicit", "run"]

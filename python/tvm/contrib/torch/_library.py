@@ -1,16 +1,26 @@
 """Locating and loading the C++ runtime library that registers ``torch.classes.tvm_class``."""
 from __future__ import annotations
 
+import json
 import os
 import threading
+from typing import Any, Dict
 
 import torch
+import tvm
 
 _LOCK = threading.Lock()
 _LOADED_PATH: str | None = None
 
 #: Environment variable that points at a runtime library built outside the package.
 LIBRARY_PATH_ENV = "TVM_TORCH_RUNTIME_LIBRARY"
+
+#: File name of the runtime library (CMake target ``tvm_torch_runtime``), installed in the
+#: package's ``lib/`` folder. The one place Python spells it.
+RUNTIME_LIBRARY_NAME = "libtvm_torch_runtime.so"
+
+#: TVM-FFI global function, registered by the library, that describes what it reads.
+_CONTRACT_FUNC = "tvm_torch.runtime_contract"
 
 
 def _build_info():
@@ -22,7 +32,7 @@ def _build_info():
 
 
 def runtime_library_path() -> str:
-    """Absolute path of the runtime library (``libtvm_torch_runtime.so``).
+    """Absolute path of the runtime library (:data:`RUNTIME_LIBRARY_NAME`).
 
     C++ programs need it to link against or ``dlopen`` the library before loading a saved
     model. ``$TVM_TORCH_RUNTIME_LIBRARY`` overrides the installed location.
@@ -35,7 +45,7 @@ def runtime_library_path() -> str:
     override = os.environ.get(LIBRARY_PATH_ENV)
     if override:
         return os.path.abspath(override)
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib", "libtvm_torch_runtime.so")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib", RUNTIME_LIBRARY_NAME)
 
 
 def load_runtime_library() -> str:
@@ -78,3 +88,32 @@ def load_runtime_library() -> str:
             raise RuntimeError(f"tvm.contrib.torch: cannot load {path}: {err}; {hint}") from err
         _LOADED_PATH = path
         return path
+
+
+def runtime_contract() -> Dict[str, Any]:
+    """What the loaded runtime library reads, as it reports it.
+
+    Python writes manifests and checks dtypes with its own constants; this is the library's
+    side of that contract, for tests and diagnostics to compare against.
+
+    Returns
+    -------
+    contract : dict
+        ``manifest_format_version`` (int, the graph manifest version it loads),
+        ``state_format_version`` (int, the pickled module state version it reads and writes)
+        and ``supported_dtypes`` (list of str, the input dtypes a program may take).
+
+    Raises
+    ------
+    RuntimeError
+        If the library cannot be loaded or does not register the contract function (a
+        library older than this package).
+    """
+    load_runtime_library()
+    func = tvm.get_global_func(_CONTRACT_FUNC, allow_missing=True)
+    if func is None:
+        raise RuntimeError(
+            f"tvm.contrib.torch: the runtime library at {_LOADED_PATH} does not register "
+            f"{_CONTRACT_FUNC}; it is older than this package, rebuild it"
+        )
+    return json.loads(str(func()))

@@ -1,12 +1,13 @@
 """tvm.contrib.torch (PyTorchTVM): compile PyTorch models with TVM, run them in TorchScript.
 
-The pipeline, one module per step: :mod:`.frontend` (model -> Relax), :mod:`.passes`
-(Relax optimisations), :mod:`.vendor_kernels` (oneDNN/MKL offload on CPU), :mod:`.tuning`
-(MetaSchedule), :mod:`.build` (targets, schedules, compilation), :mod:`.export` (files),
-:mod:`.module` (``nn.Module`` wrappers of the ``torch.classes.tvm_class`` runtime classes)
-and :mod:`.compiler` (``compile`` / ``PyTorchTVMModule``). Partial offload:
-:mod:`.graph_partition` (which TorchScript nodes TVM takes) and :mod:`.partitioner`
-(``partition``: compile those, keep the rest in TorchScript).
+The pipeline, one module per step: :mod:`.options` (the option table, parsed once),
+:mod:`.frontend` (model -> Relax), :mod:`.passes` (Relax optimisations),
+:mod:`.vendor_kernels` (oneDNN/MKL/cuDNN/cuBLAS/ATen offload), :mod:`.tuning` (MetaSchedule),
+:mod:`.build` (targets, schedules, compilation), :mod:`.export` (files), :mod:`.module`
+(``nn.Module`` wrappers of the ``torch.classes.tvm_class`` runtime classes),
+:mod:`.pipeline` (``PyTorchTVMModule`` and ``compile_program``: the steps in order) and
+:mod:`.compiler` (``compile``). Partial offload: the :mod:`.partitioning` package
+(``partition``: compile what TVM supports, keep the rest in TorchScript).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ load_runtime_library()
 from .compiler import PyTorchTVMModule, compile  # noqa: E402  pylint: disable=redefined-builtin
 from .frontend import ConversionError  # noqa: E402
 from .module import GraphModule, VMModule  # noqa: E402
-from .partitioner import PartitionReport, partition, partition_report  # noqa: E402
+from .partitioning import PartitionReport, partition, partition_report  # noqa: E402
 
 __all__ = [
     "ConversionError",

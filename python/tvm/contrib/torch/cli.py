@@ -19,13 +19,13 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from .dtypes import COMPUTE_DTYPES
 from .frontend import ConversionError
+from .options import cli_help, parse_options
+from .partitioning import partition_report, partition_with_options
 from .timing import measure
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
 
 class CliError(Exception):
     """An error reported as one line with a non-zero exit code."""
@@ -60,8 +60,6 @@ def _argument_names(model: torch.jit.ScriptModule) -> List[str]:
 
 def compile_command(args: argparse.Namespace) -> None:
     """The ``compile`` subcommand."""
-    from . import partition, partition_report  # pylint: disable=import-outside-toplevel
-
     for name in args.import_module or []:
         try:
             importlib.import_module(name)
@@ -82,7 +80,7 @@ def compile_command(args: argparse.Namespace) -> None:
     if len(infos) != len(names):
         raise CliError(f"the model's forward takes {len(names)} tensor(s) ({', '.join(names)}) "
                        f"but {len(infos)} --input given")
-    dtype = _DTYPES[args.dtype]
+    dtype = getattr(torch, args.dtype)
     if dtype != torch.float32:
         model = model.to(dtype)
     generator = torch.Generator().manual_seed(0)
@@ -94,9 +92,10 @@ def compile_command(args: argparse.Namespace) -> None:
         option["tuning_log_file"] = args.tuning_log
     with tempfile.TemporaryDirectory(prefix="tvm_torch_cli_") as workdir:
         option["export_dir"] = os.path.join(workdir, "export")
+        opts = parse_options(option, require_input_infos=False)
         start = time.perf_counter()
         with torch.no_grad():
-            replacement = partition(model, inputs, option)
+            replacement = partition_with_options(model, inputs, opts)
         compile_s = time.perf_counter() - start
         out_dir = os.path.dirname(os.path.abspath(args.output))
         tmp_out = os.path.join(out_dir, f".{os.path.basename(args.output)}.partial")
@@ -129,24 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("model", help="the saved TorchScript model (torch.jit.save)")
     comp.add_argument("--input", action="append", required=True, metavar="NAME:SHAPE",
                       help="one per forward argument, in order, e.g. x:1x3x224x224")
-    comp.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
+    comp.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
                       help="compute and input/output dtype (default float32)")
-    comp.add_argument("--trials", type=int, default=0,
-                      help="MetaSchedule tuning trials (default 0: no tuning)")
-    comp.add_argument("--tuning-log", help="MetaSchedule log to write and re-use")
+    comp.add_argument("--trials", type=int, default=0, help=cli_help("tuning_n_trials"))
+    comp.add_argument("--tuning-log", help=cli_help("tuning_log_file"))
     comp.add_argument("--import-module", action="append", metavar="MODULE",
                       help="a Python module to import first, e.g. one registering the model's "
                            "custom operators with torch.library (repeatable)")
     comp.add_argument("--load-library", action="append", metavar="PATH",
                       help="a custom-operator library to load first with "
                            "torch.ops.load_library (repeatable)")
-    comp.add_argument("--min-block-size", type=int, default=3,
-                      help="the fewest operators a TVM subgraph may have (default 3)")
+    comp.add_argument("--min-block-size", type=int, default=3, help=cli_help("min_block_size"))
     comp.add_argument("--torch-executed-op", action="append", metavar="KIND",
-                      help="an operator kind that stays in TorchScript, e.g. aten::softmax "
-                           "(repeatable)")
+                      help=cli_help("torch_executed_ops", "; one per flag (repeatable)"))
     comp.add_argument("--require-full-compilation", action="store_true",
-                      help="fail instead of keeping operators in TorchScript")
+                      help=cli_help("require_full_compilation"))
     comp.add_argument("--repeat", type=int, default=10,
                       help="timed calls for the before/after report (default 10)")
     comp.add_argument("-o", "--output", required=True, help="where to save the result")

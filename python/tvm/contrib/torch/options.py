@@ -1,10 +1,20 @@
-"""The ``option`` dict of :func:`tvm.contrib.torch.compile`: keys, defaults and checks."""
+"""The ``option`` dict of :func:`tvm.contrib.torch.compile`: one table of keys, parsed once.
+
+:data:`OPTIONS` holds one :class:`OptionSpec` per key (parser, default, meaning, whether it
+applies only to partitioning). :func:`parse_options` turns an option dict into the typed
+:class:`CompileOptions` that the pipeline and the partitioner take; the same table generates
+the docs' options section (:func:`options_markdown`) and the command line's help
+(:func:`cli_help`), so the three cannot drift apart.
+"""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+import re
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 import torch
+
+from .dtypes import COMPUTE_DTYPES, SUPPORTED_DTYPES
 
 #: A dim is an int (static) or a str (symbolic, named).
 Dim = Union[int, str]
@@ -26,7 +36,7 @@ class InputInfo:
 
 @dataclasses.dataclass
 class CompileOptions:
-    """Validated compile options (see :data:`OPTION_DOCS`)."""
+    """Validated compile options (see :data:`OPTIONS`)."""
 
     buckets: List[List[InputInfo]]
     default_dtype: str = "float32"
@@ -44,8 +54,15 @@ class CompileOptions:
     torch_executed_ops: Tuple[str, ...] = ()
     require_full_compilation: bool = False
     dynamic_shapes: bool = True
-    #: Whether ``tuning_log_file`` was given (an existing log is then applied untuned).
-    tuning_log_explicit: bool = False
+    verify: bool = True
+    example_inputs: Optional[Tuple[torch.Tensor, ...]] = None
+    #: The keys the option dict named (the rest took their defaults).
+    given: FrozenSet[str] = frozenset()
+
+    @property
+    def tuning_log_explicit(self) -> bool:
+        """Whether ``tuning_log_file`` was given (an existing log is then applied untuned)."""
+        return "tuning_log_file" in self.given
 
     @property
     def num_inputs(self) -> int:
@@ -58,53 +75,16 @@ class CompileOptions:
         return any(not info.is_static for bucket in self.buckets for info in bucket)
 
 
-#: Every accepted key with its meaning.
-OPTION_DOCS = {
-    "input_infos": "list of (name, shape[, dtype]) per input; a list of such lists compiles "
-                   "one program per shape set (buckets); a str dim is symbolic",
-    "default_dtype": '"float32" or "float16": the dtype the model computes in and floating '
-                     "inputs/outputs use",
-    "export_dir": "directory for the compiled library, graph and params",
-    "num_outputs": "number of output tensors (checked against the model)",
-    "tuning_n_trials": "MetaSchedule trials; 0 skips tuning",
-    "tuning_log_file": "MetaSchedule log (tuning records); re-used when it exists",
-    "target": "TVM target (dict, Target, 'llvm' or 'cuda'); default: this CPU, or the GPU "
-              "when device is CUDA",
-    "device": '"cpu", "cuda" or "cuda:N"; default: where the model\'s parameters are',
-    "dim_ranges": "{dim_name: (min, max)} for symbolic dims",
-    "vendor_kernels": "run convolutions and matmuls on PyTorch's oneDNN/MKL kernels on CPU "
-                      "(default True)",
-    "bucket_padding": "pad a smaller batch (dim 0) up to the nearest compiled bucket and slice "
-                      "the outputs back (default False; only for models whose batch rows are "
-                      "independent)",
-    "partition": "compile only the parts TVM supports and keep the rest (control flow, "
-                 "custom and unsupported operators) in TorchScript; returns a ScriptModule "
-                 "with the model's own forward signature (default False)",
-    "min_block_size": "partition: the fewest operators a TVM subgraph may have (default 3)",
-    "torch_executed_ops": 'partition: operator kinds that stay in TorchScript, e.g. '
-                          '["aten::softmax"]',
-    "require_full_compilation": "partition: raise instead of keeping any operator in "
-                                "TorchScript (default False)",
-    "dynamic_shapes": "partition: compile subgraphs whose sizes vary between calls (loop "
-                      "iterations) with symbolic dims (TvmVMModule) instead of keeping them in "
-                      "TorchScript (default True)",
-}
-
-#: Keys that only apply with ``"partition": True``.
-PARTITION_KEYS = ("min_block_size", "torch_executed_ops", "require_full_compilation",
-                  "dynamic_shapes")
-
-_FLOAT_DTYPES = ("float32", "float16")
-
-
 def _fail(message: str) -> None:
     raise ValueError(f"tvm.contrib.torch.compile: {message}")
 
 
-def _parse_info(item: Any, index: int, default_dtype: str) -> InputInfo:
-    if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
-        _fail(f"input_infos[{index}] must be (name, shape) or (name, shape, dtype), got {item!r}")
-    name, shape = item[0], item[1]
+def make_input_info(name: Any, shape: Any, dtype: Any, default_dtype: str,
+                    index: int) -> InputInfo:
+    """A checked :class:`InputInfo`; floating dtypes become ``default_dtype``.
+
+    ``index`` is the input's position, for error messages.
+    """
     if not isinstance(name, str):
         _fail(f"input_infos[{index}] name must be a str, got {type(name).__name__}")
     if isinstance(shape, torch.Size):
@@ -119,29 +99,245 @@ def _parse_info(item: Any, index: int, default_dtype: str) -> InputInfo:
         if isinstance(dim, int) and dim <= 0:
             _fail(f"input_infos[{index}] ('{name}') dims must be positive, got {dim}")
         dims.append(dim)
-    dtype = item[2] if len(item) == 3 else default_dtype
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).replace("torch.", "")
-    if dtype not in ("float32", "float16", "bfloat16", "float64", "int8", "int16", "int32",
-                     "int64", "uint8", "bool"):
+    if dtype not in SUPPORTED_DTYPES:
         _fail(f"input_infos[{index}] ('{name}') has unsupported dtype {dtype!r}")
-    if dtype in _FLOAT_DTYPES:
+    if dtype in COMPUTE_DTYPES:
         dtype = default_dtype
     return InputInfo(name, tuple(dims), dtype)
+
+
+def _parse_info(item: Any, index: int, default_dtype: str) -> InputInfo:
+    if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+        _fail(f"input_infos[{index}] must be (name, shape) or (name, shape, dtype), got {item!r}")
+    dtype = item[2] if len(item) == 3 else default_dtype
+    return make_input_info(item[0], item[1], dtype, default_dtype, index)
 
 
 def _is_info(item: Any) -> bool:
     return isinstance(item, (tuple, list)) and len(item) in (2, 3) and isinstance(item[0], str)
 
 
+def _parse_input_infos(value: Any, default_dtype: str) -> List[List[InputInfo]]:
+    """One list of :class:`InputInfo` per bucket; a flat list is one bucket."""
+    if not value or not isinstance(value, (list, tuple)):
+        _fail(f"input_infos is required: a list of (name, shape) per input, got {value!r}")
+    sets = [value] if _is_info(value[0]) else list(value)
+    buckets = []
+    for set_index, info_set in enumerate(sets):
+        if not isinstance(info_set, (list, tuple)) or not info_set:
+            _fail(f"input_infos bucket {set_index} must be a non-empty list of (name, shape)")
+        buckets.append([_parse_info(item, i, default_dtype)
+                        for i, item in enumerate(info_set)])
+    names = [i.name for i in buckets[0]]
+    for set_index, bucket in enumerate(buckets[1:], 1):
+        if [i.name for i in bucket] != names:
+            _fail(f"input_infos bucket {set_index} has inputs {[i.name for i in bucket]}, "
+                  f"bucket 0 has {names}")
+    return buckets
+
+
+def check_dim_ranges(value: Any) -> Dict[str, Tuple[int, int]]:
+    """``{dim_name: (min, max)}`` with ``0 < min <= max``; None is no ranges."""
+    dim_ranges = {}
+    for dim_name, bounds in (value or {}).items():
+        if (not isinstance(bounds, (tuple, list)) or len(bounds) != 2
+                or not all(isinstance(b, int) and b > 0 for b in bounds) or bounds[0] > bounds[1]):
+            _fail(f"dim_ranges['{dim_name}'] must be (min, max) with 0 < min <= max, "
+                  f"got {bounds!r}")
+        dim_ranges[dim_name] = (int(bounds[0]), int(bounds[1]))
+    return dim_ranges
+
+
+def _int_at_least(minimum: int, allow_none: bool = False) -> Callable[[str, Any], Any]:
+    def parse(key: str, value: Any) -> Optional[int]:
+        if value is None and allow_none:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            _fail(f"{key} must be an int >= {minimum}, got {value!r}")
+        return value
+    return parse
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        _fail(f"{key} must be a bool, got {value!r}")
+    return value
+
+
+def _path(allow_bytes: bool) -> Callable[[str, Any], str]:
+    def parse(key: str, value: Any) -> str:
+        kinds = (str, bytes) if allow_bytes else (str,)
+        if not isinstance(value, kinds) and not hasattr(value, "__fspath__"):
+            _fail(f"{key} must be a path, got {value!r}")
+        return str(value)
+    return parse
+
+
+def _default_dtype(key: str, value: Any) -> str:
+    if value not in COMPUTE_DTYPES:
+        _fail(f"{key} must be one of {list(COMPUTE_DTYPES)}, got {value!r}")
+    return value
+
+
+def _device(key: str, value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    device = str(torch.device(value))
+    if not (device == "cpu" or device.startswith("cuda")):
+        _fail(f"{key} must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return device
+
+
+def _operator_kinds(key: str, value: Any) -> Tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set)) or \
+            not all(isinstance(k, str) and "::" in k for k in value):
+        _fail(f"{key} must be a list of operator kinds such as 'aten::relu', got {value!r}")
+    return tuple(value)
+
+
+def _tensors_or_none(key: str, value: Any) -> Optional[Tuple[torch.Tensor, ...]]:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, torch.Tensor)
+                                                       for t in value):
+        _fail(f"{key} must be a list or tuple of tensors, got {value!r}")
+    return tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionSpec:
+    """One key of the option dict.
+
+    Attributes
+    ----------
+    name : str
+        The key.
+    parse : callable or None
+        ``parse(key, value) -> typed value``; raises ``ValueError`` naming the key. Called only
+        for keys the dict names. None for ``input_infos``, parsed apart: it depends on
+        ``default_dtype`` and is optional for :func:`~tvm.contrib.torch.partition`.
+    default : object
+        The typed value when the key is left out.
+    doc : str
+        Its meaning (Markdown: the docs' table and, without backticks, the CLI's help).
+    default_doc : str, optional
+        How the docs show the default, when not ``default`` itself.
+    partition_only : bool
+        Whether the key applies only with ``"partition": True``.
+    """
+
+    name: str
+    parse: Optional[Callable[[str, Any], Any]]
+    default: Any
+    doc: str
+    default_doc: Optional[str] = None
+    partition_only: bool = False
+
+    def shown_default(self) -> str:
+        """The default as the docs show it (Markdown)."""
+        if self.default_doc is not None:
+            return self.default_doc
+        if isinstance(self.default, str):
+            return f'`"{self.default}"`'
+        if isinstance(self.default, tuple):
+            return f"`{list(self.default)}`"
+        return f"`{self.default}`"
+
+
+#: Every accepted key, in the order the docs and error messages list them.
+OPTIONS: Tuple[OptionSpec, ...] = (
+    OptionSpec("input_infos", None, None,
+               "`[(name, shape[, dtype]), ...]`; a list of such lists compiles one program per "
+               "shape set; a `str` dim is symbolic", default_doc="required"),
+    OptionSpec("default_dtype", _default_dtype, "float32",
+               '`"float32"` or `"float16"`: the dtype the model computes in and its floating '
+               "inputs/outputs use"),
+    OptionSpec("export_dir", _path(allow_bytes=True), "pytorch_compiled",
+               "where the compiled library, graph and params go"),
+    OptionSpec("num_outputs", _int_at_least(1, allow_none=True), None,
+               "number of outputs, checked against the model", default_doc="from the model"),
+    OptionSpec("tuning_n_trials", _int_at_least(0), 0,
+               "MetaSchedule trial budget; `0` skips tuning"),
+    OptionSpec("tuning_log_file", _path(allow_bytes=False), "tuning.log",
+               "MetaSchedule log, re-used when it exists"),
+    OptionSpec("target", lambda key, value: value, None,
+               'TVM target (`dict`, `Target`, `"llvm"`, `"cuda"`)',
+               default_doc="this CPU (its model, features and cores), or the GPU when `device` "
+                           "is CUDA"),
+    OptionSpec("device", _device, None, '`"cpu"`, `"cuda"`, `"cuda:N"`',
+               default_doc="where the model's parameters are"),
+    OptionSpec("dim_ranges", lambda key, value: check_dim_ranges(value), {},
+               "`{dim_name: (min, max)}` for symbolic dims", default_doc="`(1, 2**20)`"),
+    OptionSpec("vendor_kernels", _bool, True,
+               "run convolutions, matmuls and attention on oneDNN/MKL/ATen (CPU) or "
+               "cuDNN/cuBLAS/ATen (CUDA) through libtorch, and layer norm and softmax on ATen; "
+               "on CPU also pooling and transcendental elementwise ops (gelu, sigmoid, tanh, "
+               "silu, exp)"),
+    OptionSpec("bucket_padding", _bool, False,
+               "pad a smaller batch up to the nearest compiled bucket, slice outputs back (only "
+               "for models whose batch rows are independent)"),
+    OptionSpec("verify", _bool, True,
+               "after building, run the compiled program and the source model on the same "
+               "inputs and raise `ConversionError` naming the first output that differs beyond "
+               "a dtype-aware tolerance; turn off for nondeterministic models"),
+    OptionSpec("example_inputs", _tensors_or_none, None,
+               "inputs (a list or tuple of tensors) for the verification run",
+               default_doc="generated from `input_infos`"),
+    OptionSpec("partition", _bool, False,
+               "compile the parts TVM supports, keep the rest in TorchScript; returns a "
+               "`ScriptModule` with the model's `forward` signature"),
+    OptionSpec("min_block_size", _int_at_least(1), 3,
+               "the fewest operators a TVM subgraph may have (a fused transformer kernel counts "
+               "as enough)", partition_only=True),
+    OptionSpec("torch_executed_ops", _operator_kinds, (),
+               'operator kinds that stay in TorchScript, e.g. `["aten::softmax"]`',
+               partition_only=True),
+    OptionSpec("require_full_compilation", _bool, False,
+               "raise instead of keeping any operator in TorchScript", partition_only=True),
+    OptionSpec("dynamic_shapes", _bool, True,
+               "compile subgraphs whose sizes vary between calls with symbolic dims "
+               "(`TvmVMModule`; else keep them in TorchScript)", partition_only=True),
+)
+
+#: The table by key.
+OPTIONS_BY_NAME: Dict[str, OptionSpec] = {spec.name: spec for spec in OPTIONS}
+
+#: Keys that only apply with ``"partition": True``.
+PARTITION_KEYS = tuple(spec.name for spec in OPTIONS if spec.partition_only)
+
+
+def _plain(text: str) -> str:
+    """Markdown without code spans (for error messages and the CLI's help)."""
+    return text.replace("`", "")
+
+
+def _described(spec: OptionSpec) -> str:
+    return ("partition: " if spec.partition_only else "") + spec.doc
+
+
+def _check_known(option: Any) -> Dict[str, Any]:
+    if option is None:
+        return {}
+    if not isinstance(option, dict):
+        raise TypeError(f"tvm.contrib.torch.compile: option must be a dict, got "
+                        f"{type(option).__name__}")
+    unknown = sorted(set(option) - set(OPTIONS_BY_NAME))
+    if unknown:
+        valid = "\n".join(f"  {spec.name}: {_plain(_described(spec))}" for spec in OPTIONS)
+        _fail(f"unknown option key(s) {unknown}; valid keys are:\n{valid}")
+    return option
+
+
 def parse_options(option: Optional[Dict[str, Any]],
                   require_input_infos: bool = True) -> CompileOptions:
-    """Validate the ``option`` dict.
+    """Validate the ``option`` dict into :class:`CompileOptions`.
 
     Parameters
     ----------
     option : dict or None
-        The options (see :data:`OPTION_DOCS`).
+        The options (see :data:`OPTIONS`).
     require_input_infos : bool
         Whether ``input_infos`` must be given (``partition`` takes example inputs instead).
 
@@ -150,93 +346,48 @@ def parse_options(option: Optional[Dict[str, Any]],
     ValueError, TypeError
         For unknown keys (the message lists the valid ones) and values of the wrong kind.
     """
-    if option is None:
-        option = {}
-    if not isinstance(option, dict):
-        raise TypeError(f"tvm.contrib.torch.compile: option must be a dict, got "
-                        f"{type(option).__name__}")
-    unknown = sorted(set(option) - set(OPTION_DOCS))
-    if unknown:
-        valid = "\n".join(f"  {k}: {v}" for k, v in OPTION_DOCS.items())
-        _fail(f"unknown option key(s) {unknown}; valid keys are:\n{valid}")
-
-    default_dtype = option.get("default_dtype", "float32")
-    if default_dtype not in _FLOAT_DTYPES:
-        _fail(f"default_dtype must be one of {list(_FLOAT_DTYPES)}, got {default_dtype!r}")
-
+    option = _check_known(option)
+    values: Dict[str, Any] = {}
+    for spec in OPTIONS:
+        if spec.parse is None:
+            continue
+        values[spec.name] = spec.parse(spec.name, option[spec.name]) if spec.name in option \
+            else spec.default
     infos = option.get("input_infos")
     if infos is None and not require_input_infos:
-        sets = []
-    elif not infos or not isinstance(infos, (list, tuple)):
-        _fail(f"input_infos is required: a list of (name, shape) per input, got {infos!r}")
+        buckets: List[List[InputInfo]] = []
     else:
-        sets = [infos] if _is_info(infos[0]) else list(infos)
-    buckets = []
-    for set_index, info_set in enumerate(sets):
-        if not isinstance(info_set, (list, tuple)) or not info_set:
-            _fail(f"input_infos bucket {set_index} must be a non-empty list of (name, shape)")
-        buckets.append([_parse_info(item, i, default_dtype) for i, item in enumerate(info_set)])
-    names = [i.name for i in buckets[0]] if buckets else []
-    for set_index, bucket in enumerate(buckets[1:], 1):
-        if [i.name for i in bucket] != names:
-            _fail(f"input_infos bucket {set_index} has inputs {[i.name for i in bucket]}, "
-                  f"bucket 0 has {names}")
+        buckets = _parse_input_infos(infos, values["default_dtype"])
+    values["dim_ranges"] = dict(values["dim_ranges"])
+    return CompileOptions(buckets=buckets, given=frozenset(option), **values)
 
-    def _int(key, default, minimum):
-        value = option.get(key, default)
-        if value is None and default is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            _fail(f"{key} must be an int >= {minimum}, got {value!r}")
-        return value
 
-    dim_ranges = {}
-    for dim_name, bounds in (option.get("dim_ranges") or {}).items():
-        if (not isinstance(bounds, (tuple, list)) or len(bounds) != 2
-                or not all(isinstance(b, int) and b > 0 for b in bounds) or bounds[0] > bounds[1]):
-            _fail(f"dim_ranges['{dim_name}'] must be (min, max) with 0 < min <= max, "
-                  f"got {bounds!r}")
-        dim_ranges[dim_name] = (int(bounds[0]), int(bounds[1]))
+def options_markdown() -> str:
+    """The docs' options table (docs/README.md, section Options), generated from :data:`OPTIONS`."""
+    lines = ["| key | meaning | default |", "|---|---|---|"]
+    lines += [f"| `{spec.name}` | {_described(spec)} | {spec.shown_default()} |"
+              for spec in OPTIONS]
+    return "\n".join(lines) + "\n"
 
-    device = option.get("device")
-    if device is not None:
-        device = str(torch.device(device))
-        if not (device == "cpu" or device.startswith("cuda")):
-            _fail(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    export_dir = option.get("export_dir", "pytorch_compiled")
-    if not isinstance(export_dir, (str, bytes)) and not hasattr(export_dir, "__fspath__"):
-        _fail(f"export_dir must be a path, got {export_dir!r}")
-    log_file = option.get("tuning_log_file", "tuning.log")
-    if not isinstance(log_file, str) and not hasattr(log_file, "__fspath__"):
-        _fail(f"tuning_log_file must be a path, got {log_file!r}")
-    executed = option.get("torch_executed_ops", ())
-    if isinstance(executed, str) or not isinstance(executed, (list, tuple, set)) or \
-            not all(isinstance(k, str) and "::" in k for k in executed):
-        _fail("torch_executed_ops must be a list of operator kinds such as 'aten::relu', "
-              f"got {executed!r}")
-    for key in ("vendor_kernels", "bucket_padding", "partition", "require_full_compilation",
-                "dynamic_shapes"):
-        if key in option and not isinstance(option[key], bool):
-            _fail(f"{key} must be a bool, got {option[key]!r}")
-    return CompileOptions(
-        buckets=buckets,
-        default_dtype=default_dtype,
-        export_dir=str(export_dir),
-        num_outputs=_int("num_outputs", None, 1),
-        tuning_n_trials=_int("tuning_n_trials", 0, 0),
-        tuning_log_file=str(log_file),
-        target=option.get("target"),
-        device=device,
-        dim_ranges=dim_ranges,
-        vendor_kernels=option.get("vendor_kernels", True),
-        bucket_padding=option.get("bucket_padding", False),
-        partition=option.get("partition", False),
-        min_block_size=_int("min_block_size", 3, 1),
-        torch_executed_ops=tuple(executed),
-        require_full_compilation=option.get("require_full_compilation", False),
-        dynamic_shapes=option.get("dynamic_shapes", True),
-        tuning_log_explicit="tuning_log_file" in option,
-    )
+
+def cli_help(name: str, extra: str = "") -> str:
+    """The command line's help for the flag that sets option ``name`` (argparse-escaped)."""
+    spec = OPTIONS_BY_NAME[name]
+    text = _plain(spec.doc) + extra + f" (default {_plain(spec.shown_default())})"
+    return text.replace("%", "%%")
+
+
+#: Markers around the generated table in docs/README.md.
+DOCS_BEGIN = "<!-- options table: generated by tvm.contrib.torch.options.options_markdown() -->"
+DOCS_END = "<!-- end of the generated options table -->"
+
+
+def replace_docs_section(text: str) -> str:
+    """``text`` (docs/README.md) with the generated options table between the markers."""
+    pattern = re.compile(re.escape(DOCS_BEGIN) + r"\n.*?" + re.escape(DOCS_END), re.S)
+    if not pattern.search(text):
+        raise ValueError("the docs have no generated options table markers")
+    return pattern.sub(lambda _: f"{DOCS_BEGIN}\n{options_markdown()}{DOCS_END}", text)
 
 
 def example_tensor(info: InputInfo, dim_values: Dict[str, int], device: str) -> torch.Tensor:

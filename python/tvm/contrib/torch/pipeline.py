@@ -1,0 +1,315 @@
+"""The compile pipeline: ``PyTorchTVMModule`` and :func:`compile_program`.
+
+frontend (model -> ExportedProgram -> Relax) -> passes (bind, fold, fp16, vendor kernels,
+lift params) -> [tuning] -> build -> export (export_dir) -> runtime class -> ``nn.Module``.
+
+:func:`compile_program` runs every step for one model and its input-shape buckets; both
+:func:`tvm.contrib.torch.compile` and the partitioner (once per subgraph) call it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import tvm
+from tvm import relax
+
+from . import build as build_mod
+from . import export as export_mod
+from . import frontend, passes, tuning, vendor_kernels
+from .module import GraphModule, VMModule
+from .options import CompileOptions, InputInfo, example_tensor, parse_options, shapes_of
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Bucket:
+    """One input-shape set: its imported Relax module and, once built, its files."""
+
+    infos: List[InputInfo]
+    mod: tvm.IRModule
+    params: List[tvm.runtime.Tensor]
+    files: Optional[export_mod.ExportedFiles] = None
+    #: ``passes.prepare_for_build``'s result, made once for tuning and building.
+    prepared: Optional[tuple] = None
+
+
+def model_device(module: Any) -> str:
+    """Where a module's parameters are (``"cpu"`` for anything without parameters)."""
+    if isinstance(module, torch.nn.Module):
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            return "cpu" if tensor.device.type == "cpu" else str(tensor.device)
+    return "cpu"
+
+
+def _output_specs(mod: tvm.IRModule) -> List[Dict[str, Any]]:
+    out = []
+
+    def walk(ty):
+        if isinstance(ty, relax.TupleType):
+            for field in ty.fields:
+                walk(field)
+        elif isinstance(ty, relax.TensorType):
+            shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else str(d)
+                     for d in ty.shape.values] if ty.shape is not None else None
+            out.append({"shape": shape, "dtype": str(ty.dtype)})
+        else:
+            out.append({"shape": None, "dtype": None})
+
+    walk(mod["main"].ret_ty)
+    return out
+
+
+def _count_outputs(mod: tvm.IRModule) -> int:
+    """Number of tensors ``main`` returns, tuples flattened."""
+    return len(_output_specs(mod))
+
+
+class PyTorchTVMModule:
+    """The compile pipeline one step at a time (the seed's reference implementation).
+
+    Parameters
+    ----------
+    target : dict, str or tvm.target.Target, optional
+        Default: this CPU, or the current GPU when ``device`` is CUDA.
+    device : str, optional
+        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    vendor_kernels : bool
+        Whether heavy operators run on libtorch's vendor kernels (see
+        :mod:`tvm.contrib.torch.vendor_kernels`); also settable as the attribute.
+
+    Examples
+    --------
+    >>> ptm = PyTorchTVMModule()
+    >>> ptm.from_pytorch(traced, [("x", (1, 3, 224, 224))])
+    >>> ptm.build_tvm("pytorch_compiled")
+    >>> module = ptm.build_pytorch_module(num_inputs=1, num_outputs=1)
+    """
+
+    def __init__(self, target=None, device: Optional[str] = None, vendor_kernels: bool = True):
+        self.device = device or "cpu"
+        self.target = build_mod.resolve_target(target, self.device)
+        self.default_dtype = "float32"
+        self.dim_ranges: Dict[str, tuple] = {}
+        self.vendor_kernels = vendor_kernels
+        self.buckets: List[_Bucket] = []
+        self.export_dir: Optional[str] = None
+        self.tuning_log_file: Optional[str] = None
+        self.num_outputs: Optional[int] = None
+
+    def from_pytorch(self, module: Any, input_infos: Sequence, default_dtype: str = "float32",
+                     dim_ranges: Optional[Dict[str, tuple]] = None) -> "PyTorchTVMModule":
+        """Convert the model to Relax once per input-shape set.
+
+        Parameters
+        ----------
+        module : torch.jit.ScriptModule, torch.nn.Module or torch.export.ExportedProgram
+            The model (computing in float32; ``default_dtype`` converts it).
+        input_infos : list
+            As the ``input_infos`` option.
+        default_dtype : str
+            ``"float32"`` or ``"float16"``.
+        dim_ranges : dict, optional
+            ``{dim_name: (min, max)}`` for symbolic dims.
+        """
+        opts = parse_options({"input_infos": input_infos, "default_dtype": default_dtype,
+                              "dim_ranges": dim_ranges or {}})
+        return self._convert(module, opts.buckets, opts.default_dtype, opts.dim_ranges)
+
+    def _convert(self, module: Any, buckets: Sequence[List[InputInfo]], default_dtype: str,
+                dim_ranges: Dict[str, tuple]) -> "PyTorchTVMModule":
+        """:meth:`from_pytorch` for input infos already parsed (:class:`InputInfo` buckets)."""
+        self.default_dtype = default_dtype
+        self.dim_ranges = dict(dim_ranges)
+        if isinstance(module, torch.nn.Module) and model_device(module) != "cpu":
+            # Conversion reads the weights on the host; the runtime device is separate.
+            module = copy.deepcopy(module).cpu()
+        self.buckets = [self._convert_bucket(module, list(bucket)) for bucket in buckets]
+        counts = {_count_outputs(b.mod) for b in self.buckets}
+        if len(counts) != 1:
+            raise frontend.ConversionError(
+                f"tvm.contrib.torch: the buckets produce different output counts {counts}")
+        self.num_outputs = counts.pop()
+        return self
+
+    def _convert_bucket(self, module: Any, infos: List[InputInfo]) -> _Bucket:
+        dynamic = {}
+        dim_values = {}
+        for info in infos:
+            for dim in info.shape:
+                if isinstance(dim, str) and dim not in dynamic:
+                    low, high = self.dim_ranges.get(dim, (1, 2 ** 20))
+                    # An example size off the range's ends keeps torch.export from
+                    # specialising it (0/1 specialisation).
+                    dim_values[dim] = min(max(low, 2), high) if high > 2 else high
+                    dynamic[dim] = torch.export.Dim(dim, min=max(low, 1), max=high)
+        examples = [example_tensor(i, dim_values, "cpu") for i in infos]  # host, as the weights
+        dims = None
+        if dynamic:
+            dims = [{axis: dynamic[d] for axis, d in enumerate(i.shape) if isinstance(d, str)}
+                    for i in infos]
+        started = time.perf_counter()
+        ep = frontend.to_exported_program(module, examples, dims)
+        ep = frontend.decompose(ep)
+        mod, params = frontend.to_relax(ep)
+        num_input = frontend.relax_input_count(mod)
+        if num_input != len(infos):
+            raise ValueError(
+                f"tvm.contrib.torch: the model takes {num_input} inputs but input_infos lists "
+                f"{len(infos)} ({[i.name for i in infos]})")
+        logger.info("converted %s in %.1fs", [i.shape for i in infos],
+                    time.perf_counter() - started)
+        return _Bucket(infos=infos, mod=mod, params=params)
+
+    def tune_tvm(self, log_file: str = "tuning.log", n_trial: int = 1000) -> None:
+        """Tune every bucket's kernels with MetaSchedule, recording into ``log_file``.
+
+        Records already in ``log_file`` are re-used: a second call measures nothing new.
+        """
+        self.tuning_log_file = os.path.abspath(log_file)
+        for bucket in self.buckets:
+            prepared = self._prepare(bucket)[0]
+            tuning.tune(prepared, self.target, n_trial, self.tuning_log_file)
+
+    def _prepare(self, bucket: _Bucket):
+        if bucket.prepared is not None:
+            return bucket.prepared
+        extra = []
+        if self.vendor_kernels:
+            extra.append(vendor_kernels.offload_pass(gpu=build_mod.is_cuda(self.target)))
+        bucket.prepared = passes.prepare_for_build(bucket.mod, bucket.params,
+                                                   shapes_of(bucket.infos), self.default_dtype,
+                                                   extra)
+        return bucket.prepared
+
+    def build_tvm(self, export_dir: str, debug_runtime: bool = False) -> List[export_mod.ExportedFiles]:
+        """Build every bucket and export its lib / graph / params into ``export_dir``."""
+        del debug_runtime  # accepted for the seed's signature; the Relax VM has no debug mode
+        self.export_dir = os.path.abspath(export_dir)
+        database = None
+        if self.tuning_log_file and os.path.exists(self.tuning_log_file):
+            database = tuning.open_database(self.tuning_log_file)
+        files = []
+        for index, bucket in enumerate(self.buckets):
+            started = time.perf_counter()
+            mod, params, names, transform = self._prepare(bucket)
+            executable = build_mod.build(mod, self.target, database)
+            manifest = export_mod.make_manifest(
+                inputs=[{"name": i.name, "shape": list(i.shape), "dtype": i.dtype}
+                        for i in bucket.infos],
+                num_outputs=_count_outputs(mod),
+                outputs=_output_specs(mod),
+                param_names=names,
+                target=self.target,
+                dim_ranges={k: v for k, v in self.dim_ranges.items()
+                            if any(k in i.shape for i in bucket.infos)},
+                transform_params=transform,
+                extra={"default_dtype": self.default_dtype},
+            )
+            bucket.files = export_mod.export_program(executable, mod, manifest, params,
+                                                     self.export_dir, f"bucket{index}")
+            logger.info("built bucket %d in %.1fs", index, time.perf_counter() - started)
+            files.append(bucket.files)
+        return files
+
+    def load_tvm(self, export_dir: str) -> "PyTorchTVMModule":
+        """Use programs already exported into ``export_dir``."""
+        exported = export_mod.list_exported(export_dir)
+        if not exported:
+            raise FileNotFoundError(f"tvm.contrib.torch: no exported program in {export_dir}")
+        self.export_dir = os.path.abspath(export_dir)
+        self.buckets = []
+        for files in exported:
+            manifest = export_mod.read_manifest(files.graph_path)
+            infos = [InputInfo(i["name"], tuple(i["shape"]), i["dtype"])
+                     for i in manifest["inputs"]]
+            self.dim_ranges.update({k: tuple(v) for k, v in manifest["dim_ranges"].items()})
+            self.num_outputs = int(manifest["num_outputs"])
+            self.buckets.append(_Bucket(infos=infos, mod=None, params=[], files=files))
+        return self
+
+    def build_pytorch_module(self, num_inputs: Optional[int] = None,
+                             num_outputs: Optional[int] = None,
+                             input_infos=None) -> torch.nn.Module:
+        """A :class:`GraphModule` (static shapes) or :class:`VMModule` (symbolic dims).
+
+        Parameters
+        ----------
+        num_inputs, num_outputs : int, optional
+            Checked against the compiled programs.
+        input_infos : ignored
+            Accepted for the seed's signature; the shapes come from the exported graphs.
+        """
+        del input_infos
+        if not self.buckets or any(b.files is None for b in self.buckets):
+            raise RuntimeError("tvm.contrib.torch: call build_tvm() or load_tvm() first")
+        real_inputs = len(self.buckets[0].infos)
+        if num_inputs is not None and num_inputs != real_inputs:
+            raise ValueError(f"num_inputs={num_inputs} but the model takes {real_inputs} inputs")
+        if num_outputs is not None and num_outputs != self.num_outputs:
+            raise ValueError(f"num_outputs={num_outputs} but the model returns "
+                             f"{self.num_outputs} tensors")
+        dynamic = any(not i.is_static for b in self.buckets for i in b.infos)
+        if dynamic and len(self.buckets) > 1:
+            raise ValueError("tvm.contrib.torch: symbolic dims take one input_infos set")
+        cls = VMModule if dynamic else GraphModule
+        module = cls(real_inputs, self.num_outputs, self.device)
+        for bucket in self.buckets:
+            shapes = [[d if isinstance(d, int) else -1 for d in i.shape] for i in bucket.infos]
+            module.init(shapes, *bucket.files.as_tuple())
+        return module
+
+
+def _apply_tuning(ptm: PyTorchTVMModule, options: CompileOptions) -> None:
+    """Tune when ``tuning_n_trials`` > 0; else apply an explicitly named, existing log."""
+    if options.tuning_n_trials > 0:
+        ptm.tune_tvm(options.tuning_log_file, options.tuning_n_trials)
+    elif options.tuning_log_explicit and os.path.exists(options.tuning_log_file):
+        ptm.tuning_log_file = os.path.abspath(options.tuning_log_file)
+
+
+def compile_program(module: Any, buckets: Sequence[List[InputInfo]], options: CompileOptions,
+                    export_dir: str) -> torch.nn.Module:
+    """Every pipeline step for one model: convert, tune, build, export, wrap.
+
+    Parameters
+    ----------
+    module : torch.jit.ScriptModule, torch.jit.ScriptFunction, torch.nn.Module or
+            torch.export.ExportedProgram
+        The model, computing in float32.
+    buckets : sequence of list of InputInfo
+        One program per input-shape set.
+    options : CompileOptions
+        Used here: ``target``, ``device`` (default: where the model's parameters are),
+        ``vendor_kernels``, ``default_dtype``, ``dim_ranges``, ``num_outputs`` (checked when
+        set), the tuning options and ``bucket_padding``.
+    export_dir : str
+        Where the programs' files go.
+
+    Returns
+    -------
+    torch.nn.Module
+        A :class:`GraphModule` or :class:`VMModule`.
+    """
+    ptm = PyTorchTVMModule(target=options.target, device=options.device or model_device(module),
+                           vendor_kernels=options.vendor_kernels)
+    ptm._convert(module, buckets, options.default_dtype,  # pylint: disable=protected-access
+                 options.dim_ranges)
+    if options.num_outputs is not None and options.num_outputs != ptm.num_outputs:
+        raise ValueError(f"tvm.contrib.torch.compile: num_outputs={options.num_outputs} but the "
+                         f"model returns {ptm.num_outputs} tensor(s)")
+    _apply_tuning(ptm, options)
+    ptm.build_tvm(export_dir)
+    result = ptm.build_pytorch_module(len(buckets[0]), ptm.num_outputs)
+    if options.bucket_padding:
+        result.engine.set_bucket_padding(True)
+    return result
+
+
+__all__ = ["PyTorchTVMModule", "compile_program", "model_device"]

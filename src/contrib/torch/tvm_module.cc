@@ -212,10 +212,12 @@ std::vector<at::Tensor> TvmModule::Forward(const std::vector<at::Tensor>& inputs
     // The message lists the loaded programs, so it is made under the same lock.
     if (selection.program == nullptr) TORCH_CHECK(false, NoMatchMessage(inputs));
   }
-  std::vector<at::Tensor> outputs =
-      selection.batch < 0
-          ? selection.program->Run(inputs)
-          : selection.program->Run(PadBatch(inputs, selection.batch, selection.bucket_batch));
+  std::vector<at::Tensor> outputs;
+  if (selection.batch < 0) {
+    outputs = selection.program->Run(inputs);
+  } else {
+    outputs = selection.program->Run(PadBatch(inputs, selection.batch, selection.bucket_batch));
+  }
   TORCH_CHECK(static_cast<int64_t>(outputs.size()) == num_outputs_, "tvm_class: the compiled "
               "program returned ", outputs.size(), " tensors, expected ", num_outputs_);
   if (selection.batch >= 0) {

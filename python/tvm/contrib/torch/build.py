@@ -144,7 +144,7 @@ def build_pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pa
         schedule = [cpu_schedule_pass()]
     tuned = [relax.transform.MetaScheduleApplyDatabase()] if database is not None else []
 
-    @tvm.transform.module_pass(opt_level=0, name="TvmTorchCPUPipeline")
+    @tvm.transform.module_pass(opt_level=0, name="TvmTorchBuildPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(

@@ -1,17 +1,17 @@
-"""Offload of heavy CPU operators to PyTorch's vendor kernels (oneDNN, MKL).
+"""Offload of heavy operators to the vendor kernels libtorch ships (oneDNN, MKL, cuDNN, cuBLAS).
 
-On CPU, TVM's untuned kernels for convolutions and matrix products are far slower than the
-vendor libraries that libtorch already ships. This pass rewrites them into
+TVM's untuned kernels for convolutions and matrix products are far slower than the vendor
+libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites them into
 ``R.call_pure_packed`` calls of the functions registered by the runtime library
 (``src/contrib/torch/vendor_kernels.cc``):
 
-* ``conv2d`` (+ bias) (+ ReLU) (+ residual add) (+ ReLU) -> ``tvm_torch.conv2d_nhwc`` /
+* on CPU, ``conv2d`` (+ bias) (+ ReLU) (+ residual add) (+ ReLU) -> ``tvm_torch.conv2d_nhwc`` /
   ``tvm_torch.conv2d_add_nhwc`` on oneDNN, in NHWC (the graph's convolutions are switched to
   NHWC first; elementwise ops and pooling follow). The weight goes through
   ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves into
   ``main_transform_params``: the runtime prepacks every weight once, at load time.
 * ``layer_norm`` (trailing axes) and ``softmax`` -> ``tvm_torch.layer_norm`` /
-  ``tvm_torch.softmax`` (ATen's vectorised kernels).
+  ``tvm_torch.softmax`` (ATen's kernels), on CPU and CUDA.
 * ``max_pool2d`` / ``avg_pool2d`` in NHWC (CPU, symmetric padding, no dilation for average)
   -> ``tvm_torch.max_pool2d_nhwc`` / ``tvm_torch.avg_pool2d_nhwc`` (ATen's channels-last
   kernels; TVM's default schedules for them are ~10x slower).
@@ -25,14 +25,16 @@ vendor libraries that libtorch already ships. This pass rewrites them into
 * ``permute_dims(permute_dims(x))`` -> one permutation, or ``x`` when they cancel (the
   importer's layout changes around attention undo the model's own).
 
-On CUDA the same patterns go to ATen's convolution and matmul (cuDNN / cuBLAS) in NCHW, in
-float32 and float16, on the caller's current stream. On CPU only float32 is offloaded.
-Everything else stays TVM code.
+On CUDA, convolutions (in NCHW: ``tvm_torch.conv2d_nchw`` / ``tvm_torch.conv2d_add_nchw``, no
+prepacking), matrix products, layer norm, softmax and attention go to ATen (cuDNN / cuBLAS) in
+float32 and float16, on the caller's current stream; pooling and the transcendental
+elementwise ops stay TVM code there. On CPU only float32 is offloaded. Everything else stays
+TVM code.
 """
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import tvm
@@ -42,8 +44,9 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 logger = logging.getLogger(__name__)
 
-#: Name of the function that prepares params at load time (LiftTransformParams' convention).
-TRANSFORM_PARAMS_FUNC = "main_transform_params"
+def _offloaded_dtypes(gpu: bool) -> Tuple[str, ...]:
+    """Dtypes the vendor kernels take: float32 on CPU, float32 and float16 on CUDA."""
+    return ("float32", "float16") if gpu else ("float32",)
 
 
 def _dims(expr: relax.Expr) -> Optional[list]:
@@ -88,7 +91,7 @@ class _ConvRewriter:
         x, weight = conv.args
         dtypes = {str(x.ty.dtype), str(conv.ty.dtype)} if isinstance(x.ty, relax.TensorType) \
             else set()
-        if dtypes != {"float32"} and not (self.gpu and dtypes == {"float16"}):
+        if len(dtypes) != 1 or not dtypes <= set(_offloaded_dtypes(self.gpu)):
             return None
         dims = _dims(x)
         if dims is None or len(dims) != 4:
@@ -186,7 +189,7 @@ def _rewrite_convs(func: relax.Function, gpu: bool) -> relax.Function:
 
 
 def _rewrite_matmuls(func: relax.Function, gpu: bool) -> relax.Function:
-    ok_dtypes = ("float32", "float16") if gpu else ("float32",)
+    ok_dtypes = _offloaded_dtypes(gpu)
 
     def _ok(*exprs) -> bool:
         return all(isinstance(e.ty, relax.TensorType) and str(e.ty.dtype) in ok_dtypes
@@ -267,7 +270,7 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool) -> relax.Function:
 
 def _rewrite_normalizations(func: relax.Function, gpu: bool) -> relax.Function:
     """layer_norm over the last axis (constant gamma/beta) and softmax -> ATen kernels."""
-    ok_dtypes = ("float32", "float16") if gpu else ("float32",)
+    ok_dtypes = _offloaded_dtypes(gpu)
     x, gamma, beta = wildcard(), is_const(), is_const()
     layer_norm = is_op("relax.nn.layer_norm")(x, gamma, beta)
     softmax = is_op("relax.nn.softmax")(wildcard())
@@ -408,6 +411,19 @@ def _fold_permutes(func: relax.Function) -> relax.Function:
     return rewrite_call(outer, rewrite, func)
 
 
+def _calls_op(func: relax.Function, op_name: str) -> bool:
+    """Whether ``func`` calls the Relax operator ``op_name`` anywhere."""
+    op = tvm.ir.Op.get(op_name)
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.same_as(op):
+            found.append(expr)
+
+    relax.analysis.post_order_visit(func, visit)
+    return bool(found)
+
+
 def offload_pass(gpu: bool = False) -> tvm.transform.Pass:
     """The offload as a module pass over ``main`` (after params were bound as constants).
 
@@ -422,7 +438,7 @@ def offload_pass(gpu: bool = False) -> tvm.transform.Pass:
     def _offload(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         # ConvertLayout only where there are convolutions: it is not a no-op elsewhere (it
         # fails on the attention graphs of some exported transformer layers).
-        if not gpu and "R.nn.conv2d(" in mod["main"].script(show_meta=False):
+        if not gpu and _calls_op(mod["main"], "relax.nn.conv2d"):
             mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
             mod = relax.transform.FoldConstant()(mod)
         func = mod["main"]
@@ -440,9 +456,4 @@ def offload_pass(gpu: bool = False) -> tvm.transform.Pass:
     return _offload
 
 
-def uses_transform_params(mod: tvm.IRModule) -> bool:
-    """Whether ``main`` has load-time work (prepacking) to lift into a transform function."""
-    return "tvm_torch.conv2d_nhwc_prepack" in mod["main"].script()
-
-
-__all__ = ["offload_pass", "uses_transform_params", "TRANSFORM_PARAMS_FUNC"]
+__all__ = ["offload_pass"]

@@ -1,0 +1,207 @@
+"""Each vendor-kernel rewrite of vendor_kernels.offload_pass on small hand-built Relax modules.
+
+No build: the rewritten ``main`` is inspected for the ``tvm_torch.*`` packed functions it calls
+and the Relax operators left in it.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Tuple
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from tvm.contrib.torch import vendor_kernels
+
+Builder = Callable[[relax.BlockBuilder, List[relax.Var]], relax.Expr]
+
+
+def _const(shape, dtype="float32", seed=0):
+    return relax.const(np.random.default_rng(seed).random(shape).astype(dtype))
+
+
+def _module(inputs: List[Tuple[tuple, str]], body: Builder) -> tvm.IRModule:
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"x{i}", relax.TensorType(list(shape), dtype))
+              for i, (shape, dtype) in enumerate(inputs)]
+    with bb.function("main", params, attrs={"num_input": len(params)}):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, params))
+        bb.emit_func_output(out)
+    # As passes.simplify leaves them: no var-to-var bindings.
+    return relax.transform.CanonicalizeBindings()(bb.get())
+
+
+def _calls(mod: tvm.IRModule) -> Tuple[List[str], List[str]]:
+    """(packed functions called, Relax operators called) by ``main``, in order."""
+    packed, ops = [], []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            if expr.op.name == "relax.call_pure_packed":
+                packed.append(str(expr.args[0].global_symbol))
+            else:
+                ops.append(expr.op.name)
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return packed, ops
+
+
+def _offload(inputs, body, gpu=False):
+    mod = vendor_kernels.offload_pass(gpu=gpu)(_module(inputs, body))
+    return _calls(mod) + (mod["main"].script(),)
+
+
+def _conv(bb, x, weight_shape=(8, 3, 3, 3), padding=(1, 1), dtype="float32"):
+    return bb.emit(relax.op.nn.conv2d(x, _const(weight_shape, dtype), padding=padding))
+
+
+IMAGE = [((1, 3, 8, 8), "float32")]
+
+
+def test_conv2d_runs_on_onednn_with_a_prepacked_weight():
+    packed, ops, _ = _offload(IMAGE, lambda bb, p: _conv(bb, p[0]))
+    assert packed == ["tvm_torch.conv2d_nhwc_prepack", "tvm_torch.conv2d_nhwc"]
+    assert "relax.nn.conv2d" not in ops
+
+
+def test_conv2d_bias_relu_is_one_call():
+    def body(bb, p):
+        y = bb.emit(relax.op.add(_conv(bb, p[0]), _const((1, 8, 1, 1), seed=1)))
+        return bb.emit(relax.op.nn.relu(y))
+
+    packed, ops, text = _offload(IMAGE, body)
+    assert packed[-1] == "tvm_torch.conv2d_nhwc" and 'R.str("relu")' in text
+    assert "relax.nn.relu" not in ops and "relax.add" not in ops
+
+
+def test_conv2d_with_residual_add_and_relu():
+    def body(bb, p):
+        y = bb.emit(relax.op.add(_conv(bb, p[0]), p[1]))
+        return bb.emit(relax.op.nn.relu(y))
+
+    packed, ops, text = _offload(IMAGE + [((1, 8, 8, 8), "float32")], body)
+    assert packed[-1] == "tvm_torch.conv2d_add_nhwc" and 'R.str("relu")' in text
+    assert "relax.nn.relu" not in ops
+
+
+def test_conv2d_on_gpu_is_nchw_without_prepacking():
+    for dtype in ("float32", "float16"):
+        packed, ops, _ = _offload([((1, 3, 8, 8), dtype)],
+                                  lambda bb, p, d=dtype: _conv(bb, p[0], dtype=d), gpu=True)
+        assert packed == ["tvm_torch.conv2d_nchw"], dtype
+
+
+@pytest.mark.parametrize("case", ["float16 on CPU", "asymmetric padding"])
+def test_conv2d_left_alone(case):
+    if case == "float16 on CPU":
+        inputs, body = [((1, 3, 8, 8), "float16")], lambda bb, p: _conv(bb, p[0], dtype="float16")
+    else:
+        inputs, body = IMAGE, lambda bb, p: _conv(bb, p[0], padding=(0, 0, 1, 1))
+    packed, ops, _ = _offload(inputs, body)
+    assert packed == [] and "relax.nn.conv2d" in ops
+
+
+def test_matmul_with_constant_weight_bias_relu():
+    def body(bb, p):
+        y = bb.emit(relax.op.matmul(p[0], _const((16, 32))))
+        y = bb.emit(relax.op.add(y, _const((32,), seed=1)))
+        return bb.emit(relax.op.nn.relu(y))
+
+    packed, ops, text = _offload([((4, 16), "float32")], body)
+    assert packed == ["tvm_torch.matmul_bias"] and 'R.str("relu")' in text
+    assert not {"relax.matmul", "relax.add", "relax.nn.relu"} & set(ops)
+
+
+def test_matmul_with_transposed_constant_weight():
+    """nn.Linear's ``x @ weight.T``: the pipeline folds the transpose first (passes.simplify)."""
+    def body(bb, p):
+        weight = bb.emit(relax.op.permute_dims(_const((32, 16)), [1, 0]))
+        return bb.emit(relax.op.matmul(p[0], weight))
+
+    mod = relax.transform.FoldConstant()(_module([((4, 16), "float32")], body))
+    packed, ops = _calls(vendor_kernels.offload_pass()(mod))
+    assert packed == ["tvm_torch.matmul_bias"] and "relax.permute_dims" not in ops
+
+
+def test_generic_matmul():
+    packed, ops, _ = _offload([((2, 4, 16), "float32"), ((2, 16, 8), "float32")],
+                              lambda bb, p: bb.emit(relax.op.matmul(p[0], p[1])))
+    assert packed == ["tvm_torch.matmul"] and "relax.matmul" not in ops
+
+
+def test_integer_matmul_left_alone():
+    packed, ops, _ = _offload([((4, 16), "int32"), ((16, 8), "int32")],
+                              lambda bb, p: bb.emit(relax.op.matmul(p[0], p[1])))
+    assert packed == [] and ops == ["relax.matmul"]
+
+
+def test_layer_norm_and_softmax():
+    def body(bb, p):
+        y = bb.emit(relax.op.nn.layer_norm(p[0], _const((16,)), _const((16,), seed=1), axes=[-1]))
+        return bb.emit(relax.op.nn.softmax(y, axis=-1))
+
+    packed, ops, _ = _offload([((4, 16), "float32")], body)
+    assert packed == ["tvm_torch.layer_norm", "tvm_torch.softmax"]
+    assert not {"relax.nn.layer_norm", "relax.nn.softmax"} & set(ops)
+
+
+def test_layer_norm_over_a_leading_axis_left_alone():
+    body = lambda bb, p: bb.emit(relax.op.nn.layer_norm(  # noqa: E731
+        p[0], _const((4,)), _const((4,), seed=1), axes=[0]))
+    packed, ops, _ = _offload([((4, 16), "float32")], body)
+    assert packed == [] and ops == ["relax.nn.layer_norm"]
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_nhwc_pooling_runs_on_aten_on_cpu_only(pool):
+    op = relax.op.nn.max_pool2d if pool == "max" else relax.op.nn.avg_pool2d
+
+    def body(bb, p):
+        return bb.emit(op(p[0], pool_size=(3, 3), strides=(2, 2), padding=(1, 1),
+                          layout="NHWC"))
+
+    packed, ops, _ = _offload([((1, 9, 9, 8), "float32")], body)
+    assert packed == [f"tvm_torch.{pool}_pool2d_nhwc"]
+    packed, ops, _ = _offload([((1, 9, 9, 8), "float32")], body, gpu=True)
+    assert packed == [] and ops == [f"relax.nn.{pool}_pool2d"]
+
+
+def test_unary_on_large_cpu_tensors_only():
+    def body(bb, p):
+        return bb.emit(relax.Tuple([bb.emit(relax.op.nn.gelu(p[0])),
+                                    bb.emit(relax.op.nn.gelu(p[1]))]))
+
+    inputs = [((64, 128), "float32"), ((4, 8), "float32")]
+    packed, ops, text = _offload(inputs, body)
+    assert packed == ["tvm_torch.unary"] and 'R.str("gelu")' in text
+    assert ops.count("relax.nn.gelu") == 1  # 32 elements: a fused TVM kernel is cheaper
+    packed, _, _ = _offload(inputs, body, gpu=True)
+    assert packed == []
+
+
+def test_attention():
+    shape = ((2, 6, 4, 8), "float32")
+    packed, ops, _ = _offload([shape] * 3, lambda bb, p: bb.emit(relax.op.nn.attention(*p)))
+    assert packed == ["tvm_torch.attention"] and "relax.nn.attention" not in ops
+
+
+def test_permutes_that_cancel_fold_away():
+    def body(bb, p):
+        y = bb.emit(relax.op.permute_dims(p[0], [0, 2, 1]))
+        return bb.emit(relax.op.permute_dims(y, [0, 2, 1]))
+
+    packed, ops, _ = _offload([((2, 3, 4), "float32")], body)
+    assert packed == [] and ops == []
+
+
+def test_two_permutes_become_one():
+    def body(bb, p):
+        y = bb.emit(relax.op.permute_dims(p[0], [0, 2, 1]))
+        return bb.emit(relax.op.permute_dims(y, [1, 0, 2]))
+
+    mod = vendor_kernels.offload_pass()(_module([((2, 3, 4), "float32")], body))
+    assert _calls(mod) == ([], ["relax.permute_dims"])
+    # x.transpose(0, 2, 1).transpose(1, 0, 2) has shape (4, 2, 3)
+    assert [int(d) for d in mod["main"].ret_ty.shape.values] == [4, 2, 3]

@@ -185,7 +185,9 @@ bool ProgramManifest::Matches(const std::vector<at::Tensor>& given) const {
 
 std::string ProgramManifest::Mismatch(const std::vector<at::Tensor>& given) const {
   const InputCheck check = CheckInputs(*this, given);
-  auto which = [&](size_t i) { return "input " + std::to_string(i) + " ('" + inputs[i].name + "')"; };
+  auto which = [&](size_t i) {
+    return "input " + std::to_string(i) + " ('" + inputs[i].name + "')";
+  };
   const size_t i = check.input, d = check.dim;
   switch (check.kind) {
     case InputCheck::kMatch:

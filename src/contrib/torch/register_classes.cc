@@ -75,7 +75,9 @@ void RegisterModuleClass(torch::Library& lib, const char* name) {
 std::string RuntimeContract() {
   namespace json = tvm::ffi::json;
   json::Array dtypes;
-  for (const SupportedDtype& dtype : kSupportedDtypes) dtypes.push_back(tvm::ffi::String(dtype.name));
+  for (const SupportedDtype& dtype : kSupportedDtypes) {
+    dtypes.push_back(tvm::ffi::String(dtype.name));
+  }
   json::Object contract{{"manifest_format_version", kManifestFormatVersion},
                         {"state_format_version", kStateFormatVersion},
                         {"supported_dtypes", dtypes}};

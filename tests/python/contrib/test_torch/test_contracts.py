@@ -126,6 +126,11 @@ def test_supported_dtypes_agree_between_python_and_cpp(contract):
     assert len(set(cpp)) == len(cpp)
     for where, dtypes in lists.items():
         assert sorted(dtypes) == cpp, f"{where} differs from the C++ list"
+    try:
+        from tvm.contrib.torch.dtypes import COMPUTE_DTYPES
+    except ImportError:
+        return
+    assert set(COMPUTE_DTYPES) <= set(cpp)
 
 
 def test_library_exports_none_of_its_own_symbols():

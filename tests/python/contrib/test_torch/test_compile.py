@@ -22,28 +22,39 @@ CASES = [(name, how) for name in ["cnn", "mlp", "transformer", "two_in_two_out"]
          for how in ["trace", "script"]]
 
 
+def _on(device, model, inputs):
+    """The model and its inputs on ``device`` (as users trace for inference there)."""
+    return model.to(device), [x.to(device) for x in inputs]
+
+
 @pytest.mark.parametrize("name, how", CASES)
-def test_compile_matches_torch_fp32(name, how, tmp_path):
+def test_compile_matches_torch_fp32(name, how, device, tmp_path):
+    if device == "cuda" and how == "script":
+        pytest.skip("the GPU run covers traced models")
     model, inputs, infos = models.make(name)
+    expected = models.reference(model, inputs)
+    model, inputs = _on(device, model, inputs)
     compiled = compile(_to_script(model, inputs, how),
                        {"input_infos": infos, "export_dir": str(tmp_path)})
-    expected = models.reference(model, inputs)
+    tol = 1e-4 if device == "cpu" else 1e-3
     outputs = compiled(inputs)
     assert len(outputs) == len(expected)
-    assert_outputs_close(outputs, expected, rtol=1e-4, atol=1e-4)
+    assert all(o.device.type == device for o in outputs)
+    assert_outputs_close(outputs, expected, rtol=tol, atol=tol)
     scripted = torch.jit.script(compiled)
-    assert_outputs_close(scripted(inputs), expected, rtol=1e-4, atol=1e-4)
+    assert_outputs_close(scripted(inputs), expected, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("name", ["cnn", "mlp", "transformer", "two_in_two_out"])
-def test_compile_float16(name, tmp_path):
+def test_compile_float16(name, device, tmp_path):
     model, inputs, infos = models.make(name)
+    expected = models.reference(model, inputs)
+    model, inputs = _on(device, model, inputs)
     compiled = compile(_to_script(model, inputs, "trace"),
                        {"input_infos": infos, "default_dtype": "float16",
                         "export_dir": str(tmp_path)})
     outputs = compiled([x.half() for x in inputs])
-    assert all(o.dtype == torch.float16 for o in outputs)
-    expected = models.reference(model, inputs)
+    assert all(o.dtype == torch.float16 and o.device.type == device for o in outputs)
     assert_outputs_close([o.float() for o in outputs], expected, rtol=2e-2, atol=2e-2)
     with pytest.raises(RuntimeError, match=r"float32\[.*compiled signatures: \(float16\["):
         compiled(inputs)
@@ -288,7 +299,7 @@ def test_num_outputs_is_checked(tmp_path):
     ({"input_infos": [("x", (4, 16))], "tuning_trials": 3},
      r"unknown option key\(s\) \['tuning_trials'\]; valid keys are:\n  input_infos"),
     ({"input_infos": [("x", (4, 16))], "default_dtype": "int8"},
-     r"default_dtype must be one of \['float32', 'float16'\], got 'int8'"),
+     r"default_dtype must be one of \['float32', 'float16', 'bfloat16'\], got 'int8'"),
     ({"input_infos": [("x", (4, 16))], "tuning_n_trials": -1},
      r"tuning_n_trials must be an int >= 0, got -1"),
     ({"input_infos": [("x", (4, "16x"))], "num_outputs": "1"},

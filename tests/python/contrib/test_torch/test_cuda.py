@@ -1,4 +1,8 @@
-"""The CUDA path: code generation everywhere, execution where a GPU is present."""
+"""The CUDA path: code generation everywhere, execution where a GPU is present.
+
+Compile and partition tests shared with the CPU take the ``device`` fixture (test_compile.py,
+test_partition.py); this file holds what only the GPU has (streams, CUDA code generation).
+"""
 from __future__ import annotations
 
 import json
@@ -9,7 +13,7 @@ import torch
 
 from tvm.contrib.torch import PyTorchTVMModule, build, compile
 import models
-from conftest import HAS_CUDA, assert_outputs_close
+from conftest import HAS_CUDA
 
 requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU present")
 
@@ -37,26 +41,6 @@ def test_cuda_target_generates_code_without_a_gpu(name, vendor_kernels, dtype, t
     with open(files[0].lib_path, "rb") as f:
         lib = f.read()
     assert b"cuda" in lib  # the CUDA device module is embedded in the library
-
-
-@requires_gpu
-@pytest.mark.parametrize("name", ["cnn", "mlp", "transformer", "two_in_two_out"])
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_compile_on_gpu_matches_torch(name, dtype, tmp_path):
-    model, inputs, infos = models.make(name)
-    expected = models.reference(model, inputs)
-    model = model.cuda()
-    gpu_inputs = [x.cuda() for x in inputs]
-    with torch.no_grad():  # as users trace for inference (fast paths included)
-        traced = torch.jit.trace(model, tuple(gpu_inputs))
-    compiled = compile(traced,
-                       {"input_infos": infos, "default_dtype": dtype,
-                        "export_dir": str(tmp_path)})
-    feed = [x.half() if dtype == "float16" else x for x in gpu_inputs]
-    outputs = compiled(feed)
-    assert all(o.is_cuda for o in outputs)
-    tol = 2e-2 if dtype == "float16" else 1e-3
-    assert_outputs_close([o.float() for o in outputs], expected, rtol=tol, atol=tol)
 
 
 @requires_gpu
@@ -88,20 +72,3 @@ def test_gpu_module_saved_and_reloaded(tmp_path):
     loaded = torch.jit.load(path)
     x = inputs[0].cuda()
     torch.testing.assert_close(loaded([x])[0], compiled([x])[0])
-
-
-@requires_gpu
-def test_partition_on_gpu_keeps_the_custom_operator_in_torch(tmp_path):
-    import partition_models  # pylint: disable=import-outside-toplevel
-    from tvm.contrib.torch import partition, partition_report  # pylint: disable=import-outside-toplevel
-
-    model = partition_models.init(partition_models.CustomOpCNN()).cuda()
-    x = torch.rand(2, 3, 16, 16, device="cuda")
-    module = partition(torch.jit.trace(model, (x,)), [x], {"export_dir": str(tmp_path / "e")})
-    expected = model(x).detach()
-    torch.testing.assert_close(module(x), expected, rtol=1e-3, atol=1e-3)
-    report = partition_report(module)
-    assert report.num_subgraphs == 2 and report.kept_operators == {partition_models.CUSTOM_OP: 1}
-    module.save(str(tmp_path / "p.pt"))
-    again = torch.jit.load(str(tmp_path / "p.pt"))
-    torch.testing.assert_close(again(x), expected, rtol=1e-3, atol=1e-3)

@@ -229,6 +229,22 @@ ffi::Tensor Attention(ffi::Tensor q, ffi::Tensor k, ffi::Tensor v, double scale,
   return ToTvmTensor(out.transpose(1, 2).contiguous());
 }
 
+/*!
+ * \brief Attention as Attention, with a mask in PyTorch's (batch, heads, query, key) layout,
+ * broadcast as scaled_dot_product_attention broadcasts it: boolean (true = attend) or
+ * additive, in the queries' dtype.
+ */
+ffi::Tensor AttentionMasked(ffi::Tensor q, ffi::Tensor k, ffi::Tensor v, ffi::Tensor mask,
+                            double scale, bool causal) {
+  auto heads_first = [](const ffi::Tensor& t) { return ToTorchTensor(t).transpose(1, 2); };
+  std::optional<double> softmax_scale;
+  if (scale > 0) softmax_scale = scale;
+  at::Tensor out = at::scaled_dot_product_attention(heads_first(q), heads_first(k),
+                                                    heads_first(v), ToTorchTensor(mask), 0.0,
+                                                    causal, softmax_scale);
+  return ToTvmTensor(out.transpose(1, 2).contiguous());
+}
+
 /*! \brief Batched a @ b (numpy broadcasting semantics, as relax.matmul) on MKL. */
 ffi::Tensor Matmul(ffi::Tensor a, ffi::Tensor b) {
   return ToTvmTensor(at::matmul(ToTorchTensor(a), ToTorchTensor(b)));
@@ -251,6 +267,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.layer_norm", tvm_torch::LayerNorm)
       .def("tvm_torch.softmax", tvm_torch::Softmax)
       .def("tvm_torch.attention", tvm_torch::Attention)
+      .def("tvm_torch.attention_masked", tvm_torch::AttentionMasked)
       .def("tvm_torch.max_pool2d_nhwc", tvm_torch::MaxPool2dNhwc)
       .def("tvm_torch.avg_pool2d_nhwc", tvm_torch::AvgPool2dNhwc)
       .def("tvm_torch.unary", tvm_torch::Unary);

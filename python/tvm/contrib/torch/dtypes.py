@@ -8,6 +8,6 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64", "int8", "int16"
 
 #: Dtypes a model may compute in (the ``default_dtype`` option); floating inputs and outputs
 #: take this dtype.
-COMPUTE_DTYPES = ("float32", "float16")
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
 __all__ = ["COMPUTE_DTYPES", "SUPPORTED_DTYPES"]

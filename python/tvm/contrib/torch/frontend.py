@@ -28,6 +28,11 @@ from .script_rebuild import rebuild_eager
 
 logger = logging.getLogger(__name__)
 
+#: Said with every error about operators: partitioning keeps them in TorchScript instead.
+PARTITION_HINT = ("tvm.contrib.torch.partition(model, example_inputs) (or compile(..., "
+                  "{'partition': True})) compiles the rest with TVM and keeps these in "
+                  "TorchScript.")
+
 
 class _ShapedTS2EPConverter(TS2EPConverter):
     """TS2EPConverter that re-traces with the dynamic shapes we choose (static by default)."""
@@ -40,9 +45,17 @@ class _ShapedTS2EPConverter(TS2EPConverter):
         ep = torch.export._trace._export(  # pylint: disable=protected-access
             gm, self.sample_args, dynamic_shapes=self._dynamic_shapes, strict=False,
             pre_dispatch=True)
+        # As torch's own retrace: tensor constants were traced as buffers; they are constants.
         ep._constants.update(  # pylint: disable=protected-access
             {k: v for k, v in name_to_constant.items()
              if isinstance(v, (torch.Tensor, torch.ScriptObject))})
+        for name in name_to_constant:
+            ep.state_dict.pop(name, None)
+        for spec in ep.graph_signature.input_specs:
+            if spec.kind == torch.export.graph_signature.InputKind.BUFFER and \
+                    isinstance(name_to_constant.get(spec.target), torch.Tensor):
+                spec.kind = torch.export.graph_signature.InputKind.CONSTANT_TENSOR
+                spec.persistent = None
         return ep
 
 
@@ -245,7 +258,8 @@ def to_relax(ep: torch.export.ExportedProgram) -> Tuple[tvm.IRModule, List[tvm.r
         lines = [f"  {op}: used at {', '.join(sorted(set(places))[:3])}"
                  for op, places in sorted(missing.items())]
         raise ConversionError(
-            "tvm.contrib.torch: TVM cannot convert these operators yet:\n" + "\n".join(lines))
+            "tvm.contrib.torch: TVM cannot convert these operators yet:\n" + "\n".join(lines)
+            + f"\n{PARTITION_HINT}")
     _drop_unused_constants(ep)
     try:
         mod = _importer().from_exported_program(ep, True, False, False, None)
@@ -254,7 +268,8 @@ def to_relax(ep: torch.export.ExportedProgram) -> Tuple[tvm.IRModule, List[tvm.r
         name = getattr(node.target, "__name__", str(node.target))
         raise ConversionError(
             f"tvm.contrib.torch: TVM could not convert {name} at {_node_origin(node)}: "
-            f"{type(err.error).__name__}: {_first_line(err.error)}") from err.error
+            f"{type(err.error).__name__}: {_first_line(err.error)}\n{PARTITION_HINT}") \
+            from err.error
     except ConversionError:
         raise
     except Exception as err:  # pylint: disable=broad-except

@@ -12,7 +12,8 @@ passes run between :func:`tvm.contrib.torch.frontend.decompose` and the import:
   are dropped (the runtime class checks input shapes against the compiled dim ranges).
 * :func:`make_promotion_explicit`: every elementwise operator whose tensor arguments differ
   from the dtype it computes in (``torch.result_type``) gets explicit casts; bitwise operators
-  on ``bool`` become logical ones; Python-number divisors become typed scalar tensors.
+  on ``bool`` become logical ones; sums of bool/int accumulate in the result dtype;
+  Python-number divisors become typed scalar tensors.
 """
 from __future__ import annotations
 
@@ -154,6 +155,13 @@ _COMPARISONS = frozenset({
     aten.ge.Tensor, aten.ge.Scalar,
 })
 
+#: Reductions that accumulate bool and small integers in int64 (``mask.cumsum(-1)``): the input
+#: is cast to the result dtype (TVM's converters keep the input dtype).
+_ACCUMULATIONS = frozenset({
+    aten.cumsum.default, aten.cumprod.default, aten.sum.default, aten.sum.dim_IntList,
+    aten.prod.default, aten.prod.dim_int,
+})
+
 #: Bitwise operators on bool are logical ones (TVM's bitwise ops take integers only).
 _LOGICAL_OF_BITWISE = {
     aten.bitwise_and.Tensor: aten.logical_and.default,
@@ -229,6 +237,9 @@ def make_promotion_explicit(graph_module: fx.GraphModule) -> None:
         elif target is aten.where.self:
             compute = out.dtype
             positions = (1, 2)
+        elif target in _ACCUMULATIONS:
+            compute = out.dtype
+            positions = (0,)
         else:
             continue
         args = list(node.args)

@@ -252,8 +252,9 @@ OPTIONS: Tuple[OptionSpec, ...] = (
                "`[(name, shape[, dtype]), ...]`; a list of such lists compiles one program per "
                "shape set; a `str` dim is symbolic", default_doc="required"),
     OptionSpec("default_dtype", _default_dtype, "float32",
-               '`"float32"` or `"float16"`: the dtype the model computes in and its floating '
-               "inputs/outputs use"),
+               '`"float32"`, `"float16"` or `"bfloat16"`: the dtype the model computes in and '
+               "its floating inputs/outputs use (default: float32, or the model's own for a "
+               "`.half()`/`.bfloat16()` model; bfloat16 computes in float32 inside)"),
     OptionSpec("export_dir", _path(allow_bytes=True), "pytorch_compiled",
                "where the compiled library, graph and params go"),
     OptionSpec("num_outputs", _int_at_least(1, allow_none=True), None,

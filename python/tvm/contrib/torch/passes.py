@@ -211,7 +211,7 @@ def prepare_for_build(
     shapes : sequence of sequence of int or str
         Input shapes to bind (str dims stay symbolic).
     dtype : str
-        ``"float32"`` or ``"float16"``.
+        ``"float32"``, ``"float16"`` or ``"bfloat16"``.
     extra_passes : sequence of tvm.transform.Pass, optional
         Target-specific rewrites run after simplification (e.g. vendor-kernel offload).
 
@@ -232,6 +232,10 @@ def prepare_for_build(
     mod = simplify(mod)
     if dtype == "float16":
         mod = to_float16(mod)
+    elif dtype == "bfloat16":
+        # ToMixedPrecision lowers to float16 only: bfloat16 programs compute in float32
+        # between bfloat16 inputs and outputs (exact to bfloat16, not faster than float32).
+        mod = relax.transform.FoldConstant()(_cast_float_io(mod, "bfloat16"))
     for p in extra_passes or []:
         mod = p(mod)
     mod, values, names = lift_params(mod)

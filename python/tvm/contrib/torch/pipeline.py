@@ -21,7 +21,7 @@ from tvm import relax
 
 from . import build as build_mod
 from . import export as export_mod
-from . import frontend, passes, tuning, vendor_kernels
+from . import frontend, passes, tuning, vendor_kernels, verify
 from .module import GraphModule, VMModule
 from .options import CompileOptions, InputInfo, example_tensor, parse_options, shapes_of
 
@@ -38,6 +38,10 @@ class _Bucket:
     files: Optional[export_mod.ExportedFiles] = None
     #: ``passes.prepare_for_build``'s result, made once for tuning and building.
     prepared: Optional[tuple] = None
+    #: Sizes the symbolic dims took for conversion (and take for verification).
+    dim_values: Dict[str, int] = dataclasses.field(default_factory=dict)
+    #: Input position -> rows of the embedding table it indexes (ids for verification).
+    index_bounds: Dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 def model_device(module: Any) -> str:
@@ -156,6 +160,7 @@ class PyTorchTVMModule:
                     for i in infos]
         started = time.perf_counter()
         ep = frontend.to_exported_program(module, examples, dims)
+        bounds = verify.index_bounds(ep)
         ep = frontend.decompose(ep)
         mod, params = frontend.to_relax(ep)
         num_input = frontend.relax_input_count(mod)
@@ -165,7 +170,8 @@ class PyTorchTVMModule:
                 f"{len(infos)} ({[i.name for i in infos]})")
         logger.info("converted %s in %.1fs", [i.shape for i in infos],
                     time.perf_counter() - started)
-        return _Bucket(infos=infos, mod=mod, params=params)
+        return _Bucket(infos=infos, mod=mod, params=params, dim_values=dim_values,
+                       index_bounds=bounds)
 
     def tune_tvm(self, log_file: str = "tuning.log", n_trial: int = 1000) -> None:
         """Tune every bucket's kernels with MetaSchedule, recording into ``log_file``.
@@ -274,21 +280,57 @@ def _apply_tuning(ptm: PyTorchTVMModule, options: CompileOptions) -> None:
         ptm.tuning_log_file = os.path.abspath(options.tuning_log_file)
 
 
+def _low_precision_model(module: Any, options: CompileOptions):
+    """A float32 copy of a float16/bfloat16 model and the dtype it computes in, or ``None``.
+
+    The pipeline converts float32 models and lowers them to ``default_dtype`` itself
+    (``ToMixedPrecision``): a ``.half()`` / ``.bfloat16()`` model is converted from a float32
+    copy and compiled for its own dtype, with inputs and outputs in that dtype.
+    """
+    dtype = verify.model_float_dtype(module)
+    if dtype not in (torch.float16, torch.bfloat16) or "default_dtype" in options.given:
+        return None
+    if isinstance(module, torch.export.ExportedProgram):
+        raise frontend.ConversionError(
+            f"tvm.contrib.torch: this ExportedProgram computes in {dtype}; export the model in "
+            "float32 and pass 'default_dtype' to compile it for a lower precision")
+    return copy.deepcopy(module).float(), str(dtype).replace("torch.", "")
+
+
+def _retyped(bucket: Sequence[InputInfo], dtype: str) -> List[InputInfo]:
+    return [dataclasses.replace(i, dtype=dtype) if getattr(torch, i.dtype).is_floating_point
+            else i for i in bucket]
+
+
+def _verify(source: Any, ptm: PyTorchTVMModule, result: torch.nn.Module,
+            options: CompileOptions) -> None:
+    """Run the compiled module and its source on the same inputs (see :mod:`.verify`)."""
+    if options.example_inputs is not None:
+        dtypes = [getattr(torch, i.dtype) for i in ptm.buckets[0].infos]
+        input_sets = [[t.to(dtype) if t.is_floating_point() else t
+                       for t, dtype in zip(options.example_inputs, dtypes)]]
+    else:
+        input_sets = [verify.make_inputs(b.infos, b.dim_values, b.index_bounds)
+                      for b in ptm.buckets]
+    verify.check(source, result, input_sets, model_device(source))
+
+
 def compile_program(module: Any, buckets: Sequence[List[InputInfo]], options: CompileOptions,
                     export_dir: str) -> torch.nn.Module:
-    """Every pipeline step for one model: convert, tune, build, export, wrap.
+    """Every pipeline step for one model: convert, tune, build, export, wrap, verify.
 
     Parameters
     ----------
     module : torch.jit.ScriptModule, torch.jit.ScriptFunction, torch.nn.Module or
             torch.export.ExportedProgram
-        The model, computing in float32.
+        The model, computing in float32 (float16/bfloat16 models compile for their own
+        dtype unless ``default_dtype`` is given).
     buckets : sequence of list of InputInfo
         One program per input-shape set.
     options : CompileOptions
         Used here: ``target``, ``device`` (default: where the model's parameters are),
         ``vendor_kernels``, ``default_dtype``, ``dim_ranges``, ``num_outputs`` (checked when
-        set), the tuning options and ``bucket_padding``.
+        set), the tuning options, ``bucket_padding``, ``verify`` and ``example_inputs``.
     export_dir : str
         Where the programs' files go.
 
@@ -296,19 +338,43 @@ def compile_program(module: Any, buckets: Sequence[List[InputInfo]], options: Co
     -------
     torch.nn.Module
         A :class:`GraphModule` or :class:`VMModule`.
+
+    Raises
+    ------
+    ConversionError
+        When the model cannot be converted or built, or (``verify``) when the compiled
+        program's outputs differ from the model's.
     """
-    ptm = PyTorchTVMModule(target=options.target, device=options.device or model_device(module),
+    source = module
+    default_dtype = options.default_dtype
+    low = _low_precision_model(module, options)
+    if low is not None:
+        module, default_dtype = low
+        buckets = [_retyped(b, default_dtype) for b in buckets]
+    ptm = PyTorchTVMModule(target=options.target, device=options.device or model_device(source),
                            vendor_kernels=options.vendor_kernels)
-    ptm._convert(module, buckets, options.default_dtype,  # pylint: disable=protected-access
+    ptm._convert(module, buckets, default_dtype,  # pylint: disable=protected-access
                  options.dim_ranges)
     if options.num_outputs is not None and options.num_outputs != ptm.num_outputs:
         raise ValueError(f"tvm.contrib.torch.compile: num_outputs={options.num_outputs} but the "
                          f"model returns {ptm.num_outputs} tensor(s)")
     _apply_tuning(ptm, options)
-    ptm.build_tvm(export_dir)
+    try:
+        ptm.build_tvm(export_dir)
+    except frontend.ConversionError:
+        raise
+    except Exception as err:  # pylint: disable=broad-except
+        text = str(err).strip()
+        raise frontend.ConversionError(
+            f"tvm.contrib.torch: TVM could not build the converted program: "
+            f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}") from err
     result = ptm.build_pytorch_module(len(buckets[0]), ptm.num_outputs)
     if options.bucket_padding:
         result.engine.set_bucket_padding(True)
+    if options.verify:
+        started = time.perf_counter()
+        _verify(source, ptm, result, options)
+        logger.info("verified against the model in %.1fs", time.perf_counter() - started)
     return result
 
 

@@ -365,25 +365,60 @@ def _rewrite_unary(func: relax.Function, gpu: bool) -> relax.Function:
 
 
 def _rewrite_attention(func: relax.Function, gpu: bool) -> relax.Function:
-    """relax.nn.attention(q, k, v) -> ATen's scaled_dot_product_attention."""
-    ok_dtypes = ("float32", "float16") if gpu else ("float32",)
-    attention = is_op("relax.nn.attention")(wildcard(), wildcard(), wildcard())
+    """relax.nn.attention(q, k, v[, bias]) -> ATen's scaled_dot_product_attention.
 
-    def rewrite(call, _matched):
+    A bias made from a boolean mask (``where(mask, 0, -inf)``, as
+    :mod:`tvm.contrib.torch.converters` writes it) reaches ATen as the boolean mask itself,
+    which its fused kernel takes natively; any other bias goes as an additive mask.
+    """
+    ok = _offloaded_dtypes(gpu)
+    q, k, v = wildcard(), wildcard(), wildcard()
+    mask, zero, neg_inf = wildcard(), is_const(), is_const()
+    from_bool = is_op("relax.where")(mask, zero, neg_inf)
+    bias = wildcard()
+    plain = is_op("relax.nn.attention")(q, k, v)
+    masked_bool = is_op("relax.nn.attention")(q, k, v, from_bool)
+    masked = is_op("relax.nn.attention")(q, k, v, bias)
+
+    def scalars(call):
+        """(scale, causal) arguments, or None when ATen's kernel cannot take the call."""
         attrs = call.attrs
         causal = attrs.causal_mask
         if attrs.window_size is not None or causal not in (None, "TopLeft"):
-            return call
-        if any(len(_dims(a) or []) != 4 for a in call.args) or \
-                str(call.ty.dtype) not in ok_dtypes:
-            return call
+            return None
+        if any(len(_dims(a) or []) != 4 for a in call.args) or str(call.ty.dtype) not in ok:
+            return None
         scale = float(attrs.scale) if attrs.scale is not None else -1.0
-        return relax.call_pure_packed("tvm_torch.attention", *call.args,
-                                      tvm.tirx.FloatImm("float64", scale),
-                                      tvm.tirx.IntImm("bool", causal == "TopLeft"),
+        return [tvm.tirx.FloatImm("float64", scale),
+                tvm.tirx.IntImm("bool", causal == "TopLeft")]
+
+    def rewrite_plain(call, _matched):
+        extra = scalars(call)
+        if extra is None:
+            return call
+        return relax.call_pure_packed("tvm_torch.attention", *call.args, *extra,
                                       ty_args=call.ty)
 
-    return rewrite_call(attention, rewrite, func)
+    def rewrite_bool(call, matched):
+        extra = scalars(call)
+        boolean = matched[mask]
+        if extra is None or str(boolean.ty.dtype) != "bool" or \
+                float(_const_array(matched[zero])) != 0.0 or \
+                float(_const_array(matched[neg_inf])) != float("-inf"):
+            return call
+        return relax.call_pure_packed("tvm_torch.attention_masked", *call.args[:3], boolean,
+                                      *extra, ty_args=call.ty)
+
+    def rewrite_masked(call, _matched):
+        extra = scalars(call)
+        if extra is None or str(call.args[3].ty.dtype) != str(call.ty.dtype):
+            return call
+        return relax.call_pure_packed("tvm_torch.attention_masked", *call.args, *extra,
+                                      ty_args=call.ty)
+
+    func = rewrite_call(masked_bool, rewrite_bool, func)
+    func = rewrite_call(masked, rewrite_masked, func)
+    return rewrite_call(plain, rewrite_plain, func)
 
 
 def _fold_permutes(func: relax.Function) -> relax.Function:

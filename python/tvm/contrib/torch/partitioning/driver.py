@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .. import frontend
+from .. import frontend, verify
 from ..dtypes import COMPUTE_DTYPES
 from ..options import CompileOptions, check_dim_ranges, make_input_info, parse_options
 from ..pipeline import compile_program
@@ -163,14 +163,16 @@ class _Partitioner:
         index = len(self.segments)
         infos, ranges = input_infos(segment, self.classes)
         floats = {info.dtype for info in infos if info.dtype in COMPUTE_DTYPES}
-        default_dtype = "float16" if floats == {"float16"} else "float32"
+        default_dtype = floats.pop() if len(floats) == 1 else "float32"
         function = torch._C._create_function_from_graph(  # pylint: disable=protected-access
-            f"tvm_segment_{index}", subgraph(segment, upcast_half=default_dtype == "float16"))
+            f"tvm_segment_{index}", subgraph(segment, upcast_half=default_dtype != "float32"))
         bucket = [make_input_info(info.name, info.shape, info.dtype, default_dtype, position)
                   for position, info in enumerate(infos)]
+        # The partitioned model is verified whole, on the user's example inputs; generated
+        # inputs could index out of range inside a subgraph.
         options = dataclasses.replace(self.opts, default_dtype=default_dtype,
                                       dim_ranges=check_dim_ranges(ranges),
-                                      num_outputs=len(segment.outputs))
+                                      num_outputs=len(segment.outputs), verify=False)
         started = time.perf_counter()
         # Each program gets its own directory; a second pass over the same run overwrites.
         module = compile_program(function, [bucket], options,
@@ -236,6 +238,15 @@ def partition(module: Any, example_inputs: Sequence[Any],
     return partition_with_options(module, example_inputs, opts)
 
 
+def _verify(script: torch.jit.ScriptModule, result: torch.jit.ScriptModule,
+            arguments: Sequence[Any]) -> None:
+    """The partitioned model against the model it came from, on the example inputs."""
+    with torch.no_grad():
+        expected = verify.flatten_outputs(script(*arguments))
+        actual = verify.flatten_outputs(result(*arguments))
+    verify.compare_outputs(actual, expected, arguments)
+
+
 def partition_with_options(module: Any, example_inputs: Sequence[Any],
                            opts: CompileOptions) -> torch.jit.ScriptModule:
     """:func:`partition` with options already parsed (``opts.buckets`` is not read).
@@ -289,6 +300,10 @@ def partition_with_options(module: Any, example_inputs: Sequence[Any],
         torch.jit.save(frozen, buffer)
         buffer.seek(0)
         result = torch.jit.load(buffer, map_location=device)
+    if opts.verify and worker.segments:
+        # On the module before the round trip: its engines are not the returned ones, whose
+        # call counts stay the user's.
+        _verify(script, frozen, _complete_arguments(frozen, example_inputs))
     logger.info("partitioned in %.1fs: %s", time.perf_counter() - started,
                 report.summary().splitlines()[0])
     return result

@@ -22,11 +22,20 @@ _library: Optional[torch.library.Library] = None
 _recording = threading.local()
 
 
+#: What a wrapped number (a 0-dim tensor TorchScript made from a Python scalar, e.g. by
+#: ``x + self.pos[:, 0:x.size(1)]``) is as a tensor; it reaches a Python operator unwrapped.
+_WRAPPED_DTYPES = {bool: "bool", int: "int64", float: "float64"}
+
+
 def _record(tensor: torch.Tensor, key: int) -> None:
     store = getattr(_recording, "store", None)
-    if store is not None:
+    if store is None:
+        return
+    if isinstance(tensor, torch.Tensor):
         dtype = str(tensor.dtype).replace("torch.", "")
         store[key].append((tuple(tensor.shape), dtype, tensor.device.type))
+    elif type(tensor) in _WRAPPED_DTYPES:
+        store[key].append(((), _WRAPPED_DTYPES[type(tensor)], "cpu"))
 
 
 def _define_record_op() -> None:

@@ -19,8 +19,8 @@ from .segments import Segment
 def subgraph(segment: Segment, upcast_half: bool = False) -> torch._C.Graph:
     """A standalone graph computing the segment's outputs from its inputs (constants copied).
 
-    ``upcast_half``: float16 weights are copied as float32 (the pipeline converts a float32
-    model and makes it float16 with ``ToMixedPrecision``, float16 inputs and outputs).
+    ``upcast_half``: float16/bfloat16 weights are copied as float32 (the pipeline converts a
+    float32 model and lowers it to ``default_dtype`` itself, with inputs and outputs in it).
     """
     graph = torch._C.Graph()
     mapping: Dict[torch._C.Value, torch._C.Value] = {}
@@ -37,7 +37,7 @@ def subgraph(segment: Segment, upcast_half: bool = False) -> torch._C.Graph:
             if is_tensor(value) and producer.kindOf("value") == "t":
                 # Conversion reads the weights on the host; the program runs on the device.
                 weight = producer.t("value").cpu()
-                if upcast_half and weight.dtype == torch.float16:
+                if upcast_half and weight.dtype in (torch.float16, torch.bfloat16):
                     weight = weight.float()
                 constant.t_("value", weight)
             graph.appendNode(constant)

@@ -1,0 +1,210 @@
+"""Compiled modules compute what PyTorch computes: dtype promotion, attention masks and scales,
+shapes read inside traced models, low-precision models, and the verification step that
+catches a program that does not."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tvm.contrib.torch import ConversionError, compile, fx_passes
+
+
+def _compile(model, inputs, tmp_path, **option):
+    infos = [(f"x{i}", tuple(t.shape), str(t.dtype).replace("torch.", ""))
+             for i, t in enumerate(inputs)]
+    return compile(model, {"input_infos": infos, "export_dir": str(tmp_path / "export"),
+                           **option})
+
+
+def _assert_same(actual, expected):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert a.dtype == e.dtype, (a.dtype, e.dtype)
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+class Promotions(torch.nn.Module):
+    """Binary operators between tensors of every dtype pair and with Python scalars."""
+
+    def forward(self, u8, i32, i64, b, f32):
+        tensors = [u8, i32, i64, b, f32]
+        out = []
+        for lhs in tensors:
+            for rhs in tensors:
+                out.append(lhs + rhs if lhs.dtype != torch.bool or rhs.dtype != torch.bool
+                           else lhs | rhs)
+                out.append(lhs * rhs)
+                out.append(lhs < rhs)
+            out += [lhs + 0.5, lhs * 1.5, lhs / 2, lhs - 1, lhs > 0.5, lhs == 1]
+        out += [i32 // 3, i64 // 4, u8 // 2, i64 % 3, i32 / i64, u8 / f32]
+        out += [b & (u8 > 2), b | (i32 > 3), b ^ (i64 > 4), ~b, ~i32, i64 & 6, u8 ^ 3]
+        out += [b.sum(), b.cumsum(-1), torch.where(b, i32, f32), torch.where(b, u8, 0.5)]
+        return tuple(out)
+
+
+def _promotion_inputs():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(1, 9, (2, 6), generator=g, dtype=torch.uint8),
+            torch.randint(1, 9, (2, 6), generator=g, dtype=torch.int32),
+            torch.randint(1, 9, (2, 6), generator=g, dtype=torch.int64),
+            torch.randint(0, 2, (2, 6), generator=g).bool(),
+            torch.randn(2, 6, generator=g))
+
+
+@pytest.mark.parametrize("frontend", ["trace", "module"])
+def test_type_promotion_matches_pytorch(frontend, tmp_path):
+    model, inputs = Promotions().eval(), _promotion_inputs()
+    source = torch.jit.trace(model, inputs) if frontend == "trace" else model
+    compiled = _compile(source, inputs, tmp_path)
+    _assert_same(compiled(list(inputs)), list(model(*inputs)))
+
+
+class Attention(torch.nn.Module):
+    """Attention as users write it, one variant per ``kind``."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, k, v, mask):
+        kind = self.kind
+        if kind == "bool_mask":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if kind == "float_mask":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.float() * -3.0)
+        if kind == "padding_mask":  # (B, S) broadcast over heads and queries
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, 0, 0, :][:, None,
+                                                                                     None, :])
+        if kind == "causal":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if kind == "scale":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        if kind == "dropout_p0":
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=0.3)
+        if kind == "gqa":
+            return F.scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True)
+        if kind == "fully_masked_row":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask & (
+                torch.arange(q.shape[2])[:, None] > 0))
+        raise ValueError(kind)
+
+
+def _attention_inputs():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, 16, generator=g) for _ in range(3))
+    mask = torch.rand(2, 1, 8, 8, generator=g) > 0.3
+    mask[..., 0] = True  # every query sees a key (except where a test masks a row)
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("vendor_kernels", [True, False], ids=["aten", "tvm"])
+@pytest.mark.parametrize("kind", ["bool_mask", "float_mask", "padding_mask", "causal", "scale",
+                                  "dropout_p0", "gqa", "fully_masked_row"])
+def test_attention_matches_pytorch(kind, vendor_kernels, tmp_path):
+    model, inputs = Attention(kind).eval(), _attention_inputs()
+    compiled = _compile(model, inputs, tmp_path, vendor_kernels=vendor_kernels)
+    _assert_same(compiled(list(inputs)), [model(*inputs)])
+
+
+def test_attention_dropout_is_refused(tmp_path):
+    class Dropout(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+
+    inputs = _attention_inputs()[:3]
+    with pytest.raises(ConversionError, match=r"scaled_dot_product_attention .*dropout_p=0.5"):
+        _compile(Dropout().eval(), inputs, tmp_path)
+
+
+class PositionSlice(torch.nn.Module):
+    """What traced HF/timm embeddings do: a buffer sliced by the input's length, an arange on
+    sizes, an expanded buffer, and integer arithmetic on sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("position_ids", torch.arange(32)[None, :], persistent=False)
+        self.register_buffer("token_type", torch.zeros(1, 32, dtype=torch.long),
+                             persistent=False)
+        self.pos = torch.nn.Parameter(torch.randn(1, 32, 8))
+        self.embed = torch.nn.Embedding(32, 8)
+
+    def forward(self, x):
+        seq = x.size(1)
+        ids = self.position_ids[:, 0:seq]
+        types = self.token_type[:, :seq].expand(x.size(0), seq)
+        steps = torch.arange(seq // 2) * 2
+        out = x + self.pos[:, 0:x.size(1)] + self.embed(ids) + self.embed(types)
+        return out[:, steps], torch.full((1,), seq * 3 // 4)
+
+
+def test_traced_size_arithmetic(tmp_path):
+    model = PositionSlice().eval()
+    x = torch.randn(2, 12, 8)
+    compiled = _compile(torch.jit.trace(model, (x,)), (x,), tmp_path)
+    _assert_same(compiled([x]), list(model(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_model_compiles_in_its_dtype(dtype, tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 6 * 6, 4)).eval().to(dtype)
+    x = torch.randn(1, 3, 8, 8).to(dtype)
+    compiled = _compile(torch.jit.trace(model, (x,)), (x,), tmp_path)
+    out = compiled([x])[0]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), model(x).float(), rtol=5e-2, atol=5e-2)
+
+
+class IntDivision(torch.nn.Module):
+    def forward(self, x):
+        return x / 2
+
+
+def test_verification_catches_a_wrong_program(tmp_path, monkeypatch):
+    # Without explicit promotion TVM divides the integers as integers: a silently wrong
+    # program, which the verification step must catch.
+    monkeypatch.setattr(fx_passes, "make_promotion_explicit", lambda graph_module: None)
+    x = torch.arange(1, 13, dtype=torch.int32).reshape(3, 4)
+    with pytest.raises(ConversionError, match=r"output 0 has dtype torch.int32, the model's "
+                                              r"has torch.float32"):
+        _compile(IntDivision(), (x,), tmp_path)
+    # With the check off, the same wrong program comes back (which is why it is on).
+    wrong = _compile(IntDivision(), (x,), tmp_path, verify=False)
+    assert wrong([x])[0].dtype == torch.int32
+
+
+def test_verification_uses_example_inputs(tmp_path):
+    class Gather(torch.nn.Module):
+        def forward(self, table, index):
+            return table[index]
+
+    table, index = torch.randn(10, 4), torch.tensor([[9, 0, 3]])
+    # Generated int inputs would be all ones; the user's exercise the real indices.
+    compiled = _compile(Gather(), (table, index), tmp_path, example_inputs=[table, index])
+    torch.testing.assert_close(compiled([table, index])[0], table[index])
+
+
+class Block(torch.nn.Module):
+    def forward(self, q):
+        return F.scaled_dot_product_attention(q, q, q)
+
+
+class Nested(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, q):
+        return self.block(q) + 1
+
+
+def test_conversion_errors_name_the_operator_and_place(tmp_path):
+    q = torch.randn(1, 2, 2, 4, 8)  # 5-D attention: not converted
+    with pytest.raises(ConversionError) as info:
+        _compile(Nested().eval(), (q,), tmp_path)
+    message = str(info.value)
+    assert "scaled_dot_product_attention" in message and "block" in message, message
+    assert "ranks 5, 5, 5" in message
+    assert isinstance(info.value.__cause__, Exception)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict
 
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from .errors import ConversionError
@@ -52,7 +53,10 @@ def scaled_dot_product_attention(node, importer) -> relax.Expr:
         query, key, value = (emit(relax.op.expand_dims(t, 1)) for t in (query, key, value))
     heads_q = query.ty.shape.values[1]
     heads_kv = key.ty.shape.values[1]
-    if enable_gqa and not tvm.ir.structural_equal(heads_q, heads_kv):
+    if enable_gqa and not tvm_ffi.structural_equal(heads_q, heads_kv):
+        if not isinstance(heads_q, tvm.tirx.IntImm) or not isinstance(heads_kv, tvm.tirx.IntImm):
+            raise ConversionError("tvm.contrib.torch: scaled_dot_product_attention with "
+                                  "enable_gqa needs static head counts")
         repeats = int(heads_q) // int(heads_kv)
         key = emit(relax.op.repeat(key, repeats, axis=1))
         value = emit(relax.op.repeat(value, repeats, axis=1))

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import tvm
 from torch._export.converter import TS2EPConverter
+from tvm import relax
 from tvm.relax.frontend import detach_params
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
@@ -40,6 +41,7 @@ class _ShapedTS2EPConverter(TS2EPConverter):
     def __init__(self, ts_model, sample_args, dynamic_shapes=None):
         super().__init__(ts_model, sample_args)
         self._dynamic_shapes = dynamic_shapes
+        unwrap_scalar_constants(self.ts_graph)
 
     def retrace_as_exported_program(self, gm, name_to_constant):
         ep = torch.export._trace._export(  # pylint: disable=protected-access
@@ -57,6 +59,46 @@ class _ShapedTS2EPConverter(TS2EPConverter):
                 spec.kind = torch.export.graph_signature.InputKind.CONSTANT_TENSOR
                 spec.persistent = None
         return ep
+
+
+#: TorchScript operators with a ``Scalar`` overload for their second operand.
+_SCALAR_OPERAND_KINDS = frozenset(f"aten::{name}" for name in (
+    "add", "sub", "mul", "div", "rsub", "remainder", "fmod", "pow", "floor_divide", "eq",
+    "ne", "lt", "le", "gt", "ge", "bitwise_and", "bitwise_or", "bitwise_xor", "__and__",
+    "__or__", "__xor__"))
+
+#: The dtypes the tracer gives Python numbers it records as tensors ("wrapped numbers").
+_WRAPPED_NUMBER_DTYPES = (torch.float64, torch.int64, torch.bool)
+
+
+def unwrap_scalar_constants(graph: torch._C.Graph) -> None:
+    """Turn the tracer's wrapped numbers back into Python numbers, in place.
+
+    ``torch.jit.trace`` records ``x + 0.5`` with ``0.5`` as a 0-dim float64 tensor constant
+    flagged as a wrapped number, which promotes like a Python scalar (``uint8 + 0.5`` is
+    float32). The TorchScript-to-ExportedProgram converter loses the flag, and the constant
+    then promotes like a float64 tensor (float64 results). Where such a constant is the second
+    operand of an operator with a ``Scalar`` overload it becomes a number constant again.
+    """
+    def visit(block):
+        for node in block.nodes():
+            for sub in node.blocks():
+                visit(sub)
+            inputs = list(node.inputs())
+            if node.kind() not in _SCALAR_OPERAND_KINDS or len(inputs) < 2:
+                continue
+            producer = inputs[1].node()
+            if producer.kind() != "prim::Constant" or producer.kindOf("value") != "t":
+                continue
+            value = producer.t("value")
+            if value.dim() != 0 or value.dtype not in _WRAPPED_NUMBER_DTYPES:
+                continue
+            number = value.item()
+            constant = graph.insertConstant(number)
+            constant.node().moveBefore(node)
+            node.replaceInput(1, constant)
+
+    visit(graph.block())
 
 
 @contextlib.contextmanager
@@ -222,14 +264,24 @@ class _NodeConversionError(Exception):
         self.error = error
 
 
-def _reporting(converter):
+def _converting(converter, importer: ExportedProgramImporter):
+    """``converter`` reporting the node it fails on, and giving its result the static shape
+    PyTorch recorded when TVM's converter left it unknown (``expand(x, [1, -1, 16, 16])``)."""
     def convert(node):
         try:
-            return converter(node)
+            result = converter(node)
         except _NodeConversionError:
             raise
         except Exception as err:  # pylint: disable=broad-except
             raise _NodeConversionError(node, err) from err
+        val = node.meta.get("val")
+        if isinstance(result, relax.Expr) and isinstance(getattr(result, "ty", None),
+                                                         relax.TensorType) \
+                and result.ty.shape is None and isinstance(val, torch.Tensor) \
+                and all(isinstance(d, int) for d in val.shape):
+            result = importer.block_builder.match_cast(
+                result, relax.TensorType(list(val.shape), result.ty.dtype))
+        return result
     return convert
 
 
@@ -239,7 +291,8 @@ def _importer() -> ExportedProgramImporter:
     importer = ExportedProgramImporter()
     for name, converter in CUSTOM_CONVERTERS.items():
         importer.convert_map[name] = (lambda node, f=converter: f(node, importer))
-    importer.convert_map = {name: _reporting(f) for name, f in importer.convert_map.items()}
+    importer.convert_map = {name: _converting(f, importer)
+                            for name, f in importer.convert_map.items()}
     return importer
 
 

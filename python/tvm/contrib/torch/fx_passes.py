@@ -162,12 +162,17 @@ _ACCUMULATIONS = frozenset({
     aten.prod.default, aten.prod.dim_int,
 })
 
-#: Bitwise operators on bool are logical ones (TVM's bitwise ops take integers only).
+#: Bitwise and arithmetic operators on bool are logical ones (TVM's bitwise ops take
+#: integers only; its code generator has no bool addition or multiplication).
 _LOGICAL_OF_BITWISE = {
     aten.bitwise_and.Tensor: aten.logical_and.default,
     aten.bitwise_or.Tensor: aten.logical_or.default,
     aten.bitwise_xor.Tensor: aten.logical_xor.default,
     aten.bitwise_not.default: aten.logical_not.default,
+    aten.mul.Tensor: aten.logical_and.default,
+    aten.add.Tensor: aten.logical_or.default,
+    aten.maximum.default: aten.logical_or.default,
+    aten.minimum.default: aten.logical_and.default,
 }
 
 #: Divisions whose Python-number operand TVM's importer types as int32/float32 regardless of
@@ -225,14 +230,19 @@ def make_promotion_explicit(graph_module: fx.GraphModule) -> None:
         out = node.meta.get("val")
         if not isinstance(out, torch.Tensor):
             continue
-        if target in _LOGICAL_OF_BITWISE and out.dtype == torch.bool:
+        if target in _LOGICAL_OF_BITWISE and out.dtype == torch.bool and all(
+                isinstance(a, fx.Node) for a in node.args):
             node.target = _LOGICAL_OF_BITWISE[target]
+            node.args = tuple(node.args)[:2 if target is not aten.bitwise_not.default else 1]
+            node.kwargs = {}
             continue
         if target in _ARITHMETIC:
             compute = out.dtype
             positions = range(len(node.args))
         elif target in _COMPARISONS:
             compute = torch.result_type(_example(node.args[0]), _example(node.args[1]))
+            if compute == torch.bool:
+                compute = torch.uint8  # TVM's code generator cannot order bools
             positions = range(2)
         elif target is aten.where.self:
             compute = out.dtype

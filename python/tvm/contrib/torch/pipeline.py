@@ -312,7 +312,9 @@ def _verify(source: Any, ptm: PyTorchTVMModule, result: torch.nn.Module,
     else:
         input_sets = [verify.make_inputs(b.infos, b.dim_values, b.index_bounds)
                       for b in ptm.buckets]
-    verify.check(source, result, input_sets, model_device(source))
+    lowered = getattr(torch, ptm.default_dtype)
+    verify.check(source, result, input_sets, model_device(source),
+                 lowered_to=None if lowered == torch.float32 else lowered)
 
 
 def compile_program(module: Any, buckets: Sequence[List[InputInfo]], options: CompileOptions,

@@ -141,14 +141,20 @@ def _tolerance(actual: torch.dtype, expected: torch.dtype):
     return worst
 
 
-def _compare(index: int, actual: torch.Tensor, expected: torch.Tensor) -> Optional[str]:
-    """Why output ``index`` differs, or None when it matches."""
+def _compare(index: int, actual: torch.Tensor, expected: torch.Tensor,
+             lowered_to: Optional[torch.dtype] = None) -> Optional[str]:
+    """Why output ``index`` differs, or None when it matches.
+
+    ``lowered_to``: the dtype a float32 model was compiled for (``default_dtype``): its
+    float32 outputs may come back in it.
+    """
     actual, expected = actual.detach().cpu(), expected.detach().cpu()
     if tuple(actual.shape) != tuple(expected.shape):
         return f"output {index} has shape {tuple(actual.shape)}, the model's has " \
                f"{tuple(expected.shape)}"
-    if actual.is_floating_point() != expected.is_floating_point() or \
-            (not actual.is_floating_point() and actual.dtype != expected.dtype):
+    lowered = lowered_to is not None and expected.dtype == torch.float32 and \
+        actual.dtype == lowered_to
+    if actual.dtype != expected.dtype and not lowered:
         return f"output {index} has dtype {actual.dtype}, the model's has {expected.dtype}"
     if not actual.is_floating_point():
         if torch.equal(actual, expected):
@@ -180,7 +186,8 @@ class VerificationRun:
 
 
 def check(source: Any, compiled: torch.nn.Module, input_sets: Sequence[Sequence[torch.Tensor]],
-          source_device: str = "cpu") -> List[VerificationRun]:
+          source_device: str = "cpu",
+          lowered_to: Optional[torch.dtype] = None) -> List[VerificationRun]:
     """Run ``source`` and ``compiled`` on each input set and compare every output.
 
     Parameters
@@ -195,6 +202,8 @@ def check(source: Any, compiled: torch.nn.Module, input_sets: Sequence[Sequence[
         floating dtype and moved to ``source_device``.
     source_device : str
         Where the source model's parameters are.
+    lowered_to : torch.dtype, optional
+        The dtype a float32 model was compiled for, which its float32 outputs come back in.
 
     Raises
     ------
@@ -215,16 +224,17 @@ def check(source: Any, compiled: torch.nn.Module, input_sets: Sequence[Sequence[
             continue
         device = compiled.device if hasattr(compiled, "device") else torch.device("cpu")
         actual = list(compiled([t.to(device) for t in inputs]))
-        compare_outputs(actual, expected, inputs)
+        compare_outputs(actual, expected, inputs, lowered_to)
         runs.append(VerificationRun(list(inputs), expected, actual))
     return runs
 
 
 def compare_outputs(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor],
-                    inputs: Sequence[Any] = ()) -> None:
+                    inputs: Sequence[Any] = (), lowered_to: Optional[torch.dtype] = None) -> None:
     """Raise :class:`ConversionError` unless ``actual`` matches ``expected`` output by output.
 
-    ``inputs`` only serve the message (their shapes are named).
+    ``inputs`` only serve the message (their shapes are named); ``lowered_to`` is as in
+    :func:`check`.
     """
     shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
     if len(actual) != len(expected):
@@ -232,7 +242,7 @@ def compare_outputs(actual: Sequence[torch.Tensor], expected: Sequence[torch.Ten
             f"tvm.contrib.torch: the compiled program returns {len(actual)} tensor(s), the "
             f"model {len(expected)}, for inputs of shapes {shapes}")
     for index, (a, e) in enumerate(zip(actual, expected)):
-        problem = _compare(index, a, e)
+        problem = _compare(index, a, e, lowered_to)
         if problem is not None:
             raise ConversionError(
                 f"tvm.contrib.torch: the compiled program is wrong: {problem} (inputs of "

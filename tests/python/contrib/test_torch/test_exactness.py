@@ -36,7 +36,9 @@ class Promotions(torch.nn.Module):
                            else lhs | rhs)
                 out.append(lhs * rhs)
                 out.append(lhs < rhs)
-            out += [lhs + 0.5, lhs * 1.5, lhs / 2, lhs - 1, lhs > 0.5, lhs == 1]
+            out += [lhs + 0.5, lhs * 1.5, lhs / 2, lhs + 1, lhs > 0.5, lhs == 1]
+            if lhs.dtype != torch.bool:
+                out.append(lhs - 1)
         out += [i32 // 3, i64 // 4, u8 // 2, i64 % 3, i32 / i64, u8 / f32]
         out += [b & (u8 > 2), b | (i32 > 3), b ^ (i64 > 4), ~b, ~i32, i64 & 6, u8 ^ 3]
         out += [b.sum(), b.cumsum(-1), torch.where(b, i32, f32), torch.where(b, u8, 0.5)]

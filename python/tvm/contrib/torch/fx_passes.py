@@ -44,6 +44,8 @@ _PYTHON_SCALAR_OPS = frozenset({
 _ATEN_SCALAR_OPS = frozenset({
     aten.scalar_tensor.default, aten._local_scalar_dense.default, aten._to_copy.default,
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.div.Tensor_mode,
+    aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.div.Scalar_mode,
+    aten.rsub.Scalar, aten.floor_divide.Scalar,
     aten.floor_divide.default, aten.remainder.Scalar, aten.remainder.Tensor, aten.neg.default,
     aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.clone.default,
     aten.lift_fresh_copy.default, aten.ge.Scalar, aten.le.Scalar, aten.eq.Scalar,

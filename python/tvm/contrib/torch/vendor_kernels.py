@@ -9,7 +9,8 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   ``tvm_torch.conv2d_add_nhwc`` on oneDNN, in NHWC (the graph's convolutions are switched to
   NHWC first; elementwise ops and pooling follow). The weight goes through
   ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves into
-  ``main_transform_params``: the runtime prepacks every weight once, at load time.
+  ``main_transform_params``: the runtime prepacks every weight once, at load time. CPU
+  ``conv1d`` (Whisper's, Wav2Vec's) becomes such a conv2d of height 1 first.
 * ``layer_norm`` (trailing axes) and ``softmax`` -> ``tvm_torch.layer_norm`` /
   ``tvm_torch.softmax`` (ATen's kernels), on CPU and CUDA.
 * ``max_pool2d`` / ``avg_pool2d`` in NHWC (CPU, symmetric padding, no dilation for average)
@@ -20,8 +21,9 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   libm for them, 10-30x slower).
 * ``matmul`` with a constant right-hand side (+ bias) (+ ReLU) -> ``tvm_torch.matmul_bias``;
   other ``matmul`` -> ``tvm_torch.matmul`` (MKL on CPU, cuBLAS on CUDA).
-* ``nn.attention`` (no bias, no window) -> ``tvm_torch.attention``: ATen's fused
-  ``scaled_dot_product_attention`` (flash attention), on CPU and CUDA.
+* ``nn.attention`` (no window) -> ``tvm_torch.attention`` / ``tvm_torch.attention_masked``:
+  ATen's fused ``scaled_dot_product_attention`` (flash attention), on CPU and CUDA; a mask
+  made from a boolean one reaches ATen as the boolean mask.
 * ``permute_dims(permute_dims(x))`` -> one permutation, or ``x`` when they cancel (the
   importer's layout changes around attention undo the model's own).
 
@@ -365,7 +367,8 @@ def _rewrite_unary(func: relax.Function, gpu: bool) -> relax.Function:
 
 
 def _rewrite_attention(func: relax.Function, gpu: bool) -> relax.Function:
-    """relax.nn.attention(q, k, v[, bias]) -> ATen's scaled_dot_product_attention.
+    """relax.nn.attention(q, k, v) / attention_bias(q, k, v, bias) -> ATen's
+    scaled_dot_product_attention.
 
     A bias made from a boolean mask (``where(mask, 0, -inf)``, as
     :mod:`tvm.contrib.torch.converters` writes it) reaches ATen as the boolean mask itself,
@@ -377,8 +380,8 @@ def _rewrite_attention(func: relax.Function, gpu: bool) -> relax.Function:
     from_bool = is_op("relax.where")(mask, zero, neg_inf)
     bias = wildcard()
     plain = is_op("relax.nn.attention")(q, k, v)
-    masked_bool = is_op("relax.nn.attention")(q, k, v, from_bool)
-    masked = is_op("relax.nn.attention")(q, k, v, bias)
+    masked_bool = is_op("relax.nn.attention_bias")(q, k, v, from_bool)
+    masked = is_op("relax.nn.attention_bias")(q, k, v, bias)
 
     def scalars(call):
         """(scale, causal) arguments, or None when ATen's kernel cannot take the call."""
@@ -459,6 +462,34 @@ def _calls_op(func: relax.Function, op_name: str) -> bool:
     return bool(found)
 
 
+def _conv1d_as_conv2d(func: relax.Function) -> relax.Function:
+    """CPU conv1d (NCW, constant weight, float32) -> an NHWC conv2d of height 1, which
+    :func:`_rewrite_convs` gives to oneDNN (TVM's default conv1d schedule is ~100x slower).
+
+    The transposes around it cancel against a model's own (``x.permute(0, 2, 1)`` after
+    Whisper's convolutions) in :func:`_fold_permutes`.
+    """
+    def rewrite(call, _matched):
+        attrs = call.attrs
+        x, weight = call.args
+        dims = _static_shape(x)
+        if (attrs.data_layout != "NCW" or attrs.kernel_layout != "OIW"
+                or attrs.out_layout != "NCW" or dims is None or len(dims) != 3
+                or str(call.ty.dtype) != "float32" or str(x.ty.dtype) != "float32"):
+            return call
+        left, right = (int(p) for p in attrs.padding)
+        kernel = _const_array(weight)
+        rows = relax.op.expand_dims(relax.op.permute_dims(x, [0, 2, 1]), 1)  # N, 1, W, C
+        conv = relax.op.nn.conv2d(
+            rows, relax.const(kernel[:, :, None, :]), strides=(1, int(attrs.strides[0])),
+            padding=(0, left, 0, right), dilation=(1, int(attrs.dilation[0])),
+            groups=int(attrs.groups), data_layout="NHWC", kernel_layout="OIHW",
+            out_layout="NHWC", out_dtype="float32")
+        return relax.op.permute_dims(relax.op.squeeze(conv, [1]), [0, 2, 1])
+
+    return rewrite_call(is_op("relax.nn.conv1d")(wildcard(), is_const()), rewrite, func)
+
+
 def offload_pass(gpu: bool = False) -> tvm.transform.Pass:
     """The offload as a module pass over ``main`` (after params were bound as constants).
 
@@ -477,6 +508,8 @@ def offload_pass(gpu: bool = False) -> tvm.transform.Pass:
             mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
             mod = relax.transform.FoldConstant()(mod)
         func = mod["main"]
+        if not gpu:
+            func = _conv1d_as_conv2d(func)
         func = _rewrite_convs(func, gpu)
         func = _rewrite_matmuls(func, gpu)
         func = _rewrite_normalizations(func, gpu)

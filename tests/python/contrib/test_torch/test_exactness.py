@@ -132,8 +132,8 @@ class PositionSlice(torch.nn.Module):
         self.embed = torch.nn.Embedding(32, 8)
 
     def forward(self, x):
-        seq = x.size(1)
-        ids = self.position_ids[:, 0:seq]
+        seq, past = x.size(1), 0
+        ids = self.position_ids[:, past:seq + past]  # as BERT: the traced sum is add.Scalar
         types = self.token_type[:, :seq].expand(x.size(0), seq)
         steps = torch.arange(seq // 2) * 2
         out = x + self.pos[:, 0:x.size(1)] + self.embed(ids) + self.embed(types)

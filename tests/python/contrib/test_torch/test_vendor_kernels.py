@@ -187,6 +187,37 @@ def test_attention():
     assert packed == ["tvm_torch.attention"] and "relax.nn.attention" not in ops
 
 
+def test_attention_with_a_boolean_mask_passes_the_mask():
+    qkv = ((2, 6, 4, 8), "float32")
+
+    def body(bb, p):
+        q, k, v, mask = p
+        bias = bb.emit(relax.op.where(mask, relax.const(0.0), relax.const(float("-inf"))))
+        return bb.emit(relax.op.nn.attention(q, k, v, bias))
+
+    packed, ops, text = _offload([qkv] * 3 + [((2, 1, 6, 6), "bool")], body)
+    assert packed == ["tvm_torch.attention_masked"] and "relax.nn.attention_bias" not in ops
+    assert "relax.where" not in ops  # ATen gets the boolean mask itself
+
+
+def test_attention_with_an_additive_mask():
+    qkv = ((2, 6, 4, 8), "float32")
+    packed, ops, _ = _offload([qkv] * 3 + [((1, 1, 6, 6), "float32")],
+                              lambda bb, p: bb.emit(relax.op.nn.attention(*p)))
+    assert packed == ["tvm_torch.attention_masked"] and "relax.nn.attention_bias" not in ops
+
+
+def test_conv1d_runs_as_a_onednn_conv2d_on_cpu():
+    def body(bb, p):
+        return bb.emit(relax.op.nn.conv1d(p[0], _const((8, 4, 3)), padding=(1, 1)))
+
+    packed, ops, _ = _offload([((1, 4, 16), "float32")], body)
+    assert packed == ["tvm_torch.conv2d_nhwc_prepack", "tvm_torch.conv2d_nhwc"]
+    assert "relax.nn.conv1d" not in ops
+    gpu_packed, gpu_ops, _ = _offload([((1, 4, 16), "float32")], body, gpu=True)
+    assert gpu_packed == [] and "relax.nn.conv1d" in gpu_ops
+
+
 def test_permutes_that_cancel_fold_away():
     def body(bb, p):
         y = bb.emit(relax.op.permute_dims(p[0], [0, 2, 1]))

@@ -50,10 +50,24 @@ def roberta(attn):
     return model, (_ids(), _padding_mask())
 
 
+class KeywordInputs(torch.nn.Module):
+    """Calls a model with its positional inputs as keyword arguments (GPT-2's second
+    positional argument is the cache, not the attention mask)."""
+
+    def __init__(self, model: torch.nn.Module, names: Tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *inputs):
+        return self.model(**dict(zip(self.names, inputs)))
+
+
 def gpt2(attn):
     model = _hf("GPT2Model", "GPT2Config", attn, vocab_size=VOCAB, n_embd=64, n_layer=2,
                 n_head=4, use_cache=False)
-    return model, (_ids(), _padding_mask())
+    return KeywordInputs(model, ("input_ids", "attention_mask")).eval(), \
+        (_ids(), _padding_mask())
 
 
 def bart_encoder(attn):

@@ -192,12 +192,21 @@ ffi::Tensor Conv2dAddNchw(ffi::Tensor x, ffi::Tensor other, ffi::Tensor weight, 
   return ToTvmTensor(y);
 }
 
-/*! \brief x @ w + bias (+ relu) on MKL; w is [in, out], x is [..., in]. */
+/*!
+ * \brief x @ w + bias (+ relu) on MKL; w is [in, out], x is [..., in]. Leading dims are
+ * flattened so that the bias is added inside the GEMM (addmm) for 3-D inputs too.
+ */
 ffi::Tensor MatmulBias(ffi::Tensor x, ffi::Tensor w, ffi::Tensor bias, ffi::String attr) {
   at::Tensor a = ToTorchTensor(x);
   at::Tensor b = ToTorchTensor(w);
-  at::Tensor y = a.dim() == 2 ? at::addmm(ToTorchTensor(bias), a, b)
-                              : at::matmul(a, b).add_(ToTorchTensor(bias));
+  at::Tensor y;
+  if (a.dim() == 2) {
+    y = at::addmm(ToTorchTensor(bias), a, b);
+  } else {
+    std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end());
+    shape.back() = b.size(1);
+    y = at::addmm(ToTorchTensor(bias), a.reshape({-1, a.size(-1)}), b).view(shape);
+  }
   if (std::string(attr) == "relu") y.relu_();
   return ToTvmTensor(y);
 }

@@ -27,6 +27,7 @@ from .timing import measure
 
 logger = logging.getLogger(__name__)
 
+
 class CliError(Exception):
     """An error reported as one line with a non-zero exit code."""
 
@@ -87,7 +88,8 @@ def compile_command(args: argparse.Namespace) -> None:
     inputs = [torch.rand(shape, generator=generator).to(dtype) for _, shape in infos]
     option = {"tuning_n_trials": args.trials, "min_block_size": args.min_block_size,
               "torch_executed_ops": list(args.torch_executed_op or []),
-              "require_full_compilation": args.require_full_compilation}
+              "require_full_compilation": args.require_full_compilation,
+              "verify": not args.no_verify}
     if args.tuning_log:
         option["tuning_log_file"] = args.tuning_log
     with tempfile.TemporaryDirectory(prefix="tvm_torch_cli_") as workdir:
@@ -143,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=cli_help("torch_executed_ops", "; one per flag (repeatable)"))
     comp.add_argument("--require-full-compilation", action="store_true",
                       help=cli_help("require_full_compilation"))
+    comp.add_argument("--no-verify", action="store_true",
+                      help="do not check the result against the model on the example inputs "
+                           "(for models that are not deterministic)")
     comp.add_argument("--repeat", type=int, default=10,
                       help="timed calls for the before/after report (default 10)")
     comp.add_argument("-o", "--output", required=True, help="where to save the result")

@@ -210,3 +210,22 @@ def test_conversion_errors_name_the_operator_and_place(tmp_path):
     assert "scaled_dot_product_attention" in message and "block" in message, message
     assert "ranks 5, 5, 5" in message
     assert isinstance(info.value.__cause__, Exception)
+
+
+class NewGelu(torch.nn.Module):
+    """GPT-2's GELU: ``x ** 3`` inside."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608 * (x + 0.044715 * torch.pow(x, 3.0)))) \
+            + x ** 2
+
+
+def test_small_powers_are_products(tmp_path):
+    from tvm.contrib.torch import frontend  # pylint: disable=import-outside-toplevel
+
+    x = torch.randn(4, 64)
+    ep = frontend.decompose(frontend.to_exported_program(NewGelu().eval(), [x]))
+    mod, _ = frontend.to_relax(ep)
+    assert "R.power" not in mod.script(show_meta=False)
+    compiled = _compile(NewGelu().eval(), (x,), tmp_path)
+    torch.testing.assert_close(compiled([x])[0], NewGelu()(x), rtol=1e-5, atol=1e-5)

@@ -13,21 +13,35 @@ The files of one program, for a bucket named ``NAME`` inside ``export_dir``:
     the params in TVM's param-dict format, passed after the inputs to the entry function.
 
 Every file is written to a temp file in the same directory and renamed into place, so an
-interrupted export never leaves a half-written file under the final name.
+interrupted export never leaves a half-written file under the final name. One build writes
+``programs.json`` last: the programs it exported with the SHA-256 of each file, which is all
+``load_tvm`` reads (a program left by an earlier build is not picked up, a file changed since
+is refused). Builds into one directory take its lock (:func:`locked`), across threads and
+processes, so that concurrent compiles never load each other's files.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import tempfile
-from typing import Any, Dict, List, Sequence
+import threading
+from typing import Any, Dict, Iterator, List, Sequence
 
 import torch
 import tvm
 
+logger = logging.getLogger(__name__)
+
 #: Version of the manifest format; the C++ runtime reads exactly this version.
 MANIFEST_FORMAT_VERSION = 1
+
+#: The index one build writes last: its programs and the SHA-256 of each of their files.
+INDEX_NAME = "programs.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,13 +178,98 @@ def read_manifest(graph_path: str) -> Dict[str, Any]:
         return json.load(f)
 
 
-def list_exported(export_dir: str) -> List[ExportedFiles]:
-    """All programs exported into ``export_dir``, sorted by name."""
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+_KINDS = ("lib_path", "graph_path", "params_path", "relax_path")
+
+
+def write_index(export_dir: str, programs: Sequence[ExportedFiles]) -> None:
+    """Record ``programs`` as what ``export_dir`` holds (see :func:`read_index`)."""
+    entries = []
+    for files in programs:
+        entries.append({kind: {"file": os.path.basename(getattr(files, kind)),
+                               "sha256": _sha256(getattr(files, kind))} for kind in _KINDS})
+    _atomic_write(os.path.join(export_dir, INDEX_NAME),
+                  json.dumps({"programs": entries}, indent=1).encode())
+
+
+def read_index(export_dir: str) -> List[ExportedFiles]:
+    """The programs the last build wrote into ``export_dir``, their files checked.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``export_dir`` has no index (no build finished writing into it).
+    ValueError
+        When a file is missing or differs from what the build wrote.
+    """
+    path = os.path.join(export_dir, INDEX_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tvm.contrib.torch: no exported program in {export_dir} "
+                                f"(no {INDEX_NAME}: build_tvm() writes it last)")
+    with open(path, encoding="utf-8") as f:
+        index = json.load(f)
     out = []
-    for entry in sorted(os.listdir(export_dir)):
-        if entry.endswith(".graph.json"):
-            name = entry[: -len(".graph.json")]
-            base = os.path.abspath(os.path.join(export_dir, name))
-            out.append(ExportedFiles(base + ".so", base + ".graph.json", base + ".params",
-                                     base + ".relax"))
+    for entry in index["programs"]:
+        paths = {}
+        for kind in _KINDS:
+            file_path = os.path.abspath(os.path.join(export_dir, entry[kind]["file"]))
+            if not os.path.isfile(file_path) or _sha256(file_path) != entry[kind]["sha256"]:
+                raise ValueError(f"tvm.contrib.torch: {file_path} is missing or changed since "
+                                 f"the build that wrote {path}; rebuild into {export_dir}")
+            paths[kind] = file_path
+        out.append(ExportedFiles(**paths))
     return out
+
+
+def remove_indexed(export_dir: str) -> None:
+    """Delete the files of the programs the last build recorded (before a new build)."""
+    path = os.path.join(export_dir, INDEX_NAME)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        entries = json.load(f).get("programs", [])
+    os.unlink(path)
+    for entry in entries:
+        for kind in _KINDS:
+            name = os.path.basename(entry.get(kind, {}).get("file", ""))
+            if name and os.path.isfile(os.path.join(export_dir, name)):
+                os.unlink(os.path.join(export_dir, name))
+
+
+_LOCKS: Dict[str, list] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def locked(export_dir: str) -> Iterator[None]:
+    """Hold ``export_dir``'s lock: exclusive across processes (``flock``) and threads,
+    re-entrant within a thread."""
+    os.makedirs(export_dir, exist_ok=True)
+    path = os.path.realpath(os.path.join(export_dir, ".lock"))
+    with _LOCKS_GUARD:
+        entry = _LOCKS.setdefault(path, [threading.RLock(), None, 0])
+    with entry[0]:
+        if entry[2] == 0:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("waiting for another build into %s", export_dir)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            entry[1] = fd
+        entry[2] += 1
+        try:
+            yield
+        finally:
+            entry[2] -= 1
+            if entry[2] == 0:
+                fcntl.flock(entry[1], fcntl.LOCK_UN)
+                os.close(entry[1])
+                entry[1] = None

@@ -195,9 +195,21 @@ class PyTorchTVMModule:
         return bucket.prepared
 
     def build_tvm(self, export_dir: str, debug_runtime: bool = False) -> List[export_mod.ExportedFiles]:
-        """Build every bucket and export its lib / graph / params into ``export_dir``."""
+        """Build every bucket and export its lib / graph / params into ``export_dir``.
+
+        The directory's lock is held throughout (concurrent builds into it wait); the files
+        of the previous build there are replaced, and ``programs.json`` lists the new ones.
+        """
         del debug_runtime  # accepted for the seed's signature; the Relax VM has no debug mode
         self.export_dir = os.path.abspath(export_dir)
+        with export_mod.locked(self.export_dir):
+            export_mod.remove_indexed(self.export_dir)
+            files = self._build_buckets()
+            export_mod.write_index(self.export_dir, files)
+        return files
+
+    def _build_buckets(self) -> List[export_mod.ExportedFiles]:
+        """Build and export each bucket as ``bucketN.*`` (the caller holds the lock)."""
         database = None
         if self.tuning_log_file and os.path.exists(self.tuning_log_file):
             database = tuning.open_database(self.tuning_log_file)
@@ -225,10 +237,10 @@ class PyTorchTVMModule:
         return files
 
     def load_tvm(self, export_dir: str) -> "PyTorchTVMModule":
-        """Use programs already exported into ``export_dir``."""
-        exported = export_mod.list_exported(export_dir)
-        if not exported:
-            raise FileNotFoundError(f"tvm.contrib.torch: no exported program in {export_dir}")
+        """Use the programs the last :meth:`build_tvm` exported into ``export_dir`` (their
+        files checked against the SHA-256 digests it recorded)."""
+        with export_mod.locked(export_dir):
+            exported = export_mod.read_index(export_dir)
         self.export_dir = os.path.abspath(export_dir)
         self.buckets = []
         for files in exported:
@@ -361,16 +373,19 @@ def compile_program(module: Any, buckets: Sequence[List[InputInfo]], options: Co
         raise ValueError(f"tvm.contrib.torch.compile: num_outputs={options.num_outputs} but the "
                          f"model returns {ptm.num_outputs} tensor(s)")
     _apply_tuning(ptm, options)
-    try:
-        ptm.build_tvm(export_dir)
-    except frontend.ConversionError:
-        raise
-    except Exception as err:  # pylint: disable=broad-except
-        text = str(err).strip()
-        raise frontend.ConversionError(
-            f"tvm.contrib.torch: TVM could not build the converted program: "
-            f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}") from err
-    result = ptm.build_pytorch_module(len(buckets[0]), ptm.num_outputs)
+    # Built and loaded under the directory's lock: a concurrent compile into the same
+    # export_dir cannot swap its files in between.
+    with export_mod.locked(export_dir):
+        try:
+            ptm.build_tvm(export_dir)
+        except frontend.ConversionError:
+            raise
+        except Exception as err:  # pylint: disable=broad-except
+            text = str(err).strip()
+            raise frontend.ConversionError(
+                f"tvm.contrib.torch: TVM could not build the converted program: "
+                f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}") from err
+        result = ptm.build_pytorch_module(len(buckets[0]), ptm.num_outputs)
     if options.bucket_padding:
         result.engine.set_bucket_padding(True)
     if options.verify:

@@ -306,6 +306,7 @@ def to_relax(ep: torch.export.ExportedProgram) -> Tuple[tvm.IRModule, List[tvm.r
     params : list of tvm.runtime.Tensor
         The values of the params, in order.
     """
+    _check_outputs(ep)
     missing = unsupported_operators(ep)
     if missing:
         lines = [f"  {op}: used at {', '.join(sorted(set(places))[:3])}"
@@ -330,6 +331,24 @@ def to_relax(ep: torch.export.ExportedProgram) -> Tuple[tvm.IRModule, List[tvm.r
                               f"{type(err).__name__}: {_first_line(err)}") from err
     mod, params = detach_params(mod)
     return mod, list(params.get("main", []))
+
+
+def _check_outputs(ep: torch.export.ExportedProgram) -> None:
+    """Compiled programs return tensors: refuse ``None`` and other non-tensor outputs here
+    (TVM's importer would build a program that crashes)."""
+    kinds = torch.export.graph_signature
+    user = [spec for spec in ep.graph_signature.output_specs
+            if spec.kind == kinds.OutputKind.USER_OUTPUT]
+    if not user:
+        raise ConversionError("tvm.contrib.torch: the model returns no tensor; a compiled "
+                              "module returns one or more tensors")
+    for index, spec in enumerate(user):
+        if not isinstance(spec.arg, kinds.TensorArgument):
+            value = getattr(spec.arg, "value", spec.arg)
+            raise ConversionError(
+                f"tvm.contrib.torch: output {index} of the model is {value!r}, not a tensor; a "
+                "compiled module returns tensors only (return just the tensors, e.g. through a "
+                "wrapper module)")
 
 
 def _drop_unused_constants(ep: torch.export.ExportedProgram) -> None:

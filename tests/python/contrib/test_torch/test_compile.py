@@ -361,3 +361,29 @@ def test_symbolic_batch_compiles_one_vm_module(name, tmp_path):
         assert_outputs_close(compiled([x]), models.reference(model, [x]), rtol=1e-4, atol=1e-4)
     with pytest.raises(RuntimeError, match=r"expected batch in \[1, 32\]"):
         compiled([torch.randn(33, *inputs[0].shape[1:])])
+
+
+class _ReturnsNone(torch.nn.Module):
+    def forward(self, x):
+        return None
+
+
+class _ReturnsTensorAndNone(torch.nn.Module):
+    def forward(self, x):
+        return x + 1, None
+
+
+@pytest.mark.parametrize("model,index", [(_ReturnsNone(), 0), (_ReturnsTensorAndNone(), 1)])
+def test_non_tensor_outputs_are_refused(model, index, tmp_path):
+    with pytest.raises(ConversionError, match=rf"output {index} of the model is None, not a "
+                                              r"tensor"):
+        compile(model, {"input_infos": [("x", (2, 3))], "export_dir": str(tmp_path)})
+
+
+def test_a_model_ignoring_its_input_compiles(tmp_path):
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            return torch.ones(3)
+
+    module = compile(Constant(), {"input_infos": [("x", (2, 3))], "export_dir": str(tmp_path)})
+    torch.testing.assert_close(module([torch.randn(2, 3)])[0], torch.ones(3))

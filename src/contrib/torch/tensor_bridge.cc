@@ -56,12 +56,15 @@ DLDevice ToDLDevice(const c10::Device& device) {
 }
 
 tvm::ffi::Tensor ToTvmTensor(const at::Tensor& tensor) {
-  at::Tensor usable = tensor;
-  bool aligned = reinterpret_cast<std::uintptr_t>(tensor.data_ptr()) % kTvmDataAlignment == 0;
-  if (!tensor.is_contiguous() || !aligned) {
+  // DLPack has no negative or conjugate bit: such lazy views are materialised first.
+  at::Tensor usable = tensor.is_neg() || tensor.is_conj() ? tensor.resolve_conj().resolve_neg()
+                                                          : tensor;
+  bool aligned = reinterpret_cast<std::uintptr_t>(usable.data_ptr()) % kTvmDataAlignment == 0;
+  if (!usable.is_contiguous() || !aligned) {
     // One copy: the caching/CPU allocators hand out storage aligned to at least 64 bytes.
-    usable = at::empty(tensor.sizes(), tensor.options(), at::MemoryFormat::Contiguous);
-    usable.copy_(tensor);
+    at::Tensor copy = at::empty(usable.sizes(), usable.options(), at::MemoryFormat::Contiguous);
+    copy.copy_(usable);
+    usable = copy;
   }
   return tvm::ffi::Tensor::FromDLPackVersioned(at::toDLPackVersioned(usable));
 }

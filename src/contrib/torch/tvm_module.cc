@@ -4,6 +4,7 @@
  */
 #include "tvm_module.h"
 
+#include <c10/core/GradMode.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <algorithm>
@@ -204,6 +205,11 @@ std::vector<at::Tensor> TvmModule::Forward(const std::vector<at::Tensor>& inputs
     TORCH_CHECK(inputs[i].device() == device_, "tvm_class: input ", i, " is on ",
                 inputs[i].device(), " but the module is on ", DeviceString(device_),
                 "; move the input or the module (.to())");
+    // Returning outputs without a graph would silently cut the caller's backward pass.
+    TORCH_CHECK(!(inputs[i].requires_grad() && c10::GradMode::is_enabled()),
+                "tvm_class: input ", i, " requires grad, but compiled modules are inference-only "
+                "(a TVM program has no backward); call it under torch.no_grad() or "
+                "torch.inference_mode(), or pass a detached tensor");
   }
   Selection selection;
   {
@@ -234,8 +240,11 @@ std::vector<at::Tensor> TvmModule::Forward(const std::vector<at::Tensor>& inputs
 
 bool TvmModule::Accepts(const std::vector<at::Tensor>& inputs) const {
   if (static_cast<int64_t>(inputs.size()) != num_inputs_) return false;
+  const bool grad = c10::GradMode::is_enabled();
   for (const at::Tensor& t : inputs) {
     if (!t.defined() || t.device() != device_) return false;
+    // A gradient must flow through: the TorchScript fallback computes it, TVM cannot.
+    if (grad && t.requires_grad()) return false;
   }
   std::shared_lock<std::shared_mutex> lock(mutex_);
   return TrySelect(inputs).program != nullptr;

@@ -103,7 +103,10 @@ at::Tensor Unwrap(const ffi::ObjectRef& holder) {
   return node->tensor;
 }
 
-/*! \brief conv2d(x NHWC) with a prepacked weight, bias and a fused unary epilogue. */
+/*!
+ * \brief conv2d(x NHWC) with a prepacked weight and bias, then "relu" or "none". The ReLU is
+ * ATen's, not oneDNN's fused post-op: oneDNN's turns NaN into 0, PyTorch's keeps NaN.
+ */
 ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
                        ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
                        int64_t groups, ffi::String attr) {
@@ -111,25 +114,24 @@ ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
                        .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
                        .typed<ConvPointwiseFn>();
   at::Tensor y = op.call(NhwcAsNchw(x), Unwrap(packed), ToTorchTensor(bias), ToVector(padding),
-                         ToVector(stride), ToVector(dilation), groups,
-                         std::string(attr), c10::List<std::optional<c10::Scalar>>(),
-                         std::nullopt);
+                         ToVector(stride), ToVector(dilation), groups, "none",
+                         c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+  if (std::string(attr) == "relu") y.relu_();
   return NchwAsNhwc(y);
 }
 
-/*! \brief conv2d(x NHWC) + other (NHWC), then a fused unary epilogue ("relu" or "none"). */
+/*! \brief conv2d(x NHWC) + other (NHWC), then "relu" or "none" (ATen's, as in Conv2dNhwc). */
 ffi::Tensor Conv2dAddNhwc(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packed,
                           ffi::Tensor bias, ffi::Shape padding, ffi::Shape stride,
                           ffi::Shape dilation, int64_t groups, ffi::String unary_attr) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary")
                        .typed<ConvBinaryFn>();
-  std::string unary(unary_attr);
   at::Tensor y = op.call(NhwcAsNchw(x), NhwcAsNchw(other), Unwrap(packed), ToTorchTensor(bias),
                          ToVector(padding), ToVector(stride), ToVector(dilation), groups, "add",
-                         std::nullopt,
-                         unary == "none" ? std::nullopt : std::optional<c10::string_view>(unary),
-                         c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+                         std::nullopt, std::nullopt, c10::List<std::optional<c10::Scalar>>(),
+                         std::nullopt);
+  if (std::string(unary_attr) == "relu") y.relu_();
   return NchwAsNhwc(y);
 }
 

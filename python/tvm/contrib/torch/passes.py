@@ -15,6 +15,8 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from .nan_semantics import propagate_nan
+
 logger = logging.getLogger(__name__)
 
 #: Constants with at least this many elements become params; smaller ones stay in the code.
@@ -238,6 +240,7 @@ def prepare_for_build(
         mod = relax.transform.FoldConstant()(_cast_float_io(mod, "bfloat16"))
     for p in extra_passes or []:
         mod = p(mod)
+    mod = propagate_nan(mod)
     mod, values, names = lift_params(mod)
     if names:
         # Everything that depends on params alone (weight prepacking, transposes and splits

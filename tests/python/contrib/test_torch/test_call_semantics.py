@@ -1,6 +1,6 @@
 """What a call of a compiled module does with inputs PyTorch treats specially: tensors that
-require grad (inference only: an error, or the TorchScript fallback in a partitioned model)
-and lazy negative views."""
+require grad (inference only: an error, or the TorchScript fallback in a partitioned model),
+lazy negative views, and NaN/Inf (propagated as PyTorch propagates them)."""
 from __future__ import annotations
 
 import pytest
@@ -44,3 +44,33 @@ def test_negative_view_input(tmp_path):
     negated = torch._neg_view(x)  # pylint: disable=protected-access
     assert negated.is_neg()
     torch.testing.assert_close(module([negated])[0], model(-x))
+
+
+@pytest.mark.parametrize("vendor_kernels", [True, False], ids=["vendor", "tvm"])
+def test_nan_and_inf_propagate_as_in_pytorch(vendor_kernels, tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Hardtanh(),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 4),
+                                torch.nn.ReLU6()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    module = compile(model, {"input_infos": [("x", (1, 3, 8, 8))], "export_dir": str(tmp_path),
+                             "vendor_kernels": vendor_kernels})
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[0, 0, 2, 2] = bad
+        torch.testing.assert_close(module([y])[0], model(y), equal_nan=True)
+
+
+def test_nan_through_elementwise_max_min_and_reductions(tmp_path):
+    class MaxMin(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.maximum(a, b), torch.minimum(a, b), a.max(), b.min(), \
+                torch.relu(a).clamp(max=0.5)
+
+    a, b = torch.randn(4, 6), torch.randn(4, 6)
+    a[1, 2], b[3, 0] = float("nan"), float("nan")
+    module = compile(MaxMin().eval(), {"input_infos": [("a", (4, 6)), ("b", (4, 6))],
+                                       "export_dir": str(tmp_path)})
+    for actual, expected in zip(module([a, b]), MaxMin()(a, b)):
+        torch.testing.assert_close(actual, expected, equal_nan=True)

@@ -224,7 +224,9 @@ def test_export_dir_holds_lib_graph_params(tmp_path):
     model, inputs, infos = models.make("cnn")
     compile(model, {"input_infos": infos, "export_dir": str(tmp_path)})
     names = sorted(os.listdir(tmp_path))
-    assert names == ["bucket0.graph.json", "bucket0.params", "bucket0.relax", "bucket0.so"]
+    # programs.json: what this build wrote (load_tvm reads it); .lock: the directory's lock.
+    assert names == [".lock", "bucket0.graph.json", "bucket0.params", "bucket0.relax",
+                     "bucket0.so", "programs.json"]
     manifest = json.loads((tmp_path / "bucket0.graph.json").read_text())
     assert manifest["inputs"] == [{"name": "in0", "shape": [1, 3, 16, 16], "dtype": "float32"}]
     assert manifest["num_outputs"] == 1

@@ -90,6 +90,9 @@ def fold_static_scalars(graph_module: fx.GraphModule) -> None:
         if isinstance(arg, (list, tuple)):
             items = [value_of(a) for a in arg]
             return _UNKNOWN if any(i is _UNKNOWN for i in items) else type(arg)(items)
+        if isinstance(arg, dict):
+            items = {k: value_of(v) for k, v in arg.items()}
+            return _UNKNOWN if any(v is _UNKNOWN for v in items.values()) else items
         return arg
 
     for node in list(graph.nodes):
@@ -115,7 +118,7 @@ def fold_static_scalars(graph_module: fx.GraphModule) -> None:
         if target not in _PYTHON_SCALAR_OPS and target not in _ATEN_SCALAR_OPS:
             continue
         args, kwargs = value_of(list(node.args)), value_of(dict(node.kwargs))
-        if args is _UNKNOWN or any(v is _UNKNOWN for v in kwargs.values()):
+        if args is _UNKNOWN or kwargs is _UNKNOWN:
             value = _static_value(node)  # e.g. a comparison of static sizes
             if value is not _UNKNOWN:
                 known[node] = value

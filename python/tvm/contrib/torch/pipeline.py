@@ -319,6 +319,10 @@ def _verify(source: Any, ptm: PyTorchTVMModule, result: torch.nn.Module,
     """Run the compiled module and its source on the same inputs (see :mod:`.verify`)."""
     if options.example_inputs is not None:
         dtypes = [getattr(torch, i.dtype) for i in ptm.buckets[0].infos]
+        if len(options.example_inputs) != len(dtypes):
+            raise ValueError(f"tvm.contrib.torch.compile: example_inputs has "
+                             f"{len(options.example_inputs)} tensor(s), the model takes "
+                             f"{len(dtypes)}")
         input_sets = [[t.to(dtype) if t.is_floating_point() else t
                        for t, dtype in zip(options.example_inputs, dtypes)]]
     else:

@@ -186,7 +186,8 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-_KINDS = ("lib_path", "graph_path", "params_path", "relax_path")
+#: The file kinds of one program, as named by :class:`ExportedFiles`.
+_KINDS = tuple(field.name for field in dataclasses.fields(ExportedFiles))
 
 
 def write_index(export_dir: str, programs: Sequence[ExportedFiles]) -> None:

@@ -23,7 +23,8 @@ from . import build as build_mod
 from . import export as export_mod
 from . import frontend, passes, tuning, vendor_kernels, verify
 from .module import GraphModule, VMModule
-from .options import CompileOptions, InputInfo, example_tensor, parse_options, shapes_of
+from .options import (CompileOptions, InputInfo, example_tensor, make_input_info,
+                      parse_options, shapes_of)
 
 logger = logging.getLogger(__name__)
 
@@ -309,11 +310,6 @@ def _low_precision_model(module: Any, options: CompileOptions):
     return copy.deepcopy(module).float(), str(dtype).replace("torch.", "")
 
 
-def _retyped(bucket: Sequence[InputInfo], dtype: str) -> List[InputInfo]:
-    return [dataclasses.replace(i, dtype=dtype) if getattr(torch, i.dtype).is_floating_point
-            else i for i in bucket]
-
-
 def _verify(source: Any, ptm: PyTorchTVMModule, result: torch.nn.Module,
             options: CompileOptions) -> None:
     """Run the compiled module and its source on the same inputs (see :mod:`.verify`)."""
@@ -368,7 +364,9 @@ def compile_program(module: Any, buckets: Sequence[List[InputInfo]], options: Co
     low = _low_precision_model(module, options)
     if low is not None:
         module, default_dtype = low
-        buckets = [_retyped(b, default_dtype) for b in buckets]
+        # The option parser's own rule: compute-dtype inputs take the default dtype.
+        buckets = [[make_input_info(i.name, i.shape, i.dtype, default_dtype, index)
+                    for index, i in enumerate(b)] for b in buckets]
     ptm = PyTorchTVMModule(target=options.target, device=options.device or model_device(source),
                            vendor_kernels=options.vendor_kernels)
     ptm._convert(module, buckets, default_dtype,  # pylint: disable=protected-access

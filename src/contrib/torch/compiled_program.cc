@@ -14,12 +14,14 @@
 #include <tvm/ffi/string.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
 
+#include "kernel_profile.h"
 #include "tensor_bridge.h"
 
 namespace tvm_torch {
@@ -220,6 +222,28 @@ void CompiledProgram::LoadParams() {
   params_.assign(prepared->begin(), prepared->end());
 }
 
+tvm::ffi::Any CompiledProgram::RunProfiled(VMInstance* vm,
+                                           const std::vector<tvm::ffi::AnyView>& args) {
+  const std::string program = manifest_.SignatureString();
+  auto set_instrument = vm->vm->GetFunction("set_instrument").value();
+  set_instrument(KernelProfile::Instrument(program, device_));
+  tvm::ffi::Any result;
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    vm->entry.CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
+  } catch (const tvm::ffi::Error& err) {
+    set_instrument(tvm::ffi::Function(nullptr));
+    TORCH_CHECK(false, "tvm_class: running the compiled program failed: ", err.kind(), ": ",
+                err.message());
+  }
+  set_instrument(tvm::ffi::Function(nullptr));
+  KernelProfile::AddProgramCall(
+      program, std::chrono::duration_cast<std::chrono::nanoseconds>(
+                   std::chrono::steady_clock::now() - start)
+                   .count());
+  return result;
+}
+
 std::vector<at::Tensor> CompiledProgram::Run(const std::vector<at::Tensor>& inputs) {
   std::vector<tvm::ffi::Tensor> tvm_inputs;
   tvm_inputs.reserve(inputs.size());
@@ -233,12 +257,16 @@ std::vector<at::Tensor> CompiledProgram::Run(const std::vector<at::Tensor>& inpu
   ScopedTvmStream stream(device_);
   std::unique_ptr<VMInstance> vm = AcquireVM();
   tvm::ffi::Any result;
-  try {
-    vm->entry.CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
-  } catch (const tvm::ffi::Error& err) {
-    ReleaseVM(std::move(vm));
-    TORCH_CHECK(false, "tvm_class: running the compiled program failed: ", err.kind(), ": ",
-                err.message());
+  if (KernelProfile::Active()) {
+    result = RunProfiled(vm.get(), args);
+  } else {
+    try {
+      vm->entry.CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
+    } catch (const tvm::ffi::Error& err) {
+      ReleaseVM(std::move(vm));
+      TORCH_CHECK(false, "tvm_class: running the compiled program failed: ", err.kind(), ": ",
+                  err.message());
+    }
   }
   ReleaseVM(std::move(vm));
   std::vector<at::Tensor> outputs;

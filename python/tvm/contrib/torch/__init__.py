@@ -7,7 +7,8 @@ The pipeline, one module per step: :mod:`.options` (the option table, parsed onc
 (``nn.Module`` wrappers of the ``torch.classes.tvm_class`` runtime classes),
 :mod:`.pipeline` (``PyTorchTVMModule`` and ``compile_program``: the steps in order) and
 :mod:`.compiler` (``compile``). Partial offload: the :mod:`.partitioning` package
-(``partition``: compile what TVM supports, keep the rest in TorchScript).
+(``partition``: compile what TVM supports, keep the rest in TorchScript). Where the time goes:
+:mod:`.profiler` (``profile``: per-kernel time of the compiled programs).
 """
 from __future__ import annotations
 
@@ -20,16 +21,19 @@ from .compiler import PyTorchTVMModule, compile  # noqa: E402  pylint: disable=r
 from .frontend import ConversionError  # noqa: E402
 from .module import GraphModule, VMModule  # noqa: E402
 from .partitioning import PartitionReport, partition, partition_report  # noqa: E402
+from .profiler import ProfileReport, profile  # noqa: E402
 
 __all__ = [
     "ConversionError",
     "GraphModule",
     "PartitionReport",
+    "ProfileReport",
     "PyTorchTVMModule",
     "VMModule",
     "compile",
     "load_runtime_library",
     "partition",
     "partition_report",
+    "profile",
     "runtime_library_path",
 ]

@@ -4,6 +4,9 @@ Takes a saved TorchScript model and writes a drop-in replacement: the model part
 :func:`tvm.contrib.torch.partition` (the operators TVM supports run as TVM programs, the rest
 stays TorchScript), saved with the same ``forward`` signature. Prints what was offloaded and
 the latency before and after.
+
+``python -m tvm.contrib.torch profile MODEL_tvm.pt --input x:1x3x224x224`` prints where a
+compiled model's time goes, kernel by kernel (:mod:`.profiler`).
 """
 from __future__ import annotations
 
@@ -41,6 +44,47 @@ def _parse_input(text: str) -> Tuple[str, Tuple[int, ...]]:
     if not sep or not name or not shape or any(d <= 0 for d in shape):
         raise CliError(f"--input must look like NAME:1x3x224x224, got {text!r}")
     return name, shape
+
+
+def _parse_typed_input(text: str) -> Tuple[str, Tuple[int, ...], torch.dtype]:
+    """``NAME:SHAPE[:DTYPE]`` (dtype float32 by default)."""
+    head, sep, dtype_name = text.rpartition(":")
+    if sep and head and ":" in head:
+        name, shape = _parse_input(head)
+        dtype = getattr(torch, dtype_name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise CliError(f"--input {text!r}: unknown dtype {dtype_name!r}")
+        return name, shape, dtype
+    name, shape = _parse_input(text)
+    return name, shape, torch.float32
+
+
+def _random_input(shape: Tuple[int, ...], dtype: torch.dtype,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Uniform [0, 1) for floating dtypes; 0 or 1 for the others (valid as ids and masks)."""
+    if dtype.is_floating_point:
+        return torch.rand(shape, generator=generator).to(dtype)
+    return torch.randint(0, 2, shape, generator=generator).to(dtype)
+
+
+def profile_command(args: argparse.Namespace) -> None:
+    """The ``profile`` subcommand."""
+    from .profiler import profile  # pylint: disable=import-outside-toplevel
+
+    if not os.path.isfile(args.model):
+        raise CliError(f"no such model file: {args.model}")
+    try:
+        model = torch.jit.load(args.model, map_location="cpu").eval()
+    except Exception as err:  # pylint: disable=broad-except
+        raise CliError(f"cannot load {args.model} as TorchScript: {err}") from err
+    generator = torch.Generator().manual_seed(0)
+    inputs = [_random_input(shape, dtype, generator)
+              for _, shape, dtype in (_parse_typed_input(text) for text in args.input)]
+    try:
+        report = profile(model, inputs, repeat=args.repeat)
+    except ValueError as err:
+        raise CliError(str(err)) from err
+    print(report.table(top=args.top if args.top > 0 else None))
 
 
 def _argument_names(model: torch.jit.ScriptModule) -> List[str]:
@@ -151,6 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--repeat", type=int, default=10,
                       help="timed calls for the before/after report (default 10)")
     comp.add_argument("-o", "--output", required=True, help="where to save the result")
+    prof = sub.add_parser(
+        "profile", help="print where a compiled model's time goes, kernel by kernel",
+        description="Run a saved model holding TVM programs (a compile() or partition() "
+                    "result, or the output of the compile command) and print each kernel's "
+                    "time: TVM kernels, vendor kernels (oneDNN, MKL, ATen) and the Relax VM, "
+                    "with their share of the model's latency.")
+    prof.add_argument("model", help="the saved model (torch.jit.save)")
+    prof.add_argument("--input", action="append", required=True, metavar="NAME:SHAPE[:DTYPE]",
+                      help="one per forward input, in order, e.g. x:1x3x224x224 or "
+                           "input_ids:1x128:int64 (random values: floats in [0, 1), integers "
+                           "0 or 1)")
+    prof.add_argument("--repeat", type=int, default=20, help="timed calls (default 20)")
+    prof.add_argument("--top", type=int, default=30,
+                      help="kernels to list, heaviest first (default 30; 0: all)")
     return parser
 
 
@@ -160,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"`torch\.jit\..*` is deprecated")
     args = build_parser().parse_args(argv)
     try:
-        compile_command(args)
+        {"compile": compile_command, "profile": profile_command}[args.command](args)
     except CliError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

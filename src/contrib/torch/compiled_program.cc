@@ -145,7 +145,14 @@ CompiledProgram::CompiledProgram(ProgramBlobs blobs, c10::Device device)
       device_(device),
       executable_(LoadExecutable(blobs_.lib, device_)) {
   LoadParams();
-  ReleaseVM(NewVM());  // fail at load time, not at the first call, if the VM cannot start
+  // Fail at load time, not at the first call, if the VM cannot start or lacks the params'
+  // transform (which itself runs at the first call: see PrepareParams).
+  std::unique_ptr<VMInstance> vm = NewVM();
+  TORCH_CHECK(manifest_.transform_params.empty() ||
+                  vm->vm->GetFunction(manifest_.transform_params).has_value(),
+              "tvm_class: the compiled library has no function '", manifest_.transform_params,
+              "'");
+  ReleaseVM(std::move(vm));
 }
 
 CompiledProgram::~CompiledProgram() = default;
@@ -203,10 +210,22 @@ void CompiledProgram::LoadParams() {
   }
   if (manifest_.transform_params.empty()) {
     params_.assign(raw.begin(), raw.end());
+    params_ready_.store(true, std::memory_order_release);
     return;
   }
+  raw_params_ = std::move(raw);
+}
+
+void CompiledProgram::PrepareParams() {
+  if (params_ready_.load(std::memory_order_acquire)) return;
+  std::lock_guard<std::mutex> lock(prepare_mutex_);
+  if (params_ready_.load(std::memory_order_relaxed)) return;
   // Prepare params once (weight prepacking, layout changes) with the program's own function,
   // which takes the params as one tuple and returns the entry function's trailing arguments.
+  // This runs at the first call, not at load: prepacking runs oneDNN's thread pool, and a
+  // process that loads a model and then forks (gunicorn --preload, multiprocessing) must not
+  // have started it, or the child hangs in it.
+  const std::vector<tvm::ffi::Tensor>& raw = raw_params_;
   auto vm = NewVM();
   c10::OptionalDeviceGuard guard(device_.is_cuda() ? std::make_optional(device_) : std::nullopt);
   ScopedTvmStream stream(device_);
@@ -220,6 +239,8 @@ void CompiledProgram::LoadParams() {
   TORCH_CHECK(prepared.has_value(), "tvm_class: '", manifest_.transform_params,
               "' returned a ", result.GetTypeKey(), ", expected a tuple");
   params_.assign(prepared->begin(), prepared->end());
+  raw_params_.clear();  // the prepared params replace them
+  params_ready_.store(true, std::memory_order_release);
 }
 
 tvm::ffi::Any CompiledProgram::RunProfiled(VMInstance* vm,
@@ -245,6 +266,7 @@ tvm::ffi::Any CompiledProgram::RunProfiled(VMInstance* vm,
 }
 
 std::vector<at::Tensor> CompiledProgram::Run(const std::vector<at::Tensor>& inputs) {
+  PrepareParams();
   std::vector<tvm::ffi::Tensor> tvm_inputs;
   tvm_inputs.reserve(inputs.size());
   for (const at::Tensor& t : inputs) tvm_inputs.push_back(ToTvmTensor(t));

@@ -67,6 +67,8 @@ class CompiledProgram {
   std::unique_ptr<VMInstance> AcquireVM();
   void ReleaseVM(std::unique_ptr<VMInstance> vm);
   void LoadParams();
+  /*! \brief Run the program's param transform once, at the first call (thread-safe). */
+  void PrepareParams();
 
   ProgramBlobs blobs_;
   ProgramManifest manifest_;
@@ -77,6 +79,10 @@ class CompiledProgram {
    *        transform function made of them once at load time (e.g. prepacked weights).
    */
   std::vector<tvm::ffi::Any> params_;
+  /*! \brief The loaded params until PrepareParams has transformed them. */
+  std::vector<tvm::ffi::Tensor> raw_params_;
+  std::atomic<bool> params_ready_{false};
+  std::mutex prepare_mutex_;
   std::atomic<int64_t> calls_{0};
   std::mutex pool_mutex_;
   std::vector<std::unique_ptr<VMInstance>> idle_vms_;

@@ -104,8 +104,31 @@ at::Tensor Unwrap(const ffi::ObjectRef& holder) {
 }
 
 /*!
- * \brief conv2d(x NHWC) with a prepacked weight and bias, then "relu" or "none". The ReLU is
- * ATen's, not oneDNN's fused post-op: oneDNN's turns NaN into 0, PyTorch's keeps NaN.
+ * \brief The oneDNN post-op that computes a convolution epilogue exactly as PyTorch does,
+ *        NaN and Inf included, or "none" when it must run after the primitive
+ *        (ApplyEpilogue): oneDNN's fused ReLU turns NaN into 0 where PyTorch keeps NaN.
+ */
+const char* FusedConvEpilogue(const std::string& epilogue) {
+  if (epilogue == "silu") return "swish";
+  if (epilogue == "sigmoid") return "sigmoid";
+  if (epilogue == "tanh") return "tanh";
+  TORCH_CHECK(epilogue == "none" || epilogue == "relu", "tvm_torch: unknown epilogue '",
+              epilogue, "'");
+  return "none";
+}
+
+/*! \brief Apply an epilogue that FusedConvEpilogue left out, in place, with ATen. */
+void ApplyEpilogue(at::Tensor& y, const std::string& epilogue, bool fused) {
+  if (fused) return;
+  if (epilogue == "relu") y.relu_();
+  if (epilogue == "silu") at::silu_(y);
+  if (epilogue == "sigmoid") y.sigmoid_();
+  if (epilogue == "tanh") y.tanh_();
+}
+
+/*!
+ * \brief conv2d(x NHWC) with a prepacked weight and bias, then an epilogue: "none", "relu",
+ *        "silu", "sigmoid" or "tanh" (see FusedConvEpilogue).
  */
 ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
                        ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
@@ -113,10 +136,12 @@ ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
                        .typed<ConvPointwiseFn>();
+  const std::string epilogue(attr);
+  const char* post_op = FusedConvEpilogue(epilogue);
   at::Tensor y = op.call(NhwcAsNchw(x), Unwrap(packed), ToTorchTensor(bias), ToVector(padding),
-                         ToVector(stride), ToVector(dilation), groups, "none",
+                         ToVector(stride), ToVector(dilation), groups, post_op,
                          c10::List<std::optional<c10::Scalar>>(), std::nullopt);
-  if (std::string(attr) == "relu") y.relu_();
+  ApplyEpilogue(y, epilogue, std::string(post_op) != "none");
   return NchwAsNhwc(y);
 }
 
@@ -175,12 +200,15 @@ at::Tensor ConvolutionNchw(const ffi::Tensor& x, const ffi::Tensor& weight, cons
                          /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
 }
 
-/*! \brief conv2d (NCHW, OIHW) + bias (+ relu); runs on the caller's current stream. */
+/*!
+ * \brief conv2d (NCHW, OIHW) + bias, then an epilogue as Conv2dNhwc's (by ATen); runs on the
+ *        caller's current stream.
+ */
 ffi::Tensor Conv2dNchw(ffi::Tensor x, ffi::Tensor weight, ffi::Tensor bias, ffi::Shape padding,
                        ffi::Shape stride, ffi::Shape dilation, int64_t groups,
                        ffi::String attr) {
   at::Tensor y = ConvolutionNchw(x, weight, bias, padding, stride, dilation, groups);
-  if (std::string(attr) == "relu") y.relu_();
+  ApplyEpilogue(y, std::string(attr), /*fused=*/false);
   return ToTvmTensor(y);
 }
 
@@ -211,6 +239,60 @@ ffi::Tensor MatmulBias(ffi::Tensor x, ffi::Tensor w, ffi::Tensor bias, ffi::Stri
   }
   if (std::string(attr) == "relu") y.relu_();
   return ToTvmTensor(y);
+}
+
+/*!
+ * \brief Prepack a linear layer's [out, in] weight into oneDNN's blocked layout, for inputs of
+ *        `rows` rows (0: any number of rows).
+ */
+TorchTensorHolder LinearPrepack(ffi::Tensor weight, int64_t rows) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_reorder_linear_weight", "")
+                       .typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>();
+  at::Tensor w = ToTorchTensor(weight).clone();  // the params blob may be freed after load
+  return TorchTensorHolder(op.call(w, rows > 0 ? std::optional<int64_t>(rows) : std::nullopt));
+}
+
+/*!
+ * \brief y = x @ W^T + bias on oneDNN with a prepacked weight (LinearPrepack), x [..., in],
+ *        then `attr`: "none", "relu", "gelu" (erf), "gelu_tanh" or "silu".
+ *
+ * GELU and SiLU run as oneDNN's fused post-ops (they keep NaN/Inf as PyTorch does); ReLU is
+ * ATen's, since oneDNN's fused one maps NaN to 0.
+ */
+ffi::Tensor LinearPacked(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
+                         ffi::String attr) {
+  using Fn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                        c10::string_view, c10::List<std::optional<c10::Scalar>>,
+                        std::optional<c10::string_view>);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                       .typed<Fn>();
+  const std::string name(attr);
+  const bool gelu = name == "gelu" || name == "gelu_tanh";
+  TORCH_CHECK(gelu || name == "none" || name == "relu" || name == "silu",
+              "tvm_torch.linear: unknown epilogue '", name, "'");
+  const char* post_op = gelu ? "gelu" : name == "silu" ? "swish" : "none";
+  at::Tensor y = op.call(ToTorchTensor(x), Unwrap(packed), ToTorchTensor(bias), post_op,
+                         c10::List<std::optional<c10::Scalar>>(),
+                         name == "gelu_tanh" ? "tanh" : "none");
+  if (name == "relu") y.relu_();
+  return ToTvmTensor(y);
+}
+
+/*!
+ * \brief y = x @ W^T + bias + other on oneDNN (the residual add fused into the GEMM), with a
+ *        prepacked weight; other has y's shape.
+ */
+ffi::Tensor LinearAddPacked(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packed,
+                            ffi::Tensor bias) {
+  using Fn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const std::optional<at::Tensor>&, c10::string_view);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "binary")
+                       .typed<Fn>();
+  return ToTvmTensor(op.call(ToTorchTensor(x), ToTorchTensor(other), Unwrap(packed),
+                             ToTorchTensor(bias), "add"));
 }
 
 /*! \brief layer_norm over the trailing dims covered by gamma (ATen's vectorised kernel). */
@@ -273,6 +355,9 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.conv2d_add_nhwc", tvm_torch::Conv2dAddNhwc)
       .def("tvm_torch.conv2d_nchw", tvm_torch::Conv2dNchw)
       .def("tvm_torch.conv2d_add_nchw", tvm_torch::Conv2dAddNchw)
+      .def("tvm_torch.linear_prepack", tvm_torch::LinearPrepack)
+      .def("tvm_torch.linear", tvm_torch::LinearPacked)
+      .def("tvm_torch.linear_add", tvm_torch::LinearAddPacked)
       .def("tvm_torch.matmul_bias", tvm_torch::MatmulBias)
       .def("tvm_torch.matmul", tvm_torch::Matmul)
       .def("tvm_torch.layer_norm", tvm_torch::LayerNorm)

@@ -302,13 +302,114 @@ def small_powers_as_products(graph_module: fx.GraphModule) -> None:
     graph_module.recompile()
 
 
+_MULS = frozenset({aten.mul.Tensor, aten.mul.Scalar})
+_ADDS = frozenset({aten.add.Tensor, aten.add.Scalar})
+
+
+def _with_scalar(node: Any, targets: frozenset, value: float) -> Optional[fx.Node]:
+    """The tensor operand of ``node`` when it is ``op(t, value)`` or ``op(value, t)`` for an
+    op in ``targets`` (a Python number within float32 rounding of ``value``), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or \
+            node.target not in targets or len(node.args) != 2 or node.kwargs:
+        return None
+    for tensor, scalar in (node.args, reversed(node.args)):
+        if isinstance(tensor, fx.Node) and isinstance(scalar, (int, float)) and \
+                not isinstance(scalar, bool) and abs(scalar - value) <= 1e-6 * abs(value):
+            return tensor
+    return None
+
+
+def _is_cube_of(node: Any, x: fx.Node) -> bool:
+    """Whether ``node`` is ``x ** 3``, ``(x * x) * x`` or ``x * (x * x)``."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if node.target is aten.pow.Tensor_Scalar:
+        return node.args[0] is x and node.args[1] == 3
+    if node.target is not aten.mul.Tensor:
+        return False
+    a, b = node.args
+    square = lambda n: isinstance(n, fx.Node) and n.target is aten.mul.Tensor and \
+        n.args[0] is x and n.args[1] is x  # noqa: E731
+    return (square(a) and b is x) or (a is x and square(b))
+
+
+def tanh_gelu_as_gelu(graph_module: fx.GraphModule) -> None:
+    """The tanh approximation of GELU written out (Hugging Face's ``gelu_new``, GPT-2's
+    activation: ``0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x ** 3)))``) as
+    ``aten.gelu(x, approximate="tanh")``, in place.
+
+    ATen's kernel computes the same formula; as one operator it runs in the epilogue of the
+    linear layer before it instead of as eight elementwise kernels.
+    """
+    graph = graph_module.graph
+    for tanh in list(graph.nodes):
+        if tanh.op != "call_function" or tanh.target is not aten.tanh.default:
+            continue
+        inner = _with_scalar(tanh.args[0], _MULS, math.sqrt(2.0 / math.pi))
+        if inner is None or inner.target is not aten.add.Tensor:
+            continue
+        found = None
+        for x, cubic in (inner.args, reversed(inner.args)):
+            cube = _with_scalar(cubic, _MULS, 0.044715)
+            if isinstance(x, fx.Node) and cube is not None and _is_cube_of(cube, x):
+                found = x
+        val = _tensor_val(found) if found is not None else None
+        if val is None or not val.is_floating_point() or len(tanh.users) != 1:
+            continue
+        one_plus = next(iter(tanh.users))
+        if _with_scalar(one_plus, _ADDS, 1.0) is not tanh or len(one_plus.users) != 1:
+            continue
+        out = next(iter(one_plus.users))
+        if out.target is not aten.mul.Tensor or len(out.args) != 2:
+            continue
+        half = out.args[1] if out.args[0] is one_plus else out.args[0]
+        if _with_scalar(half, _MULS, 0.5) is not found:
+            continue
+        with graph.inserting_before(out):
+            gelu = graph.call_function(aten.gelu.default, (found,), {"approximate": "tanh"})
+            gelu.meta["val"] = out.meta.get("val")
+        out.replace_all_uses_with(gelu)
+    graph.eliminate_dead_code()
+    graph.lint()
+    graph_module.recompile()
+
+
+def sigmoid_products_as_silu(graph_module: fx.GraphModule) -> None:
+    """``x * sigmoid(x)`` on floating tensors as ``aten.silu(x)``, in place.
+
+    Models and decompositions write SiLU (swish) this way; as one operator it runs in the
+    epilogue of the convolution or linear layer before it.
+    """
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.mul.Tensor or \
+                len(node.args) != 2 or node.kwargs:
+            continue
+        for x, gate in (node.args, tuple(reversed(node.args))):
+            if isinstance(gate, fx.Node) and gate.op == "call_function" and \
+                    gate.target is aten.sigmoid.default and gate.args[0] is x:
+                val = _tensor_val(x)
+                if val is None or not val.is_floating_point():
+                    continue
+                with graph.inserting_before(node):
+                    silu = graph.call_function(aten.silu.default, (x,))
+                    silu.meta["val"] = node.meta.get("val")
+                node.replace_all_uses_with(silu)
+                break
+    graph.eliminate_dead_code()
+    graph.lint()
+    graph_module.recompile()
+
+
 def run(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """All rewrites, in place on ``ep``'s graph; returns ``ep``."""
     fold_static_scalars(ep.graph_module)
     make_promotion_explicit(ep.graph_module)
+    tanh_gelu_as_gelu(ep.graph_module)
+    sigmoid_products_as_silu(ep.graph_module)
     small_powers_as_products(ep.graph_module)
     return ep
 
 
 __all__ = ["fold_static_scalars", "make_promotion_explicit", "run",
-           "small_powers_as_products"]
+           "sigmoid_products_as_silu", "small_powers_as_products", "tanh_gelu_as_gelu"]

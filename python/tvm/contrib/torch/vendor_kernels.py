@@ -5,7 +5,8 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
 ``R.call_pure_packed`` calls of the functions registered by the runtime library
 (``src/contrib/torch/vendor_kernels.cc``):
 
-* on CPU, ``conv2d`` (+ bias) (+ ReLU) (+ residual add) (+ ReLU) -> ``tvm_torch.conv2d_nhwc`` /
+* on CPU, ``conv2d`` (+ bias) (+ ReLU, SiLU, sigmoid or tanh) (+ residual add) (+ ReLU) ->
+  ``tvm_torch.conv2d_nhwc`` /
   ``tvm_torch.conv2d_add_nhwc`` on oneDNN, in NHWC (the graph's convolutions are switched to
   NHWC first; elementwise ops and pooling follow). The weight goes through
   ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves into
@@ -19,8 +20,12 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
 * ``gelu``, ``gelu_tanh``, ``sigmoid``, ``tanh``, ``silu``, ``exp`` on CPU (float32, 4096+
   elements) -> ``tvm_torch.unary`` (ATen's vectorised kernels; TVM's default code calls scalar
   libm for them, 10-30x slower).
-* ``matmul`` with a constant right-hand side (+ bias) (+ ReLU) -> ``tvm_torch.matmul_bias``;
-  other ``matmul`` -> ``tvm_torch.matmul`` (MKL on CPU, cuBLAS on CUDA).
+* ``matmul`` with a constant right-hand side (a linear layer) (+ bias) on CPU ->
+  ``tvm_torch.linear`` on oneDNN with the weight prepacked once at load time
+  (``tvm_torch.linear_prepack``, lifted like the convolutions' prepack), with GELU (erf or
+  tanh), SiLU or a residual add (``tvm_torch.linear_add``) fused into the GEMM's epilogue,
+  and ReLU after it; on CUDA (+ bias) (+ ReLU) -> ``tvm_torch.matmul_bias`` (cuBLAS). Other ``matmul``
+  -> ``tvm_torch.matmul`` (MKL on CPU, cuBLAS on CUDA).
 * ``nn.attention`` (no window) -> ``tvm_torch.attention`` / ``tvm_torch.attention_masked``:
   ATen's fused ``scaled_dot_product_attention`` (flash attention), on CPU and CUDA; a mask
   made from a boolean one reaches ATen as the boolean mask.
@@ -175,7 +180,14 @@ def _rewrite_convs(func: relax.Function, gpu: bool) -> relax.Function:
             return call if new is None else new
         return rewrite
 
-    patterns = [
+    # Epilogues the convolution kernels apply (oneDNN post-ops where they keep PyTorch's
+    # NaN/Inf results, ATen otherwise); ReLU also after a residual add.
+    epilogues = []
+    for op_name, name in (("relax.nn.silu", "silu"), ("relax.sigmoid", "sigmoid"),
+                          ("relax.tanh", "tanh")):
+        epilogues += [(is_op(op_name)(conv_bias), make(True, False, name)),
+                      (is_op(op_name)(conv), make(False, False, name))]
+    patterns = epilogues + [
         (is_op("relax.nn.relu")(with_res), make(True, True, "relu")),
         (with_res, make(True, True, "none")),
         (is_op("relax.nn.relu")(with_res_nobias), make(False, True, "relu")),
@@ -188,6 +200,34 @@ def _rewrite_convs(func: relax.Function, gpu: bool) -> relax.Function:
         func = rewrite_call(pattern, fn, func)
     logger.debug("offloaded %d convolutions to %s", rewriter.count, "cuDNN" if gpu else "oneDNN")
     return func
+
+
+def _unflatten_linears(func: relax.Function) -> relax.Function:
+    """``reshape(matmul(reshape(x, [M, K]), W) (+ b), [..., N])`` -> ``matmul(x, W) (+ b)``.
+
+    A linear layer on a 3-D input is exported as flatten / 2-D GEMM / unflatten; the vendor
+    linear kernels take N-D inputs, and without the reshapes the activation or residual add
+    that follows sits right on the GEMM, where :func:`_rewrite_matmuls` fuses it.
+    """
+    x, w, b = wildcard(), is_const(), is_const()
+    flat = is_op("relax.reshape")(x, wildcard())
+    mm = is_op("relax.matmul")(flat, w | is_op("relax.permute_dims")(w))
+    with_bias = is_op("relax.add")(mm, b) | is_op("relax.add")(b, mm)
+    outer = is_op("relax.reshape")(with_bias | mm, wildcard())
+
+    def rewrite(call, matched):
+        source = matched[x]
+        src, flat_dims, out = (_static_shape(source), _static_shape(matched[flat]),
+                               _static_shape(call))
+        if src is None or flat_dims is None or out is None or len(src) < 3:
+            return call
+        if flat_dims != [int(np.prod(src[:-1])), src[-1]] or out[:-1] != src[:-1]:
+            return call
+        new = relax.op.matmul(source, matched[mm].args[1])
+        bias = matched.get(b)
+        return new if bias is None else relax.op.add(new, bias)
+
+    return rewrite_call(outer, rewrite, func)
 
 
 def _rewrite_matmuls(func: relax.Function, gpu: bool) -> relax.Function:
@@ -217,7 +257,22 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool) -> relax.Function:
             return relax.const(np.ascontiguousarray(value.T))
         return None
 
-    def linear(unary, has_bias):
+    def weight_out_in(mm: relax.Call):
+        """The right-hand side as a constant [out, in] expression (nn.Linear's layout: the
+        model's own weight when the graph transposes it), or None."""
+        rhs = mm.args[1]
+        if isinstance(rhs, tvm.ir.GenericConst):
+            value = _const_array(rhs)
+            return relax.const(np.ascontiguousarray(value.T)) if value.ndim == 2 else None
+        if isinstance(rhs, relax.Call) and isinstance(rhs.args[0], tvm.ir.GenericConst):
+            axes = rhs.attrs.axes
+            if len(_static_shape(rhs.args[0]) or []) != 2 or \
+                    (axes is not None and [int(a) for a in axes] != [1, 0]):
+                return None
+            return rhs.args[0]
+        return None
+
+    def linear(unary, has_bias, residual=None):
         def rewrite(call, matched):
             mm = matched[mm_const]
             lhs = mm.args[0]
@@ -233,10 +288,34 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool) -> relax.Function:
                     return call
             else:
                 bias_value = np.zeros((w_shape[1],), dtype="float32")
-            return relax.call_pure_packed("tvm_torch.matmul_bias", lhs, rhs,
-                                          relax.const(bias_value.astype(str(call.ty.dtype))),
-                                          tvm.ir.StringImm(unary), ty_args=call.ty)
+            bias_const = relax.const(bias_value.astype(str(call.ty.dtype)))
+            if gpu:
+                if residual is not None or unary not in ("none", "relu"):
+                    return call  # the CUDA kernel has no such epilogue
+                return relax.call_pure_packed("tvm_torch.matmul_bias", lhs, rhs, bias_const,
+                                              tvm.ir.StringImm(unary), ty_args=call.ty)
+            return _cpu_linear(call, lhs, weight_out_in(mm), bias_const, unary,
+                               matched[residual] if residual is not None else None)
         return rewrite
+
+    def _cpu_linear(call, lhs, weight, bias_const, unary, other):
+        """oneDNN's linear on a weight prepacked at load time (the prepack call depends on
+        constants only: LiftTransformParams moves it into the load-time function)."""
+        dims = _dims(lhs)
+        if weight is None or dims is None or len(dims) < 2:
+            return call
+        if other is not None and (isinstance(other, tvm.ir.GenericConst) or
+                                  not tvm_ffi.structural_equal(other.ty, call.ty)):
+            return call  # a constant "residual" is a bias; a broadcast one is not fused
+        rows = int(np.prod(dims[:-1])) if None not in dims[:-1] else 0
+        packed = relax.call_pure_packed("tvm_torch.linear_prepack", weight,
+                                        tvm.tirx.IntImm("int64", rows),
+                                        ty_args=relax.ObjectType())
+        if other is not None:
+            return relax.call_pure_packed("tvm_torch.linear_add", lhs, other, packed,
+                                          bias_const, ty_args=call.ty)
+        return relax.call_pure_packed("tvm_torch.linear", lhs, packed, bias_const,
+                                      tvm.ir.StringImm(unary), ty_args=call.ty)
 
     def generic(call, _matched):
         lhs, rhs = call.args
@@ -251,15 +330,27 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool) -> relax.Function:
     reshaped = is_op("relax.reshape")(mm_bias, wildcard())
 
     def relu_through_reshape(call, matched):
-        """``relu(reshape(linear))`` -> ``reshape(linear + relu)`` (the relu runs in MKL's
-        epilogue pass instead of a TVM kernel of its own)."""
+        """``relu(reshape(linear))`` -> ``reshape(linear + relu)`` (the relu runs inside the
+        linear kernel's call instead of a TVM kernel of its own)."""
         linear_call = matched[mm_bias]
         fused = linear("relu", True)(linear_call, matched)
         if fused.same_as(linear_call):
             return call
         return relax.op.reshape(fused, matched[reshaped].args[1])
 
-    for pattern, fn in [
+    res = wildcard()
+    epilogues = [] if gpu else [
+        # On CPU, the residual add, GELU and SiLU run in oneDNN's GEMM epilogue.
+        (is_op("relax.add")(mm_bias, res) | is_op("relax.add")(res, mm_bias),
+         linear("none", True, res)),
+        (is_op("relax.nn.gelu")(mm_bias), linear("gelu", True)),
+        (is_op("relax.nn.gelu_tanh")(mm_bias), linear("gelu_tanh", True)),
+        (is_op("relax.nn.gelu")(mm_const), linear("gelu", False)),
+        (is_op("relax.nn.gelu_tanh")(mm_const), linear("gelu_tanh", False)),
+        (is_op("relax.nn.silu")(mm_bias), linear("silu", True)),
+        (is_op("relax.nn.silu")(mm_const), linear("silu", False)),
+    ]
+    for pattern, fn in epilogues + [
         (is_op("relax.nn.relu")(reshaped), relu_through_reshape),
         (is_op("relax.nn.relu")(mm_bias), linear("relu", True)),
         (mm_bias, linear("none", True)),
@@ -511,7 +602,7 @@ def offload_pass(gpu: bool = False) -> tvm.transform.Pass:
         if not gpu:
             func = _conv1d_as_conv2d(func)
         func = _rewrite_convs(func, gpu)
-        func = _rewrite_matmuls(func, gpu)
+        func = _rewrite_matmuls(_unflatten_linears(func), gpu)
         func = _rewrite_normalizations(func, gpu)
         func = _rewrite_pools(func, gpu)
         func = _rewrite_unary(func, gpu)

@@ -74,3 +74,69 @@ def test_nan_through_elementwise_max_min_and_reductions(tmp_path):
                                        "export_dir": str(tmp_path)})
     for actual, expected in zip(module([a, b]), MaxMin()(a, b)):
         torch.testing.assert_close(actual, expected, equal_nan=True)
+
+
+class _FusedLinears(torch.nn.Module):
+    """Linear layers with every epilogue the CPU linear kernel fuses: GELU (erf and tanh), SiLU
+    (also written as ``x * sigmoid(x)``), a residual add, and ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+        self.fc3, self.fc4 = torch.nn.Linear(16, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        y = x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+        z = torch.relu(self.fc3(y))
+        gate = self.fc3(z)
+        swish = gate * torch.sigmoid(gate)  # SiLU written out
+        return torch.nn.functional.gelu(self.fc4(z), approximate="tanh"), y, \
+            torch.nn.functional.silu(self.fc4(swish))
+
+
+@pytest.mark.parametrize("vendor_kernels", [True, False], ids=["vendor", "tvm"])
+def test_linear_epilogues_match_pytorch_with_nan_and_inf(vendor_kernels, tmp_path):
+    torch.manual_seed(0)
+    model = _FusedLinears().eval()
+    x = torch.randn(2, 5, 16)
+    module = compile(model, {"input_infos": [("x", (2, 5, 16))], "export_dir": str(tmp_path),
+                             "vendor_kernels": vendor_kernels})
+    for bad in (None, float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        if bad is not None:
+            y[1, 3, 4] = bad
+        with torch.no_grad():
+            for actual, expected in zip(module([y]), model(y)):
+                torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4,
+                                           equal_nan=True)
+
+
+class _ConvEpilogues(torch.nn.Module):
+    """Convolutions followed by each activation the CPU convolution kernel fuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(4, 4, 3, padding=1) for _ in range(4))
+
+    def forward(self, x):
+        a = torch.nn.functional.silu(self.convs[0](x))
+        b = torch.sigmoid(self.convs[1](a))
+        c = torch.tanh(self.convs[2](b))
+        return c, torch.relu(self.convs[3](c) + a)
+
+
+@pytest.mark.parametrize("vendor_kernels", [True, False], ids=["vendor", "tvm"])
+def test_conv_epilogues_match_pytorch_with_nan_and_inf(vendor_kernels, tmp_path):
+    torch.manual_seed(0)
+    model = _ConvEpilogues().eval()
+    x = torch.randn(1, 4, 6, 6)
+    module = compile(model, {"input_infos": [("x", (1, 4, 6, 6))], "export_dir": str(tmp_path),
+                             "vendor_kernels": vendor_kernels})
+    for bad in (None, float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        if bad is not None:
+            y[0, 1, 2, 3] = bad
+        with torch.no_grad():
+            for actual, expected in zip(module([y]), model(y)):
+                torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4,
+                                           equal_nan=True)

@@ -229,3 +229,43 @@ def test_small_powers_are_products(tmp_path):
     assert "R.power" not in mod.script(show_meta=False)
     compiled = _compile(NewGelu().eval(), (x,), tmp_path)
     torch.testing.assert_close(compiled([x])[0], NewGelu()(x), rtol=1e-5, atol=1e-5)
+
+
+class TanhGeluWrittenOut(torch.nn.Module):
+    """GPT-2's activation as Hugging Face writes it (``gelu_new``), cubed two ways, after a
+    linear layer; and a near miss (another coefficient) that must stay as written."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 16)
+
+    def forward(self, x):
+        h = self.fc(x)
+        c = (2.0 / 3.141592653589793) ** 0.5
+        a = 0.5 * h * (1.0 + torch.tanh(c * (h + 0.044715 * torch.pow(h, 3.0))))
+        b = 0.5 * h * (1.0 + torch.tanh(c * (h + 0.044715 * (h * h * h))))
+        near_miss = 0.5 * h * (1.0 + torch.tanh(c * (h + 0.05 * torch.pow(h, 3.0))))
+        return a, b, near_miss
+
+
+@pytest.mark.parametrize("traced", [True, False], ids=["traced", "module"])
+def test_tanh_gelu_written_out_becomes_one_gelu(traced, tmp_path):
+    from tvm.contrib.torch import frontend  # pylint: disable=import-outside-toplevel
+
+    torch.manual_seed(0)
+    model = TanhGeluWrittenOut().eval()
+    x = torch.randn(2, 5, 8)
+    source = torch.jit.trace(model, x) if traced else model
+    ep = frontend.decompose(frontend.to_exported_program(source, [x]))
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.aten.gelu.default) == 2
+    assert targets.count(torch.ops.aten.tanh.default) == 1  # the near miss
+    module = _compile(source, [x], tmp_path)
+    for bad in (None, float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        if bad is not None:
+            y[1, 2, 3] = bad
+        with torch.no_grad():
+            for actual, expected in zip(module([y]), model(y)):
+                torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5,
+                                           equal_nan=True)

@@ -11,6 +11,7 @@ import zipfile
 import pytest
 import torch
 
+import tvm.contrib.torch as tvm_torch
 from tvm.contrib.torch import GraphModule, VMModule, runtime_library_path
 from conftest import AffineProgram, assert_outputs_close, run_fresh_python
 
@@ -342,3 +343,39 @@ def test_saved_model_loads_in_four_processes_at_once(cpu_program, tmp_path):
     for proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and "OK" in out, err[-2000:]
+
+
+def test_model_loaded_then_forked_serves_in_the_child(tmp_path):
+    """The preload-then-fork serving pattern (gunicorn --preload, multiprocessing's fork): a
+    conv model loaded, never run, in the parent serves in a forked child. Loading must not
+    start oneDNN's thread pool (weights are prepacked at the first call), or the child hangs
+    in it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.Flatten(),
+                                torch.nn.Linear(16 * 16 * 16, 10)).eval()
+    x = torch.rand(2, 3, 16, 16)
+    module = tvm_torch.compile(model, {"input_infos": [("x", (2, 3, 16, 16))],
+                                       "export_dir": str(tmp_path / "export")})
+    torch.jit.script(module).save(str(tmp_path / "model.pt"))
+    torch.save((x, model(x).detach()), str(tmp_path / "io.pt"))
+    out = run_fresh_python("""
+        import os, signal, torch, tvm.contrib.torch
+        model = torch.jit.load("model.pt")      # loaded, never run, in the parent
+        x, expected = torch.load("io.pt")
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(60)  # a hung child dies instead of outliving the test
+            try:
+                ok = torch.allclose(model([x])[0], expected, rtol=1e-4, atol=1e-4)
+                os.write(writer, b"1" if ok else b"0")
+            finally:
+                os._exit(0)
+        os.close(writer)
+        print("child:", os.read(reader, 1).decode())
+        os.waitpid(pid, 0)
+        torch.testing.assert_close(model([x])[0], expected, rtol=1e-4, atol=1e-4)
+        print("parent ok")
+    """, cwd=str(tmp_path), timeout=120)
+    assert "child: 1" in out and "parent ok" in out

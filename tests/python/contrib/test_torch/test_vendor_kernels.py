@@ -76,6 +76,17 @@ def test_conv2d_bias_relu_is_one_call():
     assert "relax.nn.relu" not in ops and "relax.add" not in ops
 
 
+@pytest.mark.parametrize("op,attr", [(relax.op.nn.silu, "silu"), (relax.op.sigmoid, "sigmoid"),
+                                     (relax.op.tanh, "tanh")])
+def test_conv2d_bias_activation_is_one_call(op, attr):
+    def body(bb, p):
+        return bb.emit(op(bb.emit(relax.op.add(_conv(bb, p[0]), _const((1, 8, 1, 1), seed=1)))))
+
+    packed, ops, text = _offload(IMAGE, body)
+    assert packed[-1] == "tvm_torch.conv2d_nhwc" and f'R.str("{attr}")' in text
+    assert not {"relax.nn.silu", "relax.sigmoid", "relax.tanh", "relax.add"} & set(ops)
+
+
 def test_conv2d_with_residual_add_and_relu():
     def body(bb, p):
         y = bb.emit(relax.op.add(_conv(bb, p[0]), p[1]))
@@ -110,8 +121,37 @@ def test_matmul_with_constant_weight_bias_relu():
         return bb.emit(relax.op.nn.relu(y))
 
     packed, ops, text = _offload([((4, 16), "float32")], body)
+    assert packed == ["tvm_torch.linear_prepack", "tvm_torch.linear"]
+    assert 'R.str("relu")' in text
+    assert not {"relax.matmul", "relax.add", "relax.nn.relu"} & set(ops)
+    packed, ops, text = _offload([((4, 16), "float32")], body, gpu=True)
     assert packed == ["tvm_torch.matmul_bias"] and 'R.str("relu")' in text
     assert not {"relax.matmul", "relax.add", "relax.nn.relu"} & set(ops)
+
+
+@pytest.mark.parametrize("op,attr", [(relax.op.nn.gelu, "gelu"),
+                                     (relax.op.nn.gelu_tanh, "gelu_tanh")])
+def test_linear_gelu_is_one_onednn_call_on_cpu(op, attr):
+    def body(bb, p):
+        y = bb.emit(relax.op.matmul(p[0], _const((16, 32))))
+        return bb.emit(op(bb.emit(relax.op.add(y, _const((32,), seed=1)))))
+
+    packed, ops, text = _offload([((2, 4, 16), "float32")], body)
+    assert packed == ["tvm_torch.linear_prepack", "tvm_torch.linear"]
+    assert f'R.str("{attr}")' in text and not ops
+    # The rows of a [2, 4, 16] input: the prepack is sized for 8 rows.
+    assert '"tvm_torch.linear_prepack", metadata["ir.GenericConst"][0], 8,' in text
+
+
+def test_linear_residual_add_is_fused_on_cpu_unless_it_broadcasts():
+    def body(bb, p):
+        y = bb.emit(relax.op.matmul(p[0], _const((16, 32))))
+        return bb.emit(relax.op.add(p[1], bb.emit(relax.op.add(y, _const((32,), seed=1)))))
+
+    packed, ops, _ = _offload([((4, 16), "float32"), ((4, 32), "float32")], body)
+    assert packed == ["tvm_torch.linear_prepack", "tvm_torch.linear_add"] and not ops
+    packed, ops, _ = _offload([((4, 16), "float32"), ((1, 32), "float32")], body)
+    assert packed == ["tvm_torch.linear_prepack", "tvm_torch.linear"] and ops == ["relax.add"]
 
 
 def test_matmul_with_transposed_constant_weight():
@@ -122,7 +162,8 @@ def test_matmul_with_transposed_constant_weight():
 
     mod = relax.transform.FoldConstant()(_module([((4, 16), "float32")], body))
     packed, ops = _calls(vendor_kernels.offload_pass()(mod))
-    assert packed == ["tvm_torch.matmul_bias"] and "relax.permute_dims" not in ops
+    assert packed == ["tvm_torch.linear_prepack", "tvm_torch.linear"]
+    assert "relax.permute_dims" not in ops
 
 
 def test_generic_matmul():
@@ -236,3 +277,18 @@ def test_two_permutes_become_one():
     assert _calls(mod) == ([], ["relax.permute_dims"])
     # x.transpose(0, 2, 1).transpose(1, 0, 2) has shape (4, 2, 3)
     assert [int(d) for d in mod["main"].ret_ty.shape.values] == [4, 2, 3]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_on_a_3d_input_loses_its_reshapes_so_its_epilogue_fuses(bias):
+    """nn.Linear on [B, S, K] is exported as reshape / 2-D GEMM / reshape."""
+    def body(bb, p):
+        flat = bb.emit(relax.op.reshape(p[0], (8, 16)))
+        y = bb.emit(relax.op.matmul(flat, _const((16, 32))))
+        if bias:
+            y = bb.emit(relax.op.add(y, _const((32,), seed=1)))
+        return bb.emit(relax.op.nn.gelu(bb.emit(relax.op.reshape(y, (2, 4, 32)))))
+
+    packed, ops, text = _offload([((2, 4, 16), "float32")], body)
+    assert packed == ["tvm_torch.linear_prepack", "tvm_torch.linear"] and not ops
+    assert 'R.str("gelu")' in text

@@ -195,7 +195,10 @@ void CompiledProgram::ReleaseVM(std::unique_ptr<VMInstance> vm) {
 }
 
 void CompiledProgram::LoadParams() {
-  if (manifest_.param_names.empty()) return;
+  if (manifest_.param_names.empty()) {
+    params_ready_.store(true, std::memory_order_release);
+    return;
+  }
   auto loaded = RethrowTvmErrors("loading params", [&] {
     auto load = tvm::ffi::Function::GetGlobalRequired("runtime.LoadParams");
     return load(tvm::ffi::Bytes(blobs_.params)).cast<tvm::ffi::Map<tvm::ffi::String, tvm::ffi::Tensor>>();

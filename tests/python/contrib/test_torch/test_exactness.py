@@ -269,3 +269,20 @@ def test_tanh_gelu_written_out_becomes_one_gelu(traced, tmp_path):
             for actual, expected in zip(module([y]), model(y)):
                 torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5,
                                            equal_nan=True)
+
+
+class SwishWrittenOut(torch.nn.Module):
+    def forward(self, x, y):
+        return x * torch.sigmoid(x), torch.sigmoid(y) * y, x * torch.sigmoid(y)
+
+
+def test_sigmoid_products_become_silu_only_when_the_operands_match(tmp_path):
+    from tvm.contrib.torch import frontend  # pylint: disable=import-outside-toplevel
+
+    x, y = torch.randn(3, 7), torch.randn(3, 7)
+    x[0, 0], y[1, 1] = float("nan"), float("-inf")
+    ep = frontend.decompose(frontend.to_exported_program(SwishWrittenOut(), [x, y]))
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.aten.silu.default) == 2
+    assert targets.count(torch.ops.aten.sigmoid.default) == 1  # x * sigmoid(y) stays
+    _assert_same(_compile(SwishWrittenOut(), [x, y], tmp_path)([x, y]), SwishWrittenOut()(x, y))

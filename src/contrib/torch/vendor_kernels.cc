@@ -86,10 +86,37 @@ using ConvBinaryFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::
                                 c10::List<std::optional<c10::Scalar>>,
                                 std::optional<c10::string_view>);
 
-/*! \brief Prepack an OIHW weight for the given conv geometry and NCHW input size. */
+/*!
+ * \brief The dtype a vendor kernel computes in: "float32", or "bfloat16" (oneDNN's bf16
+ *        kernels between float32 tensors, as torch.autocast runs them).
+ */
+at::ScalarType ComputeDtype(const ffi::String& name) {
+  const std::string dtype(name);
+  TORCH_CHECK(dtype == "float32" || dtype == "bfloat16", "tvm_torch: unknown compute dtype '",
+              dtype, "'");
+  return dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+}
+
+/*! \brief x in the prepacked weight's dtype (a no-op in float32). */
+at::Tensor AsComputeDtype(const at::Tensor& x, const at::Tensor& packed) {
+  return x.scalar_type() == packed.scalar_type() ? x : x.to(packed.scalar_type());
+}
+
+/*! \brief A result back in float32 when the kernel computed in bfloat16. */
+at::Tensor AsFloat(const at::Tensor& y) {
+  return y.scalar_type() == at::kFloat ? y : y.to(at::kFloat);
+}
+
+/*!
+ * \brief Prepack an OIHW weight for the given conv geometry and NCHW input size, in the
+ *        compute dtype.
+ */
 TorchTensorHolder Conv2dPrepack(ffi::Tensor weight, ffi::Shape padding, ffi::Shape stride,
-                                ffi::Shape dilation, int64_t groups, ffi::Shape input_size) {
-  at::Tensor w = ToTorchTensor(weight).clone();  // the params blob may be freed after load
+                                ffi::Shape dilation, int64_t groups, ffi::Shape input_size,
+                                ffi::String compute_dtype) {
+  // A copy: the params blob may be freed after load.
+  at::Tensor w = ToTorchTensor(weight).to(ComputeDtype(compute_dtype), /*non_blocking=*/false,
+                                          /*copy=*/true);
   std::vector<int64_t> in = ToVector(input_size);
   at::Tensor packed = ReorderConvWeightOp().call(w, ToVector(padding), ToVector(stride),
                                                  ToVector(dilation), groups, in);
@@ -138,9 +165,12 @@ ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
                        .typed<ConvPointwiseFn>();
   const std::string epilogue(attr);
   const char* post_op = FusedConvEpilogue(epilogue);
-  at::Tensor y = op.call(NhwcAsNchw(x), Unwrap(packed), ToTorchTensor(bias), ToVector(padding),
+  at::Tensor w = Unwrap(packed);
+  at::Tensor y = op.call(AsComputeDtype(NhwcAsNchw(x), w), w,
+                         AsComputeDtype(ToTorchTensor(bias), w), ToVector(padding),
                          ToVector(stride), ToVector(dilation), groups, post_op,
                          c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+  y = AsFloat(y);
   ApplyEpilogue(y, epilogue, std::string(post_op) != "none");
   return NchwAsNhwc(y);
 }
@@ -149,13 +179,26 @@ ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
 ffi::Tensor Conv2dAddNhwc(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packed,
                           ffi::Tensor bias, ffi::Shape padding, ffi::Shape stride,
                           ffi::Shape dilation, int64_t groups, ffi::String unary_attr) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary")
-                       .typed<ConvBinaryFn>();
-  at::Tensor y = op.call(NhwcAsNchw(x), NhwcAsNchw(other), Unwrap(packed), ToTorchTensor(bias),
-                         ToVector(padding), ToVector(stride), ToVector(dilation), groups, "add",
-                         std::nullopt, std::nullopt, c10::List<std::optional<c10::Scalar>>(),
-                         std::nullopt);
+  at::Tensor w = Unwrap(packed);
+  at::Tensor y;
+  if (w.scalar_type() != at::kFloat) {
+    // In bfloat16, the residual is added in float32 (as torch.autocast promotes the sum).
+    static auto conv = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
+                           .typed<ConvPointwiseFn>();
+    y = AsFloat(conv.call(AsComputeDtype(NhwcAsNchw(x), w), w,
+                          AsComputeDtype(ToTorchTensor(bias), w), ToVector(padding),
+                          ToVector(stride), ToVector(dilation), groups, "none",
+                          c10::List<std::optional<c10::Scalar>>(), std::nullopt));
+    y.add_(NhwcAsNchw(other));
+  } else {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary")
+                         .typed<ConvBinaryFn>();
+    y = op.call(NhwcAsNchw(x), NhwcAsNchw(other), w, ToTorchTensor(bias), ToVector(padding),
+                ToVector(stride), ToVector(dilation), groups, "add", std::nullopt,
+                std::nullopt, c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+  }
   if (std::string(unary_attr) == "relu") y.relu_();
   return NchwAsNhwc(y);
 }
@@ -242,14 +285,16 @@ ffi::Tensor MatmulBias(ffi::Tensor x, ffi::Tensor w, ffi::Tensor bias, ffi::Stri
 }
 
 /*!
- * \brief Prepack a linear layer's [out, in] weight into oneDNN's blocked layout, for inputs of
- *        `rows` rows (0: any number of rows).
+ * \brief Prepack a linear layer's [out, in] weight into oneDNN's blocked layout, in the
+ *        compute dtype, for inputs of `rows` rows (0: any number of rows).
  */
-TorchTensorHolder LinearPrepack(ffi::Tensor weight, int64_t rows) {
+TorchTensorHolder LinearPrepack(ffi::Tensor weight, int64_t rows, ffi::String compute_dtype) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mkldnn::_reorder_linear_weight", "")
                        .typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>();
-  at::Tensor w = ToTorchTensor(weight).clone();  // the params blob may be freed after load
+  // A copy: the params blob may be freed after load.
+  at::Tensor w = ToTorchTensor(weight).to(ComputeDtype(compute_dtype), /*non_blocking=*/false,
+                                          /*copy=*/true);
   return TorchTensorHolder(op.call(w, rows > 0 ? std::optional<int64_t>(rows) : std::nullopt));
 }
 
@@ -273,9 +318,10 @@ ffi::Tensor LinearPacked(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
   TORCH_CHECK(gelu || name == "none" || name == "relu" || name == "silu",
               "tvm_torch.linear: unknown epilogue '", name, "'");
   const char* post_op = gelu ? "gelu" : name == "silu" ? "swish" : "none";
-  at::Tensor y = op.call(ToTorchTensor(x), Unwrap(packed), ToTorchTensor(bias), post_op,
-                         c10::List<std::optional<c10::Scalar>>(),
-                         name == "gelu_tanh" ? "tanh" : "none");
+  at::Tensor w = Unwrap(packed);
+  at::Tensor y = AsFloat(op.call(AsComputeDtype(ToTorchTensor(x), w), w, ToTorchTensor(bias),
+                                 post_op, c10::List<std::optional<c10::Scalar>>(),
+                                 name == "gelu_tanh" ? "tanh" : "none"));
   if (name == "relu") y.relu_();
   return ToTvmTensor(y);
 }
@@ -291,8 +337,15 @@ ffi::Tensor LinearAddPacked(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef pac
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mkldnn::_linear_pointwise", "binary")
                        .typed<Fn>();
-  return ToTvmTensor(op.call(ToTorchTensor(x), ToTorchTensor(other), Unwrap(packed),
-                             ToTorchTensor(bias), "add"));
+  at::Tensor w = Unwrap(packed);
+  if (w.scalar_type() != at::kFloat) {
+    // In bfloat16, the residual is added in float32 (as torch.autocast promotes the sum).
+    ffi::Tensor y = LinearPacked(x, packed, bias, "none");
+    ToTorchTensor(y).add_(ToTorchTensor(other));
+    return y;
+  }
+  return ToTvmTensor(op.call(ToTorchTensor(x), ToTorchTensor(other), w, ToTorchTensor(bias),
+                             "add"));
 }
 
 /*! \brief layer_norm over the trailing dims covered by gamma (ATen's vectorised kernel). */

@@ -29,6 +29,14 @@ def host_cpu_target(num_cores: Optional[int] = None) -> tvm.target.Target:
     return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": int(cores)})
 
 
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 instructions oneDNN computes with (AVX-512 BF16 or AMX)."""
+    import torch  # pylint: disable=import-outside-toplevel
+
+    return bool(torch.backends.mkldnn.is_available() and
+                torch.ops.mkldnn._is_mkldnn_bf16_supported())  # pylint: disable=protected-access
+
+
 def cuda_target(arch: Optional[str] = None) -> tvm.target.Target:
     """A CUDA target for ``arch`` (``"sm_90"``), by default the current GPU's."""
     if arch is None:

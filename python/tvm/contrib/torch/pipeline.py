@@ -189,7 +189,13 @@ class PyTorchTVMModule:
             return bucket.prepared
         extra = []
         if self.vendor_kernels:
-            extra.append(vendor_kernels.offload_pass(gpu=build_mod.is_cuda(self.target)))
+            gpu = build_mod.is_cuda(self.target)
+            bfloat16 = self.default_dtype == "bfloat16" and not gpu
+            if bfloat16 and not build_mod.cpu_has_bfloat16():
+                logger.warning("this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX): "
+                               "the bfloat16 program computes in float32, at float32 speed")
+                bfloat16 = False
+            extra.append(vendor_kernels.offload_pass(gpu=gpu, bfloat16=bfloat16))
         bucket.prepared = passes.prepare_for_build(bucket.mod, bucket.params,
                                                    shapes_of(bucket.infos), self.default_dtype,
                                                    extra)

@@ -35,8 +35,10 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
 On CUDA, convolutions (in NCHW: ``tvm_torch.conv2d_nchw`` / ``tvm_torch.conv2d_add_nchw``, no
 prepacking), matrix products, layer norm, softmax and attention go to ATen (cuDNN / cuBLAS) in
 float32 and float16, on the caller's current stream; pooling and the transcendental
-elementwise ops stay TVM code there. On CPU only float32 is offloaded. Everything else stays
-TVM code.
+elementwise ops stay TVM code there. On CPU only float32 is offloaded; a bfloat16 program
+(which computes in float32 between bfloat16 inputs and outputs) runs its convolutions and
+linear layers on oneDNN's bfloat16 kernels when the CPU has bfloat16 instructions.
+Everything else stays TVM code.
 """
 from __future__ import annotations
 
@@ -85,8 +87,9 @@ class _ConvRewriter:
     convolution (cuDNN) in NCHW, float32 or float16.
     """
 
-    def __init__(self, gpu: bool):
+    def __init__(self, gpu: bool, compute_dtype: str = "float32"):
         self.gpu = gpu
+        self.compute_dtype = compute_dtype
         self.count = 0
 
     def conv_args(self, conv: relax.Call):
@@ -151,7 +154,8 @@ class _ConvRewriter:
                                           bias_const, *geometry, unary_imm, ty_args=out_ty)
         packed = relax.call_pure_packed(
             "tvm_torch.conv2d_nhwc_prepack", args["weight"], args["padding"], args["stride"],
-            args["dilation"], args["groups"], args["input_size"], ty_args=relax.ObjectType())
+            args["dilation"], args["groups"], args["input_size"],
+            tvm.ir.StringImm(self.compute_dtype), ty_args=relax.ObjectType())
         if residual is not None:
             return relax.call_pure_packed("tvm_torch.conv2d_add_nhwc", args["x"], residual,
                                           packed, bias_const, *geometry, unary_imm,
@@ -160,8 +164,9 @@ class _ConvRewriter:
                                       *geometry, unary_imm, ty_args=out_ty)
 
 
-def _rewrite_convs(func: relax.Function, gpu: bool) -> relax.Function:
-    rewriter = _ConvRewriter(gpu)
+def _rewrite_convs(func: relax.Function, gpu: bool,
+                   compute_dtype: str = "float32") -> relax.Function:
+    rewriter = _ConvRewriter(gpu, compute_dtype)
     x, res = wildcard(), wildcard()
     conv = is_op("relax.nn.conv2d")(x, is_const())
     bias = is_const()
@@ -230,7 +235,8 @@ def _unflatten_linears(func: relax.Function) -> relax.Function:
     return rewrite_call(outer, rewrite, func)
 
 
-def _rewrite_matmuls(func: relax.Function, gpu: bool) -> relax.Function:
+def _rewrite_matmuls(func: relax.Function, gpu: bool,
+                     compute_dtype: str = "float32") -> relax.Function:
     ok_dtypes = _offloaded_dtypes(gpu)
 
     def _ok(*exprs) -> bool:
@@ -310,6 +316,7 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool) -> relax.Function:
         rows = int(np.prod(dims[:-1])) if None not in dims[:-1] else 0
         packed = relax.call_pure_packed("tvm_torch.linear_prepack", weight,
                                         tvm.tirx.IntImm("int64", rows),
+                                        tvm.ir.StringImm(compute_dtype),
                                         ty_args=relax.ObjectType())
         if other is not None:
             return relax.call_pure_packed("tvm_torch.linear_add", lhs, other, packed,
@@ -581,7 +588,7 @@ def _conv1d_as_conv2d(func: relax.Function) -> relax.Function:
     return rewrite_call(is_op("relax.nn.conv1d")(wildcard(), is_const()), rewrite, func)
 
 
-def offload_pass(gpu: bool = False) -> tvm.transform.Pass:
+def offload_pass(gpu: bool = False, bfloat16: bool = False) -> tvm.transform.Pass:
     """The offload as a module pass over ``main`` (after params were bound as constants).
 
     Parameters
@@ -589,7 +596,12 @@ def offload_pass(gpu: bool = False) -> tvm.transform.Pass:
     gpu : bool
         Build for CUDA (cuDNN/cuBLAS through ATen, NCHW, float32/float16) instead of the CPU
         (oneDNN NHWC with prepacked weights and MKL, float32).
+    bfloat16 : bool
+        On CPU, run the convolutions and linear layers on oneDNN's bfloat16 kernels (weights
+        prepacked in bfloat16, float32 tensors converted around each call, as
+        ``torch.autocast`` does); the rest of the program stays float32.
     """
+    compute_dtype = "bfloat16" if bfloat16 and not gpu else "float32"
 
     @tvm.transform.module_pass(opt_level=0, name="TvmTorchVendorOffload")
     def _offload(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -601,8 +613,8 @@ def offload_pass(gpu: bool = False) -> tvm.transform.Pass:
         func = mod["main"]
         if not gpu:
             func = _conv1d_as_conv2d(func)
-        func = _rewrite_convs(func, gpu)
-        func = _rewrite_matmuls(_unflatten_linears(func), gpu)
+        func = _rewrite_convs(func, gpu, compute_dtype)
+        func = _rewrite_matmuls(_unflatten_linears(func), gpu, compute_dtype)
         func = _rewrite_normalizations(func, gpu)
         func = _rewrite_pools(func, gpu)
         func = _rewrite_unary(func, gpu)

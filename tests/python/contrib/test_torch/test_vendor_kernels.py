@@ -292,3 +292,18 @@ def test_linear_on_a_3d_input_loses_its_reshapes_so_its_epilogue_fuses(bias):
     packed, ops, text = _offload([((2, 4, 16), "float32")], body)
     assert packed == ["tvm_torch.linear_prepack", "tvm_torch.linear"] and not ops
     assert 'R.str("gelu")' in text
+
+
+@pytest.mark.parametrize("bfloat16", [False, True])
+def test_bfloat16_programs_prepack_for_onednn_bfloat16_kernels(bfloat16):
+    def body(bb, p):
+        y = bb.emit(relax.op.nn.relu(_conv(bb, p[0])))
+        flat = bb.emit(relax.op.reshape(y, (1, 8 * 8 * 8)))
+        return bb.emit(relax.op.matmul(flat, _const((8 * 8 * 8, 4))))
+
+    mod = vendor_kernels.offload_pass(bfloat16=bfloat16)(_module(IMAGE, body))
+    packed, _ = _calls(mod)
+    assert packed == ["tvm_torch.conv2d_nhwc_prepack", "tvm_torch.conv2d_nhwc",
+                      "tvm_torch.linear_prepack", "tvm_torch.linear"]
+    dtype = "bfloat16" if bfloat16 else "float32"
+    assert mod["main"].script().count(f'R.str("{dtype}")') == 2

@@ -6,10 +6,11 @@ same log applies the best records, and tunes again only kernels that have no rec
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
-from typing import List
+from typing import Any, List, Optional, Union
 
 import tvm
 from tqdm.auto import tqdm
@@ -70,7 +71,45 @@ def untuned_tasks(mod: tvm.IRModule, target: tvm.target.Target, database) -> Lis
     return missing
 
 
-def tune(mod: tvm.IRModule, target: tvm.target.Target, n_trials: int, log_file: str) -> int:
+@dataclasses.dataclass
+class TuneSettings:
+    """MetaSchedule's knobs beyond the trial budget (``optimize_torch`` / ``as_torch`` take
+    them under TVM 0.19's names); ``None`` keeps this module's defaults.
+
+    ``builder`` / ``runner`` default to local ones with generous timeouts (see
+    :data:`BUILD_TIMEOUT_S`); ``measure_callbacks`` gets the progress bar appended.
+    """
+
+    max_trials_per_task: Optional[int] = None
+    num_trials_per_iter: Optional[int] = None
+    builder: Any = None
+    runner: Any = None
+    cost_model: Any = "xgb"
+    measure_callbacks: Any = "default"
+    task_scheduler: Any = "gradient"
+    space: Any = "post-order-apply"
+    strategy: Any = "evolutionary"
+    num_tuning_cores: Union[str, int] = "physical"
+    seed: Optional[int] = None
+
+
+def _local_or(given: Any, make_local):
+    """``"local"`` (MetaSchedule's default spelling) and ``None`` mean this module's local
+    builder/runner, whose timeouts suit slow worker start-ups."""
+    return make_local() if given is None or (isinstance(given, str) and given == "local") \
+        else given
+
+
+def _callbacks(given: Any, bar) -> List:
+    if isinstance(given, str):
+        given = ms.measure_callback.MeasureCallback.create(given)
+    elif not isinstance(given, (list, tuple)):
+        given = [given]
+    return list(given) + [_ProgressBar(bar)]
+
+
+def tune(mod: tvm.IRModule, target: tvm.target.Target, n_trials: int, log_file: str,
+         settings: Optional[TuneSettings] = None) -> int:
     """Tune the kernels of a prepared Relax module, recording into ``log_file``.
 
     Parameters
@@ -83,35 +122,43 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, n_trials: int, log_file: 
         MetaSchedule's global trial budget.
     log_file : str
         The tuning log (see the module docstring).
+    settings : TuneSettings, optional
+        MetaSchedule's other knobs.
 
     Returns
     -------
     int
         The number of candidates measured (0 when the log already covered every kernel).
     """
+    settings = settings or TuneSettings()
     database = open_database(log_file)
     missing = untuned_tasks(mod, target, database)
     if not missing:
         logger.info("tuning log %s covers every kernel; nothing to measure", log_file)
         return 0
     logger.info("tuning %d kernel(s) with %d trials", len(missing), n_trials)
+    per_task = max(1, n_trials // max(1, len(missing)))
     with tqdm(total=n_trials, desc="MetaSchedule", unit="trial") as bar:
-        callbacks = ms.measure_callback.MeasureCallback.create("default") + [_ProgressBar(bar)]
         with tempfile.TemporaryDirectory(prefix="tvm_torch_tune_") as work_dir:
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                missing, work_dir=work_dir)
+                missing, work_dir=work_dir, space=settings.space, strategy=settings.strategy,
+                num_threads=settings.num_tuning_cores, seed=settings.seed)
             ms.tune.tune_tasks(
                 tasks=contexts,
                 task_weights=weights,
                 work_dir=work_dir,
                 max_trials_global=n_trials,
-                max_trials_per_task=max(1, n_trials // max(1, len(missing))),
-                num_trials_per_iter=min(64, max(1, n_trials // max(1, len(missing)))),
+                max_trials_per_task=settings.max_trials_per_task or per_task,
+                num_trials_per_iter=settings.num_trials_per_iter or min(64, per_task),
                 database=database,
-                measure_callbacks=callbacks,
+                cost_model=settings.cost_model,
+                measure_callbacks=_callbacks(settings.measure_callbacks, bar),
+                task_scheduler=settings.task_scheduler,
                 # Workers start a fresh interpreter (importing TVM takes seconds on small
                 # machines): generous timeouts keep slow starts from counting as failures.
-                builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
-                runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S),
+                builder=_local_or(settings.builder,
+                                  lambda: ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S)),
+                runner=_local_or(settings.runner,
+                                 lambda: ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)),
             )
         return bar.n

@@ -93,11 +93,19 @@ class TuneSettings:
     seed: Optional[int] = None
 
 
-def _local_or(given: Any, make_local):
-    """``"local"`` (MetaSchedule's default spelling) and ``None`` mean this module's local
-    builder/runner, whose timeouts suit slow worker start-ups."""
-    return make_local() if given is None or (isinstance(given, str) and given == "local") \
-        else given
+def local_builder(given: Any = None) -> Any:
+    """``given``, or for ``None`` / ``"local"`` (MetaSchedule's default spelling) a local
+    builder whose timeout suits slow worker start-ups (:data:`BUILD_TIMEOUT_S`)."""
+    if given is None or (isinstance(given, str) and given == "local"):
+        return ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S)
+    return given
+
+
+def local_runner(given: Any = None) -> Any:
+    """``given``, or for ``None`` / ``"local"`` a local runner with :data:`RUN_TIMEOUT_S`."""
+    if given is None or (isinstance(given, str) and given == "local"):
+        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
+    return given
 
 
 def _callbacks(given: Any, bar) -> List:
@@ -156,9 +164,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, n_trials: int, log_file: 
                 task_scheduler=settings.task_scheduler,
                 # Workers start a fresh interpreter (importing TVM takes seconds on small
                 # machines): generous timeouts keep slow starts from counting as failures.
-                builder=_local_or(settings.builder,
-                                  lambda: ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S)),
-                runner=_local_or(settings.runner,
-                                 lambda: ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)),
+                builder=local_builder(settings.builder),
+                runner=local_runner(settings.runner),
             )
         return bar.n

@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 IRModuleOrPrimFunc = Union[tvm.IRModule, tvm.tirx.PrimFunc]
 
+#: Data alignment (bytes) TVM's DLPack import requires.
+_TVM_ALIGNMENT = 64
+
 
 def _entry_name(module: IRModuleOrPrimFunc) -> str:
     """The function ``forward`` calls: the PrimFunc itself, or the module's ``main`` / only
@@ -153,7 +156,13 @@ class OperatorModuleWrapper(torch.nn.Module):
         if self.rt_module is None or self._rt_device != device:
             self.build("cuda" if device.startswith("cuda") else None)
         func = self.rt_module[self._entry]
-        func(*[tvm.runtime.from_dlpack(t) for t in torch_inputs])
+        # TVM takes tensors aligned to 64 bytes; others (torch.from_numpy's) run on an aligned
+        # copy that is copied back, so that outputs still land in the caller's tensor.
+        staged = [t if t.data_ptr() % _TVM_ALIGNMENT == 0 else t.clone() for t in torch_inputs]
+        func(*[tvm.runtime.from_dlpack(t) for t in staged])
+        for original, used in zip(torch_inputs, staged):
+            if used is not original:
+                original.copy_(used)
 
     def __getstate__(self) -> Dict[str, Any]:
         # The built program is not picklable; the TVMScript is, and rebuilds on first use.

@@ -10,7 +10,8 @@ import dataclasses
 import logging
 import os
 import tempfile
-from typing import Any, List, Optional, Union
+import threading
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import tvm
 from tqdm.auto import tqdm
@@ -93,18 +94,55 @@ class TuneSettings:
     seed: Optional[int] = None
 
 
+#: The process's local builder and runner, made on first use and shared by every tuning
+#: call: their worker processes start once (each imports TVM and its tensor intrinsics,
+#: which takes a minute or more on a small machine) instead of once per call.
+_SHARED: Dict[str, Any] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared(kind: str, make: Callable[[], Any]) -> Any:
+    with _SHARED_LOCK:
+        if kind not in _SHARED:
+            _SHARED[kind] = make()
+        return _SHARED[kind]
+
+
+def _is_local(given: Any) -> bool:
+    return given is None or (isinstance(given, str) and given == "local")
+
+
+def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params=None):
+    """MetaSchedule's ``default_build`` without its import of ``tvm.s_tir.tensor_intrin``.
+
+    That import only registers tensor intrinsics, which scheduling (``tensorize``, in this
+    process) looks up; a candidate arrives already scheduled, and lowering it consults no
+    registry. Builder workers start afresh for every batch, and the import costs each of them
+    about a minute of CPU (it parses every intrinsic's TVMScript).
+    """
+    # pylint: disable=import-outside-toplevel
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
 def local_builder(given: Any = None) -> Any:
-    """``given``, or for ``None`` / ``"local"`` (MetaSchedule's default spelling) a local
-    builder whose timeout suits slow worker start-ups (:data:`BUILD_TIMEOUT_S`)."""
-    if given is None or (isinstance(given, str) and given == "local"):
-        return ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S)
+    """``given``, or for ``None`` / ``"local"`` (MetaSchedule's default spelling) the shared
+    local builder: :func:`build_candidate` and a timeout that suits slow worker start-ups
+    (:data:`BUILD_TIMEOUT_S`)."""
+    if _is_local(given):
+        return _shared("builder", lambda: ms.builder.LocalBuilder(
+            timeout_sec=BUILD_TIMEOUT_S, f_build=build_candidate))
     return given
 
 
 def local_runner(given: Any = None) -> Any:
-    """``given``, or for ``None`` / ``"local"`` a local runner with :data:`RUN_TIMEOUT_S`."""
-    if given is None or (isinstance(given, str) and given == "local"):
-        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
+    """``given``, or for ``None`` / ``"local"`` the shared local runner
+    (:data:`RUN_TIMEOUT_S`)."""
+    if _is_local(given):
+        return _shared("runner", lambda: ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S))
     return given
 
 

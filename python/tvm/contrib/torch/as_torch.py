@@ -99,7 +99,8 @@ class OperatorModuleWrapper(torch.nn.Module):
             builder/runner are local ones with generous timeouts.
         """
         resolved = self._target(target)
-        with tempfile.TemporaryDirectory(prefix="tvm_torch_as_torch_") as work_dir:
+        with tempfile.TemporaryDirectory(prefix="tvm_torch_as_torch_") as work_dir, \
+                tuning.meta_schedule_logging():
             tuned = ms.tir_integration.tune_tir(
                 mod=self.ir_module, target=resolved, work_dir=work_dir,
                 max_trials_global=max_trials_global, num_trials_per_iter=num_trials_per_iter,

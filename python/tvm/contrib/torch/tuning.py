@@ -6,6 +6,7 @@ same log applies the best records, and tunes again only kernels that have no rec
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -146,6 +147,31 @@ def local_runner(given: Any = None) -> Any:
     return given
 
 
+#: The logger MetaSchedule configures (with ``logging.config.dictConfig``) on every tuning call.
+_MS_LOGGER = "tvm.s_tir.meta_schedule"
+
+
+@contextlib.contextmanager
+def meta_schedule_logging():
+    """Let MetaSchedule configure its logger while handlers it did not make are on it.
+
+    TVM 0.27 rebuilds that logger's configuration from the names of the handlers on it and
+    fails (``'NoneType' object has no attribute 'format'``) on any it did not create, such as
+    pytest's log capture or an application's own: those are detached for the call and put
+    back after.
+    """
+    log = logging.getLogger(_MS_LOGGER)
+    foreign = [h for h in log.handlers if not (h.get_name() or "").startswith(_MS_LOGGER)]
+    for handler in foreign:
+        log.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in foreign:
+            if handler not in log.handlers:
+                log.addHandler(handler)
+
+
 def _callbacks(given: Any, bar) -> List:
     if isinstance(given, str):
         given = ms.measure_callback.MeasureCallback.create(given)
@@ -184,7 +210,8 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, n_trials: int, log_file: 
         return 0
     logger.info("tuning %d kernel(s) with %d trials", len(missing), n_trials)
     per_task = max(1, n_trials // max(1, len(missing)))
-    with tqdm(total=n_trials, desc="MetaSchedule", unit="trial") as bar:
+    with tqdm(total=n_trials, desc="MetaSchedule", unit="trial") as bar, \
+            meta_schedule_logging():
         with tempfile.TemporaryDirectory(prefix="tvm_torch_tune_") as work_dir:
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 missing, work_dir=work_dir, space=settings.space, strategy=settings.strategy,

@@ -64,7 +64,7 @@ class OperatorModuleWrapper(torch.nn.Module):
                             f"{type(module).__name__}")
         self._entry = _entry_name(module)
         self.ir_module = module
-        #: The built program and the device (``"cpu"`` / ``"cuda:N"``) it was built for.
+        #: The built program and the device kind (``"cpu"`` / ``"cuda"``) it was built for.
         self.rt_module: Optional[tvm.runtime.Executable] = None
         self._rt_device: Optional[str] = None
 
@@ -131,8 +131,8 @@ class OperatorModuleWrapper(torch.nn.Module):
         """Compile for ``target`` (default: this machine's CPU; ``"cuda"``: the current GPU)."""
         resolved = self._target(target)
         self.rt_module = tvm.compile(self.ir_module, target=resolved)
-        self._rt_device = "cuda:%d" % torch.cuda.current_device() \
-            if build_mod.is_cuda(resolved) else "cpu"
+        # A CUDA build runs on whichever GPU its tensors are on: the kind is what matters.
+        self._rt_device = "cuda" if build_mod.is_cuda(resolved) else "cpu"
 
     def forward(self, *torch_inputs: torch.Tensor) -> None:
         """Call the function on the tensors, in its parameter order (outputs included: they
@@ -153,9 +153,9 @@ class OperatorModuleWrapper(torch.nn.Module):
             devices.add(device_name(tensor.device, f"argument {index}"))
         if len(devices) != 1:
             raise ValueError(f"as_torch: the tensors are on different devices {sorted(devices)}")
-        device = devices.pop()
-        if self.rt_module is None or self._rt_device != device:
-            self.build("cuda" if device.startswith("cuda") else None)
+        kind = devices.pop().split(":")[0]
+        if self.rt_module is None or self._rt_device != kind:
+            self.build("cuda" if kind == "cuda" else None)
         func = self.rt_module[self._entry]
         # TVM takes tensors aligned to 64 bytes; others (torch.from_numpy's) run on an aligned
         # copy that is copied back, so that outputs still land in the caller's tensor.

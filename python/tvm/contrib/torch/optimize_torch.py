@@ -18,6 +18,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import tvm
 
+from . import build as build_mod
 from . import tuning
 from .options import parse_options
 from .pipeline import compile_program
@@ -105,6 +106,10 @@ def _example_tuple(example_inputs: Any) -> Tuple[torch.Tensor, ...]:
 def _target_and_device(target: Any, examples: Sequence[torch.Tensor]) -> Tuple[Any, str]:
     """``"cpu"`` is this machine's CPU (the pipeline's host target); the device is where the
     example inputs are, or CUDA for a CUDA target."""
+    kinds = sorted({t.device.type for t in examples})
+    if not set(kinds) <= {"cpu", "cuda"}:
+        raise ValueError(f"optimize_torch: the example inputs must be on the CPU or a CUDA "
+                         f"GPU, got {kinds}")
     on_cuda = [t.device for t in examples if t.device.type == "cuda"]
     if isinstance(target, str) and target == "cpu":
         if on_cuda:
@@ -114,8 +119,8 @@ def _target_and_device(target: Any, examples: Sequence[torch.Tensor]) -> Tuple[A
     if not isinstance(target, (str, dict, tvm.target.Target)):
         raise TypeError(f"optimize_torch: target must be 'cpu', a target string, dict or "
                         f"tvm.target.Target, got {type(target).__name__}")
-    resolved = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    if resolved.kind.name == "cuda":
+    resolved = build_mod.resolve_target(target, "cpu")  # "llvm": this CPU, with its features
+    if build_mod.is_cuda(resolved):
         return resolved, str(on_cuda[0]) if on_cuda else "cuda"
     if on_cuda:
         raise ValueError(f"optimize_torch: target {resolved.kind.name!r} but the example "
@@ -195,11 +200,11 @@ def optimize_torch(
         raise ValueError(f"optimize_torch: database must be 'json' (kept in work_dir) or "
                          f"'memory', got {database!r}")
     resolved_target, device = _target_and_device(target, examples)
-    module = func if isinstance(func, (torch.nn.Module, torch.jit.ScriptFunction)) \
-        else _FunctionModule(func)
-    if not callable(module):
+    if not callable(func):
         raise TypeError(f"optimize_torch: func must be a callable or torch.nn.Module, got "
                         f"{type(func).__name__}")
+    module = func if isinstance(func, (torch.nn.Module, torch.jit.ScriptFunction)) \
+        else _FunctionModule(func)
     settings = tuning.TuneSettings(
         max_trials_per_task=max_trials_per_task, num_trials_per_iter=num_trials_per_iter,
         builder=builder, runner=runner, cost_model=cost_model,

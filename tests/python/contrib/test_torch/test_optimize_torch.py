@@ -187,5 +187,9 @@ def test_bad_arguments_raise_clear_errors():
         optimize_torch(lambda t: t + 1, x, max_trials_global=0, database="sqlite")
     with pytest.raises(ValueError, match="at most 8 positional inputs, got 9"):
         optimize_torch(lambda *t: t[0], tuple([x] * 9), max_trials_global=0)
+    with pytest.raises(TypeError, match="func must be a callable or torch.nn.Module, got int"):
+        optimize_torch(42, x, max_trials_global=0)
+    with pytest.raises(ValueError, match=r"must be on the CPU or a CUDA GPU, got \['meta'\]"):
+        optimize_torch(lambda t: t + 1, torch.empty(3, device="meta"), max_trials_global=0)
     with pytest.raises(TypeError, match="max_trials_global"):
         optimize_torch(lambda t: t + 1, x)  # upstream's signature: a required keyword

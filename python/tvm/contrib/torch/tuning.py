@@ -96,8 +96,9 @@ class TuneSettings:
 
 
 #: The process's local builder and runner, made on first use and shared by every tuning
-#: call: their worker processes start once (each imports TVM and its tensor intrinsics,
-#: which takes a minute or more on a small machine) instead of once per call.
+#: call: the runner's worker starts once per process instead of once per call (the builder
+#: starts fresh workers for every batch by MetaSchedule's design; :func:`build_candidate`
+#: keeps their start-up cheap).
 _SHARED: Dict[str, Any] = {}
 _SHARED_LOCK = threading.Lock()
 

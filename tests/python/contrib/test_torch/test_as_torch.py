@@ -209,7 +209,9 @@ def test_tvmscript_torch_func_with_part_access_region():
 
     result = a1 + 2
 
+    before = func_with_part_access_region.script()  # (not in upstream)
     func_with_part_access_region.tune(max_trials_global=4, num_trials_per_iter=4)  # upstream: 32
+    assert func_with_part_access_region.script() != before  # a measured schedule was applied
     func_with_part_access_region(a1, a2, a3)
 
     tvm.testing.assert_allclose(a3.numpy(), result.numpy(), atol=1e-5, rtol=1e-5)
@@ -241,11 +243,13 @@ def test_tvmscript_torch_elementwise_with_root():
     result = a1 + 2
 
     func = elementwise_with_root(128, 128, "float32")
+    before = func.script()  # (not in upstream)
     func.tune(
         max_trials_global=4,  # upstream: 128
         num_trials_per_iter=4,
         strategy="replay-trace",
     )
+    assert func.script() != before  # (not in upstream) a measured schedule was applied
     func(a1, a2, a3)
 
     tvm.testing.assert_allclose(a3.numpy(), result.numpy(), atol=1e-5, rtol=1e-5)

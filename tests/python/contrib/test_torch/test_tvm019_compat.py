@@ -63,7 +63,8 @@ def test_pytorch_tvm_module_attributes_and_build_tvm_result(tmp_path):
     ptm.from_pytorch(traced, [("x", (2, 4))])
     assert ptm.script_module is traced
     assert ptm.input_infos == [("x", (2, 4))]
-    assert isinstance(ptm.mod, tvm.IRModule) and "main" in [g.name_hint for g in ptm.mod.get_global_vars()]
+    assert isinstance(ptm.mod, tvm.IRModule)
+    assert "main" in [gv.name_hint for gv in ptm.mod.get_global_vars()]
     assert len(ptm.params) == 2  # weight and bias
     assert ptm.log_file is None and ptm.tvm_module is None and ptm.tvm_lib is None
 

@@ -1,4 +1,5 @@
-"""TVM 0.19's module path of ``PyTorchTVMModule`` and ``compile`` (``tvm.contrib.torch.pytorch_tvm``).
+"""``tvm.contrib.torch.pytorch_tvm``: TVM 0.19's module path of ``PyTorchTVMModule`` and
+``compile``.
 
 Its AutoTVM helpers (``tune_tasks``, ``get_tuning_opt``) and ``TVM_ASSETS`` went with
 AutoTVM and Relay; see docs/coming_from_tvm019.md.

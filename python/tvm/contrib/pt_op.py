@@ -4,8 +4,12 @@ from __future__ import annotations
 from tvm.contrib.torch import (  # noqa: F401  pylint: disable=redefined-builtin
     GraphModule,
     PyTorchTVMModule,
+    TraceTvmModule,
     VMModule,
+    as_torch,
     compile,
+    optimize_torch,
 )
 
-__all__ = ["GraphModule", "PyTorchTVMModule", "VMModule", "compile"]
+__all__ = ["GraphModule", "PyTorchTVMModule", "TraceTvmModule", "VMModule", "as_torch",
+           "compile", "optimize_torch"]

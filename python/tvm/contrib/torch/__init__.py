@@ -8,7 +8,10 @@ The pipeline, one module per step: :mod:`.options` (the option table, parsed onc
 :mod:`.pipeline` (``PyTorchTVMModule`` and ``compile_program``: the steps in order) and
 :mod:`.compiler` (``compile``). Partial offload: the :mod:`.partitioning` package
 (``partition``: compile what TVM supports, keep the rest in TorchScript). Where the time goes:
-:mod:`.profiler` (``profile``: per-kernel time of the compiled programs).
+:mod:`.profiler` (``profile``: per-kernel time of the compiled programs). TVM 0.19's other
+entry points: :mod:`.optimize_torch` (``optimize_torch``), :mod:`.as_torch` (``as_torch``,
+TVMScript as an ``nn.Module``), :mod:`.trace_module` (``TraceTvmModule``) and
+:mod:`.pytorch_tvm` (the old module path of ``compile``).
 """
 from __future__ import annotations
 
@@ -17,21 +20,32 @@ from ._library import load_runtime_library, runtime_library_path
 load_runtime_library()
 
 # pylint: disable=wrong-import-position
+# TVM 0.19's layout: the submodules as_torch / optimize_torch are shadowed by the functions of
+# the same name (``from tvm.contrib.torch.as_torch import OperatorModuleWrapper`` still works).
+from . import pytorch_tvm  # noqa: E402
+from .as_torch import TVMScriptIRModule, as_torch  # noqa: E402
 from .compiler import PyTorchTVMModule, compile  # noqa: E402  pylint: disable=redefined-builtin
 from .frontend import ConversionError  # noqa: E402
 from .module import GraphModule, VMModule  # noqa: E402
+from .optimize_torch import GraphExecutorFactoryWrapper, optimize_torch  # noqa: E402
 from .partitioning import PartitionReport, partition, partition_report  # noqa: E402
 from .profiler import ProfileReport, profile  # noqa: E402
+from .trace_module import TraceTvmModule  # noqa: E402
 
 __all__ = [
     "ConversionError",
+    "GraphExecutorFactoryWrapper",
     "GraphModule",
     "PartitionReport",
     "ProfileReport",
     "PyTorchTVMModule",
+    "TVMScriptIRModule",
+    "TraceTvmModule",
     "VMModule",
+    "as_torch",
     "compile",
     "load_runtime_library",
+    "optimize_torch",
     "partition",
     "partition_report",
     "profile",

@@ -62,7 +62,7 @@ def resolve_target(target: Union[None, str, Dict[str, Any], tvm.target.Target],
             return host_cpu_target()
         if target == "cuda":
             return cuda_target()
-        return tvm.target.Target({"kind": target})
+        return tvm.target.Target(target)  # a kind ("c") or a tag ("nvidia/nvidia-a100")
     return tvm.target.Target(target)
 
 

@@ -6,6 +6,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ._library import load_runtime_library
+from .options import device_name
 
 
 def _device_name(device: torch.device) -> str:
@@ -29,7 +30,8 @@ class _TvmModuleBase(torch.nn.Module):
             raise ValueError(f"num_inputs must be a positive int, got {num_inputs!r}")
         if not isinstance(num_outputs, int) or num_outputs <= 0:
             raise ValueError(f"num_outputs must be a positive int, got {num_outputs!r}")
-        device = torch.device(device if device is not None else "cpu")
+        # str, torch.device or tvm.Device (what TVM 0.19's examples passed), checked here.
+        device = torch.device(device_name(device, "device") if device is not None else "cpu")
         # An empty buffer that nn.Module moves on .to()/.cuda()/.cpu(); _apply reads it to
         # move the engine along.
         self.register_buffer("_device_anchor", torch.empty(0, device=device), persistent=False)
@@ -58,6 +60,29 @@ class _TvmModuleBase(torch.nn.Module):
             torch.frombuffer(bytearray(params), dtype=torch.uint8)
             if params else torch.empty(0, dtype=torch.uint8),
         )
+
+    @classmethod
+    def shape_repr(cls, input_shapes: Sequence[Sequence[int]]) -> str:
+        """TVM 0.19's key for a list of input shapes: ``[[1, 3], [2]]`` -> ``"1_3___2___"``.
+
+        Kept for code that built or compared these keys; this project's programs are keyed by
+        dtype and shape together (see :meth:`signatures`).
+
+        Parameters
+        ----------
+        input_shapes : list of list of int
+            One shape per input.
+        """
+        if isinstance(input_shapes, (str, bytes)) or not isinstance(input_shapes, Sequence):
+            raise TypeError(f"shape_repr: input_shapes must be a list of shapes (lists of "
+                            f"ints), got {type(input_shapes).__name__}")
+        out = []
+        for shape in input_shapes:
+            if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, torch.Size)) \
+                    or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+                raise TypeError(f"shape_repr: each shape must be a list of ints, got {shape!r}")
+            out.append("".join(f"{d}_" for d in shape) + "__")
+        return "".join(out)
 
     @property
     def device(self) -> torch.device:
@@ -101,8 +126,8 @@ class GraphModule(_TvmModuleBase):
         Number of input tensors of ``forward``.
     num_outputs : int
         Number of output tensors ``forward`` returns.
-    device : str or torch.device, optional
-        ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``.
+    device : str, torch.device or tvm.Device, optional
+        ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"``, ``tvm.cpu()`` or ``tvm.cuda(N)``.
     """
 
     _class_name = "TvmGraphModule"

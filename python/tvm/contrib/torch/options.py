@@ -181,13 +181,46 @@ def _default_dtype(key: str, value: Any) -> str:
     return value
 
 
+#: DLPack device type codes of the devices a compiled program runs on (``tvm.Device``).
+_DLPACK_CPU, _DLPACK_CUDA = 1, 2
+
+
+def device_name(value: Any, key: str = "device") -> str:
+    """``"cpu"`` or ``"cuda:N"`` for a device given as str, ``torch.device`` or ``tvm.Device``.
+
+    ``tvm.cpu()`` / ``tvm.cuda(N)`` are what TVM 0.19's ``tvm.contrib.torch`` took; a
+    ``tvm.Device`` is recognised by its DLPack fields (no TVM import here).
+
+    Raises
+    ------
+    ValueError
+        Naming ``key`` and what came, for anything but a CPU or CUDA device.
+    """
+    expected = "'cpu', 'cuda', 'cuda:N', a torch.device or tvm.cpu()/tvm.cuda(N)"
+    if hasattr(value, "dlpack_device_type") and hasattr(value, "index"):
+        kind = int(value.dlpack_device_type())
+        if kind == _DLPACK_CPU:
+            return "cpu"
+        if kind == _DLPACK_CUDA:
+            return f"cuda:{int(value.index)}"
+        _fail(f"{key} must be {expected}, got {value!r}")
+    if not isinstance(value, (str, torch.device)):
+        _fail(f"{key} must be {expected}, got {type(value).__name__} {value!r}")
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        _fail(f"{key} must be {expected}, got {value!r}")
+    if device.type == "cpu":
+        return "cpu"
+    if device.type != "cuda":
+        _fail(f"{key} must be {expected}, got {str(device)!r}")
+    return str(device)
+
+
 def _device(key: str, value: Any) -> Optional[str]:
     if value is None:
         return None
-    device = str(torch.device(value))
-    if not (device == "cpu" or device.startswith("cuda")):
-        _fail(f"{key} must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    return device
+    return device_name(value, key)
 
 
 def _operator_kinds(key: str, value: Any) -> Tuple[str, ...]:
@@ -269,7 +302,8 @@ OPTIONS: Tuple[OptionSpec, ...] = (
                'TVM target (`dict`, `Target`, `"llvm"`, `"cuda"`)',
                default_doc="this CPU (its model, features and cores), or the GPU when `device` "
                            "is CUDA"),
-    OptionSpec("device", _device, None, '`"cpu"`, `"cuda"`, `"cuda:N"`',
+    OptionSpec("device", _device, None,
+               '`"cpu"`, `"cuda"`, `"cuda:N"`, a `torch.device` or `tvm.cpu()` / `tvm.cuda(N)`',
                default_doc="where the model's parameters are"),
     OptionSpec("dim_ranges", lambda key, value: check_dim_ranges(value), {},
                "`{dim_name: (min, max)}` for symbolic dims", default_doc="`(1, 2**20)`"),

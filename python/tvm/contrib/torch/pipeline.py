@@ -22,9 +22,10 @@ from tvm import relax
 from . import build as build_mod
 from . import export as export_mod
 from . import frontend, passes, tuning, vendor_kernels, verify
+from .built_program import BuiltProgram
 from .module import GraphModule, VMModule
-from .options import (CompileOptions, InputInfo, example_tensor, make_input_info,
-                      parse_options, shapes_of)
+from .options import (CompileOptions, InputInfo, device_name, example_tensor,
+                      make_input_info, parse_options, shapes_of)
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +84,26 @@ class PyTorchTVMModule:
     ----------
     target : dict, str or tvm.target.Target, optional
         Default: this CPU, or the current GPU when ``device`` is CUDA.
-    device : str, optional
-        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    device : str, torch.device or tvm.Device, optional
+        ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"``, ``tvm.cpu()`` or ``tvm.cuda(N)``.
     vendor_kernels : bool
         Whether heavy operators run on libtorch's vendor kernels (see
         :mod:`tvm.contrib.torch.vendor_kernels`); also settable as the attribute.
+
+    Attributes
+    ----------
+    script_module, input_infos, default_dtype
+        What :meth:`from_pytorch` was given (TVM 0.19's names).
+    mod, params
+        The first input-shape set's Relax module and weights (see :attr:`buckets` for all).
+    log_file
+        The tuning log :meth:`tune_tvm` recorded into (``tuning_log_file``).
+    tvm_module
+        The runnable module (a :class:`~tvm.contrib.torch.built_program.BuiltProgram`) of the
+        last :meth:`build_tvm` / :meth:`load_tvm`.
+    tvm_lib, tvm_params
+        The first input-shape set's built ``relax.Executable`` and its weights, after
+        :meth:`build_tvm`.
 
     Examples
     --------
@@ -97,9 +113,15 @@ class PyTorchTVMModule:
     >>> module = ptm.build_pytorch_module(num_inputs=1, num_outputs=1)
     """
 
-    def __init__(self, target=None, device: Optional[str] = None, vendor_kernels: bool = True):
-        self.device = device or "cpu"
+    def __init__(self, target=None, device=None, vendor_kernels: bool = True):
+        # Checked before anything is built (a tvm.Device is what TVM 0.19's examples passed).
+        self.device = device_name(device, "PyTorchTVMModule device") if device is not None \
+            else "cpu"
         self.target = build_mod.resolve_target(target, self.device)
+        self.script_module: Any = None
+        self.input_infos: Optional[Sequence] = None
+        self.tvm_module: Optional[BuiltProgram] = None
+        self.tvm_lib: Optional[relax.Executable] = None
         self.default_dtype = "float32"
         self.dim_ranges: Dict[str, tuple] = {}
         self.vendor_kernels = vendor_kernels
@@ -125,7 +147,42 @@ class PyTorchTVMModule:
         """
         opts = parse_options({"input_infos": input_infos, "default_dtype": default_dtype,
                               "dim_ranges": dim_ranges or {}})
+        self.script_module = module
+        self.input_infos = input_infos
         return self._convert(module, opts.buckets, opts.default_dtype, opts.dim_ranges)
+
+    @property
+    def dev(self) -> tvm.runtime.Device:
+        """The runtime device as a ``tvm.Device`` (TVM 0.19's attribute)."""
+        if self.device == "cpu":
+            return tvm.cpu()
+        return tvm.cuda(int(self.device.split(":")[1]) if ":" in self.device else 0)
+
+    @property
+    def mod(self) -> Optional[tvm.IRModule]:
+        """The first input-shape set's imported Relax module (``None`` before conversion)."""
+        return self.buckets[0].mod if self.buckets else None
+
+    @property
+    def params(self) -> Optional[List[tvm.runtime.Tensor]]:
+        """The first input-shape set's weights, in ``main``'s parameter order."""
+        return self.buckets[0].params if self.buckets else None
+
+    @property
+    def tvm_params(self) -> Optional[List[tvm.runtime.Tensor]]:
+        """The weights the first built program was exported with (after :meth:`build_tvm`)."""
+        if not self.buckets or self.buckets[0].prepared is None:
+            return None
+        return self.buckets[0].prepared[1]
+
+    @property
+    def log_file(self) -> Optional[str]:
+        """TVM 0.19's name of :attr:`tuning_log_file`."""
+        return self.tuning_log_file
+
+    @log_file.setter
+    def log_file(self, value: Optional[str]) -> None:
+        self.tuning_log_file = None if value is None else os.path.abspath(value)
 
     def _convert(self, module: Any, buckets: Sequence[List[InputInfo]], default_dtype: str,
                 dim_ranges: Dict[str, tuple]) -> "PyTorchTVMModule":
@@ -174,15 +231,17 @@ class PyTorchTVMModule:
         return _Bucket(infos=infos, mod=mod, params=params, dim_values=dim_values,
                        index_bounds=bounds)
 
-    def tune_tvm(self, log_file: str = "tuning.log", n_trial: int = 1000) -> None:
+    def tune_tvm(self, log_file: str = "tuning.log", n_trial: int = 1000,
+                 settings: Optional[tuning.TuneSettings] = None) -> None:
         """Tune every bucket's kernels with MetaSchedule, recording into ``log_file``.
 
         Records already in ``log_file`` are re-used: a second call measures nothing new.
+        ``settings`` holds MetaSchedule's other knobs (builder, runner, search strategy, ...).
         """
         self.tuning_log_file = os.path.abspath(log_file)
         for bucket in self.buckets:
             prepared = self._prepare(bucket)[0]
-            tuning.tune(prepared, self.target, n_trial, self.tuning_log_file)
+            tuning.tune(prepared, self.target, n_trial, self.tuning_log_file, settings)
 
     def _prepare(self, bucket: _Bucket):
         if bucket.prepared is not None:
@@ -201,11 +260,18 @@ class PyTorchTVMModule:
                                                    extra)
         return bucket.prepared
 
-    def build_tvm(self, export_dir: str, debug_runtime: bool = False) -> List[export_mod.ExportedFiles]:
+    def build_tvm(self, export_dir: str, debug_runtime: bool = False) -> BuiltProgram:
         """Build every bucket and export its lib / graph / params into ``export_dir``.
 
         The directory's lock is held throughout (concurrent builds into it wait); the files
         of the previous build there are replaced, and ``programs.json`` lists the new ones.
+
+        Returns
+        -------
+        BuiltProgram
+            The exported files (one :class:`ExportedFiles` per bucket, as a sequence) and the
+            runnable module (``.module``, ``set_input`` / ``run`` / ``get_output``), loaded
+            on first use; also kept as :attr:`tvm_module`.
         """
         del debug_runtime  # accepted for the seed's signature; the Relax VM has no debug mode
         self.export_dir = os.path.abspath(export_dir)
@@ -213,7 +279,12 @@ class PyTorchTVMModule:
             export_mod.remove_indexed(self.export_dir)
             files = self._build_buckets()
             export_mod.write_index(self.export_dir, files)
-        return files
+        self.tvm_module = self._built_program(files)
+        return self.tvm_module
+
+    def _built_program(self, files: List[export_mod.ExportedFiles]) -> BuiltProgram:
+        return BuiltProgram(files, [i.name for i in self.buckets[0].infos],
+                            self.build_pytorch_module)
 
     def _build_buckets(self) -> List[export_mod.ExportedFiles]:
         """Build and export each bucket as ``bucketN.*`` (the caller holds the lock)."""
@@ -225,6 +296,8 @@ class PyTorchTVMModule:
             started = time.perf_counter()
             mod, params, names, transform = self._prepare(bucket)
             executable = build_mod.build(mod, self.target, database)
+            if index == 0:
+                self.tvm_lib = executable
             manifest = export_mod.make_manifest(
                 inputs=[{"name": i.name, "shape": list(i.shape), "dtype": i.dtype}
                         for i in bucket.infos],
@@ -245,7 +318,10 @@ class PyTorchTVMModule:
 
     def load_tvm(self, export_dir: str) -> "PyTorchTVMModule":
         """Use the programs the last :meth:`build_tvm` exported into ``export_dir`` (their
-        files checked against the SHA-256 digests it recorded)."""
+        files checked against the SHA-256 digests it recorded).
+
+        Returns ``self`` (chainable); the runnable module is :attr:`tvm_module`.
+        """
         with export_mod.locked(export_dir):
             exported = export_mod.read_index(export_dir)
         self.export_dir = os.path.abspath(export_dir)
@@ -257,6 +333,7 @@ class PyTorchTVMModule:
             self.dim_ranges.update({k: tuple(v) for k, v in manifest["dim_ranges"].items()})
             self.num_outputs = int(manifest["num_outputs"])
             self.buckets.append(_Bucket(infos=infos, mod=None, params=[], files=files))
+        self.tvm_module = self._built_program(exported)
         return self
 
     def build_pytorch_module(self, num_inputs: Optional[int] = None,
@@ -291,10 +368,11 @@ class PyTorchTVMModule:
         return module
 
 
-def _apply_tuning(ptm: PyTorchTVMModule, options: CompileOptions) -> None:
+def _apply_tuning(ptm: PyTorchTVMModule, options: CompileOptions,
+                  settings: Optional[tuning.TuneSettings]) -> None:
     """Tune when ``tuning_n_trials`` > 0; else apply an explicitly named, existing log."""
     if options.tuning_n_trials > 0:
-        ptm.tune_tvm(options.tuning_log_file, options.tuning_n_trials)
+        ptm.tune_tvm(options.tuning_log_file, options.tuning_n_trials, settings)
     elif options.tuning_log_explicit and os.path.exists(options.tuning_log_file):
         ptm.tuning_log_file = os.path.abspath(options.tuning_log_file)
 
@@ -336,7 +414,8 @@ def _verify(source: Any, ptm: PyTorchTVMModule, result: torch.nn.Module,
 
 
 def compile_program(module: Any, buckets: Sequence[List[InputInfo]], options: CompileOptions,
-                    export_dir: str) -> torch.nn.Module:
+                    export_dir: str,
+                    tune_settings: Optional[tuning.TuneSettings] = None) -> torch.nn.Module:
     """Every pipeline step for one model: convert, tune, build, export, wrap, verify.
 
     Parameters
@@ -353,6 +432,8 @@ def compile_program(module: Any, buckets: Sequence[List[InputInfo]], options: Co
         set), the tuning options, ``bucket_padding``, ``verify`` and ``example_inputs``.
     export_dir : str
         Where the programs' files go.
+    tune_settings : TuneSettings, optional
+        MetaSchedule's knobs beyond ``tuning_n_trials`` (``optimize_torch`` passes them).
 
     Returns
     -------
@@ -380,7 +461,7 @@ def compile_program(module: Any, buckets: Sequence[List[InputInfo]], options: Co
     if options.num_outputs is not None and options.num_outputs != ptm.num_outputs:
         raise ValueError(f"tvm.contrib.torch.compile: num_outputs={options.num_outputs} but the "
                          f"model returns {ptm.num_outputs} tensor(s)")
-    _apply_tuning(ptm, options)
+    _apply_tuning(ptm, options, tune_settings)
     # Built and loaded under the directory's lock: a concurrent compile into the same
     # export_dir cannot swap its files in between.
     with export_mod.locked(export_dir):

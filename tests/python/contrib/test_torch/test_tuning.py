@@ -29,3 +29,27 @@ def test_tuning_writes_log_and_second_compile_reuses_it(tmp_path):
     with open(log, encoding="utf-8") as f:
         assert f.read() == records
     torch.testing.assert_close(again([x])[0], model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_meta_schedule_logging_tolerates_foreign_handlers(tmp_path):
+    """TVM 0.27's MetaSchedule fails to configure its logger when a handler it did not make
+    is on it (pytest's capture, an application's); tuning detaches them for the call."""
+    import logging
+
+    import pytest
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+
+    from tvm.contrib.torch.tuning import meta_schedule_logging
+
+    log = logging.getLogger("tvm.s_tir.meta_schedule")
+    mine = logging.NullHandler()
+    log.addHandler(mine)
+    try:
+        with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'format'"):
+            get_loggers_from_work_dir(str(tmp_path / "a"), ["main"])  # TVM's own behaviour
+        with meta_schedule_logging():
+            assert mine not in log.handlers
+            get_loggers_from_work_dir(str(tmp_path / "b"), ["main"])
+        assert mine in log.handlers
+    finally:
+        log.removeHandler(mine)

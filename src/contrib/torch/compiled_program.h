@@ -76,7 +76,7 @@ class CompiledProgram {
   tvm::ffi::Module executable_;
   /*!
    * \brief Trailing arguments of the entry function: the params, or what the program's
-   *        transform function made of them once at load time (e.g. prepacked weights).
+   *        transform function made of them once, at the first call (e.g. prepacked weights).
    */
   std::vector<tvm::ffi::Any> params_;
   /*! \brief The loaded params until PrepareParams has transformed them. */

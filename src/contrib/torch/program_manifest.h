@@ -34,7 +34,7 @@ struct ProgramManifest {
   std::vector<InputSpec> inputs;
   int64_t num_outputs = 0;
   std::vector<std::string> param_names;
-  /*! \brief Name of the function that prepares params once at load time (empty when none). */
+  /*! \brief Name of the function that prepares params once, at the first call (empty when none). */
   std::string transform_params;
   bool dynamic = false;
   /*! \brief The device kind the code was built for: "cpu" or "cuda". */

@@ -6,10 +6,13 @@
  * tvm.contrib.torch.vendor_kernels rewrites heavy Relax ops into R.call_pure_packed calls of
  * these functions. On CUDA, convolutions and matrix products go to cuDNN/cuBLAS through ATen
  * on the caller's current stream (the runtime makes it TVM's stream too). On CPU,
- * convolutions run in NHWC (a contiguous NHWC tensor is a channels-last
- * NCHW torch tensor, which is what oneDNN's convolution produces), with weights prepacked
- * once at load time into oneDNN's blocked format and bias / ReLU / residual-add epilogues
- * fused into the primitive. All tensors cross the boundary through DLPack without copies.
+ * convolutions (in NHWC: a contiguous NHWC tensor is a channels-last NCHW torch tensor, which
+ * is what oneDNN's convolution produces) and linear layers run on oneDNN with weights
+ * prepacked once, at the program's first call, into its blocked format (in bfloat16 for
+ * bfloat16 programs), and with the epilogues that oneDNN computes exactly as PyTorch does
+ * (bias, residual add, SiLU, sigmoid, tanh, GELU for linear layers) fused into the primitive;
+ * ReLU is applied by ATen after it (oneDNN's maps NaN to 0). All tensors cross the boundary
+ * through DLPack without copies.
  */
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -100,7 +100,7 @@ def make_manifest(
     dim_ranges : dict, optional
         ``{dim_name: [min, max]}`` for symbolic dims.
     transform_params : str, optional
-        Name of a function run once at load time on the params; its outputs replace them.
+        Name of a function run once (at the first call) on the params; its outputs replace them.
     extra : dict, optional
         Additional informational fields.
     """

@@ -221,7 +221,7 @@ def prepare_for_build(
     -------
     mod : tvm.IRModule
         ``main(*inputs, *prepared_params)`` and the function that prepares the params once
-        at load time (weight prepacking, transposes).
+        at the first call (weight prepacking, transposes).
     params : dict of str to tvm.runtime.Tensor
         Param values by name.
     names : list of str
@@ -244,7 +244,7 @@ def prepare_for_build(
     mod, values, names = lift_params(mod)
     if names:
         # Everything that depends on params alone (weight prepacking, transposes and splits
-        # of weights) runs once at load time instead of on every call.
+        # of weights) runs once, at the first call, instead of on every call.
         mod = relax.transform.LiftTransformParams()(mod)
         return mod, values, names, TRANSFORM_PARAMS_FUNC
     return mod, values, names, None

@@ -10,7 +10,7 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   ``tvm_torch.conv2d_add_nhwc`` on oneDNN, in NHWC (the graph's convolutions are switched to
   NHWC first; elementwise ops and pooling follow). The weight goes through
   ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves into
-  ``main_transform_params``: the runtime prepacks every weight once, at load time. CPU
+  ``main_transform_params``: the runtime prepacks every weight once, at the first call. CPU
   ``conv1d`` (Whisper's, Wav2Vec's) becomes such a conv2d of height 1 first.
 * ``layer_norm`` (trailing axes) and ``softmax`` -> ``tvm_torch.layer_norm`` /
   ``tvm_torch.softmax`` (ATen's kernels), on CPU and CUDA.
@@ -21,11 +21,11 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   elements) -> ``tvm_torch.unary`` (ATen's vectorised kernels; TVM's default code calls scalar
   libm for them, 10-30x slower).
 * ``matmul`` with a constant right-hand side (a linear layer) (+ bias) on CPU ->
-  ``tvm_torch.linear`` on oneDNN with the weight prepacked once at load time
+  ``tvm_torch.linear`` on oneDNN with the weight prepacked once (at the first call)
   (``tvm_torch.linear_prepack``, lifted like the convolutions' prepack), with GELU (erf or
   tanh), SiLU or a residual add (``tvm_torch.linear_add``) fused into the GEMM's epilogue,
-  and ReLU after it; on CUDA (+ bias) (+ ReLU) -> ``tvm_torch.matmul_bias`` (cuBLAS). Other ``matmul``
-  -> ``tvm_torch.matmul`` (MKL on CPU, cuBLAS on CUDA).
+  and ReLU after it; on CUDA (+ bias) (+ ReLU) -> ``tvm_torch.matmul_bias`` (cuBLAS).
+  Other ``matmul`` -> ``tvm_torch.matmul`` (MKL on CPU, cuBLAS on CUDA).
 * ``nn.attention`` (no window) -> ``tvm_torch.attention`` / ``tvm_torch.attention_masked``:
   ATen's fused ``scaled_dot_product_attention`` (flash attention), on CPU and CUDA; a mask
   made from a boolean one reaches ATen as the boolean mask.
@@ -305,8 +305,8 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool,
         return rewrite
 
     def _cpu_linear(call, lhs, weight, bias_const, unary, other):
-        """oneDNN's linear on a weight prepacked at load time (the prepack call depends on
-        constants only: LiftTransformParams moves it into the load-time function)."""
+        """oneDNN's linear on a prepacked weight (the prepack call depends on constants
+        only: LiftTransformParams moves it into the params' transform function)."""
         dims = _dims(lhs)
         if weight is None or dims is None or len(dims) < 2:
             return call

@@ -131,6 +131,23 @@ std::string DeviceString(const c10::Device& device) {
   return device.is_cpu() ? "cpu" : "cuda:" + std::to_string(device.index());
 }
 
+/*!
+ * \brief ParseDevice, and the index must survive the conversion to torch's 8-bit device index
+ *        ("cuda:200" must not become cuda:-56).
+ */
+c10::Device ParseCheckedDevice(const std::string& text) {
+  c10::Device device = ParseDevice(text);
+  const std::string prefix = "cuda:";
+  if (text.compare(0, prefix.size(), prefix) == 0) {
+    const std::string index = text.substr(prefix.size());
+    TORCH_CHECK(device.index() >= 0 && std::to_string(device.index()) == index.substr(
+                    std::min(index.find_first_not_of('0'), index.size() - 1)),
+                "tvm_class: invalid device '", text, "': CUDA device index ", index,
+                " is out of range");
+  }
+  return device;
+}
+
 void CheckDeviceAvailable(const c10::Device& device) {
   if (!device.is_cuda()) return;
   TORCH_CHECK(c10::impl::hasDeviceGuardImpl(c10::DeviceType::CUDA),
@@ -146,7 +163,7 @@ void CheckDeviceAvailable(const c10::Device& device) {
 TvmModule::TvmModule(int64_t num_inputs, int64_t num_outputs, const std::string& device)
     : num_inputs_(num_inputs),
       num_outputs_(num_outputs),
-      device_(ParseDevice(device)),
+      device_(ParseCheckedDevice(device)),
       id_(NextModuleId()) {
   TORCH_CHECK(num_inputs > 0, "tvm_class: num_inputs must be positive, got ", num_inputs);
   TORCH_CHECK(num_outputs > 0, "tvm_class: num_outputs must be positive, got ", num_outputs);
@@ -273,7 +290,7 @@ std::string TvmModule::LastSignature() const {
 }
 
 void TvmModule::To(const std::string& device) {
-  c10::Device target = ParseDevice(device);
+  c10::Device target = ParseCheckedDevice(device);
   CheckDeviceAvailable(target);
   std::unique_lock<std::shared_mutex> lock(mutex_);
   if (target == device_) return;

@@ -73,6 +73,19 @@ def _atomic_write(path: str, data: bytes) -> None:
         raise
 
 
+def target_cpu_features(target: tvm.target.Target) -> List[str]:
+    """The LLVM features of the CPU ``target``'s host code is compiled for (its ``mcpu`` and
+    ``mattr``), sorted; empty for a target without LLVM host code.
+
+    The runtime refuses to open a library whose features this CPU lacks (its first call would
+    stop with an illegal instruction), naming them.
+    """
+    host = target if target.kind.name == "llvm" else target.host
+    if host is None or host.kind.name != "llvm":
+        return []
+    return sorted(tvm.target.codegen.llvm_get_cpu_features(host))
+
+
 def make_manifest(
     inputs: Sequence[Dict[str, Any]],
     num_outputs: int,
@@ -118,6 +131,8 @@ def make_manifest(
         "transform_params": transform_params,
         # The device kind the code runs on; the runtime refuses to load it for another kind.
         "device_type": "cuda" if target.kind.name == "cuda" else "cpu",
+        # What the host code may execute; checked against the loading machine's CPU.
+        "cpu_features": target_cpu_features(target),
         "target": str(target.export()) if hasattr(target, "export") else str(target),
         "tvm_version": tvm.__version__,
         "torch_version": torch.__version__,

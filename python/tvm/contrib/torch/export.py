@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -84,6 +85,46 @@ def target_cpu_features(target: tvm.target.Target) -> List[str]:
     if host is None or host.kind.name != "llvm":
         return []
     return sorted(tvm.target.codegen.llvm_get_cpu_features(host))
+
+
+def save_module(module: torch.jit.ScriptModule, path: str) -> None:
+    """Save a TorchScript module to ``path`` so that ``path`` is always a complete file.
+
+    The module is written into a temp file created exclusively (``O_EXCL``, unpredictable
+    name, mode 0600) in ``path``'s directory, flushed to disk, then renamed over ``path``. A
+    crash, a kill or a full disk during the save leaves the previous file untouched; a symlink
+    planted in the directory cannot redirect the write; a reader that opens ``path`` meanwhile
+    gets the old file or the new one, never a mix.
+
+    Raises
+    ------
+    OSError
+        When the directory is missing or not writable, or the disk is full (the message
+        names ``path``).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, "the directory to save into does not exist",
+                                directory)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    try:
+        # mkstemp's 0600 would make the model unreadable to a server running as another user.
+        try:
+            mode = os.stat(path).st_mode & 0o777
+        except FileNotFoundError:
+            mode = 0o644
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), mode)
+            torch.jit.save(module, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def make_manifest(

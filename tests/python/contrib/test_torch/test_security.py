@@ -24,6 +24,7 @@ from tvm.contrib.torch import trust
 from conftest import AffineProgram, assert_outputs_close
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+_BLOB = torch.zeros(1, dtype=torch.uint8)
 
 
 def _sha(data: bytes) -> str:
@@ -141,8 +142,8 @@ def test_version_1_states_still_load(cpu_program):
     (7, r"must be a tuple .*got Int"),
     ((), r"must be a tuple .*got a tuple of 0 elements"),
     ((2, "{}"), r"must be a tuple .*got a tuple of 2 elements"),
-    (("2", "{}", [torch.zeros(1, dtype=torch.uint8)]), r"format version must be an int, got String"),
-    ((2, 3, [torch.zeros(1, dtype=torch.uint8)]), r"header must be a string, got Int"),
+    (("2", "{}", [_BLOB]), r"format version must be an int, got String"),
+    ((2, 3, [_BLOB]), r"header must be a string, got Int"),
     ((2, "{}", 5), r"blobs must be a list of tensors, got Int"),
 ])
 def test_states_of_the_wrong_shape_have_clear_messages(state, message):
@@ -410,3 +411,102 @@ def test_trusted_libraries_load_and_the_api_sets_the_policy(cpu_program, monkeyp
 def test_bad_device_strings_are_refused(device):
     with pytest.raises(RuntimeError, match=rf"invalid device '{device}'"):
         torch.classes.tvm_class.TvmGraphModule(1, 1, device)
+
+
+# ---- saving and replacing model files ----
+
+def _scripted(value: float) -> torch.jit.ScriptModule:
+    class Add(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.full((256, 1024), value))
+
+        def forward(self, x):
+            return x + self.weight
+
+    return torch.jit.script(Add())
+
+
+def test_save_module_writes_through_an_exclusive_temp_file(tmp_path):
+    target = tmp_path / "m.pt"
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    for name in (".m.pt.partial", ".m.pt.tmp", "m.pt.tmp"):
+        os.symlink(victim, tmp_path / name)
+    export.save_module(_scripted(1.0), str(target))
+    assert victim.read_text() == "precious"
+    assert torch.jit.load(str(target))(torch.zeros(1))[0, 0] == 1.0
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp") and n.startswith(".m.pt.")
+                and not os.path.islink(tmp_path / n)]
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
+        export.save_module(_scripted(1.0), str(tmp_path / "no" / "m.pt"))
+
+
+@pytest.mark.parametrize("fault", ["disk_full", "kill"])
+def test_a_failed_save_leaves_the_old_file_intact(tmp_path, fault):
+    target = tmp_path / "m.pt"
+    export.save_module(_scripted(1.0), str(target))
+    old = target.read_bytes()
+    if fault == "disk_full":
+        # A file-size limit makes writes fail as a full disk would (EFBIG instead of ENOSPC).
+        proc = _isolated(f"""
+            import resource, signal
+            from test_security import _scripted
+            from tvm.contrib.torch import export
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+            try:
+                export.save_module(_scripted(2.0), {str(target)!r})
+            except OSError as err:
+                print("OSError", err.errno)
+        """, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.startswith("OSError"), proc.stdout
+    else:
+        script = tmp_path / "saver.py"
+        script.write_text(textwrap.dedent(f"""
+            import sys
+            sys.path.insert(0, {_HERE!r})
+            from test_security import _scripted
+            from tvm.contrib.torch import export
+            model = _scripted(2.0)
+            print("saving", flush=True)
+            while True:
+                export.save_module(model, {str(target)!r})
+        """))
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "saving"
+        import time  # pylint: disable=import-outside-toplevel
+        time.sleep(0.3)
+        proc.kill()
+        proc.wait()
+    # The file is the old one or (killed after a rename) a complete new one.
+    out = torch.jit.load(str(target))(torch.zeros(1))[0, 0].item()
+    assert out in (1.0, 2.0)
+    if fault == "disk_full":
+        assert target.read_bytes() == old
+        assert [n for n in os.listdir(tmp_path) if n.startswith(".m.pt.")] == []
+
+
+def test_a_model_file_replaced_while_loading_loads_old_or_new(tmp_path):
+    target = tmp_path / "m.pt"
+    export.save_module(_scripted(1.0), str(target))
+    writer = tmp_path / "writer.py"
+    writer.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {_HERE!r})
+        from test_security import _scripted
+        from tvm.contrib.torch import export
+        models = [_scripted(1.0), _scripted(2.0)]
+        for i in range(60):
+            export.save_module(models[i % 2], {str(target)!r})
+    """))
+    proc = subprocess.Popen([sys.executable, str(writer)])
+    seen = set()
+    try:
+        while proc.poll() is None:
+            seen.add(torch.jit.load(str(target))(torch.zeros(1))[0, 0].item())
+    finally:
+        proc.wait()
+    assert proc.returncode == 0
+    assert seen <= {1.0, 2.0} and seen

@@ -74,6 +74,13 @@ def _isolated(code: str, cwd, env=None, timeout=300) -> subprocess.CompletedProc
 
 # ---- the state's one checksum ----
 
+def test_the_runtime_sha256_is_sha256():
+    sha256 = tvm.get_global_func("tvm_torch.sha256")
+    data = bytes(range(256)) * 5
+    for size in list(range(0, 130)) + [1000, 1279]:
+        assert sha256(data[:size]) == _sha(data[:size]), size
+
+
 def test_python_and_cpp_agree_on_the_state_digest(cpu_program):
     version, header, blobs = _state(cpu_program)
     assert version == 2

@@ -74,6 +74,7 @@ def _engines(module) -> List[torch.ScriptObject]:
         return [module]
     found = []
     if isinstance(module, torch.jit.ScriptModule):
+        # pylint: disable-next=protected-access
         attrs = torch._C._jit_debug_module_iterators(module._c)["named_attributes_r"]
         found += [value for _, value in attrs if isinstance(value, torch.ScriptObject)
                   and not isinstance(value, torch._C.ScriptModule)]
@@ -84,6 +85,14 @@ def _engines(module) -> List[torch.ScriptObject]:
             else:
                 found += [v for v in vars(sub).values() if isinstance(v, torch.ScriptObject)]
     return found
+
+
+def _is_engine(obj: torch.ScriptObject) -> bool:
+    """Whether a TorchScript object is a ``torch.classes.tvm_class`` module."""
+    try:
+        return "tvm_class" in obj._type().qualified_name()  # pylint: disable=protected-access
+    except Exception:  # pylint: disable=broad-except
+        return False
 
 
 def library_digests(module) -> List[str]:
@@ -102,7 +111,7 @@ def library_digests(module) -> List[str]:
     """
     digests: List[str] = []
     for engine in _engines(module):
-        if not hasattr(engine, "__getstate__"):
+        if not _is_engine(engine):
             continue
         (_, header, blobs), _ = engine.__getstate__()
         for i, program in enumerate(json.loads(header)["programs"]):

@@ -86,7 +86,9 @@ def test_python_and_cpp_agree_on_the_state_digest(cpu_program):
     assert version == 2
     assert header["state_sha256"] == state_digest(header, blobs)
     assert header["programs"][0]["lib_sha256"] == _sha(bytes(blobs[0].numpy()))
-    assert trust.library_digests(_graph(cpu_program)) == [header["programs"][0]["lib_sha256"]]
+    module = _graph(cpu_program)
+    assert trust.library_digests(module) == [header["programs"][0]["lib_sha256"]]
+    assert trust.library_digests(torch.jit.script(module)) == trust.library_digests(module)
     with open(cpu_program.files.lib_path, "rb") as f:
         assert header["programs"][0]["lib_sha256"] == _sha(f.read())  # sha256sum NAME.so
 

@@ -440,8 +440,8 @@ std::optional<std::vector<std::string>> PolicyFromEnvironment() {
     text = ReadRegularFile(value, "trusted-library list", uint64_t{1} << 24);
   } catch (const c10::Error& err) {
     TORCH_CHECK(false, "tvm_class: $", kTrustEnv, " is set to '", value, "', which is neither "
-                "a list of SHA-256 digests nor a readable file of them (", err.what_without_backtrace(),
-                "); no compiled library is loaded until it is fixed");
+                "a list of SHA-256 digests nor a readable file of them (",
+                err.what_without_backtrace(), "); no compiled library is loaded until it is fixed");
   }
   size_t start = 0;
   int line_no = 0;

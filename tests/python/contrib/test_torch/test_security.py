@@ -301,14 +301,7 @@ def test_cpu_features_are_recorded_and_checked_before_loading(tmp_path):
     assert saved["cpu_features"] == export.target_cpu_features(
         tvm.contrib.torch.build.host_cpu_target())
     # Built for the foreign CPU (compiling works anywhere), loaded here: refused, not SIGILL.
-    import conftest  # pylint: disable=import-outside-toplevel
-    original = conftest.target_for
-    conftest.target_for = lambda device: foreign
-    try:
-        foreign_program = AffineProgram(str(tmp_path / "foreign"), "cpu")
-    finally:
-        conftest.target_for = original
-    files = foreign_program.files
+    files = AffineProgram(str(tmp_path / "foreign"), "cpu", target=foreign).files
     proc = _isolated(f"""
         from tvm.contrib.torch import GraphModule
         try:

@@ -171,6 +171,13 @@ TvmModule::TvmModule(int64_t num_inputs, int64_t num_outputs, const std::string&
 }
 
 void TvmModule::Load(ProgramBlobs blobs, const std::vector<std::vector<int64_t>>* expected) {
+  auto program = Prepare(std::move(blobs), expected);
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  AddProgram(std::move(program));
+}
+
+std::shared_ptr<CompiledProgram> TvmModule::Prepare(
+    ProgramBlobs blobs, const std::vector<std::vector<int64_t>>* expected) const {
   auto program = std::make_shared<CompiledProgram>(std::move(blobs), device_);
   const ProgramManifest& m = program->manifest();
   TORCH_CHECK(static_cast<int64_t>(m.inputs.size()) == num_inputs_, "tvm_class: the module was "
@@ -191,8 +198,7 @@ void TvmModule::Load(ProgramBlobs blobs, const std::vector<std::vector<int64_t>>
                   " does not match the compiled program's signature ", m.SignatureString());
     }
   }
-  std::unique_lock<std::shared_mutex> lock(mutex_);
-  AddProgram(std::move(program));
+  return program;
 }
 
 void TvmModule::LoadTvmModule(const std::vector<std::vector<int64_t>>& input_shapes,
@@ -340,8 +346,20 @@ void TvmModule::Restore(ModuleState state) {
               "tvm_class: the saved state has ", state.num_inputs, " inputs and ",
               state.num_outputs, " outputs; this module has ", num_inputs_, " and ",
               num_outputs_);
-  for (ProgramBlobs& blobs : state.programs) Load(std::move(blobs), nullptr);
-  SetBucketPadding(state.bucket_padding);
+  // All programs are loaded and checked first; the module changes only if every one is
+  // accepted, so a state that fails half-way leaves it as it was.
+  std::vector<std::shared_ptr<CompiledProgram>> loaded;
+  for (ProgramBlobs& blobs : state.programs) loaded.push_back(Prepare(std::move(blobs), nullptr));
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  const std::vector<std::shared_ptr<CompiledProgram>> before = Programs();
+  try {
+    for (auto& program : loaded) AddProgram(std::move(program));
+  } catch (...) {
+    ClearPrograms();
+    for (const auto& program : before) AddProgram(program);
+    throw;
+  }
+  bucket_padding_ = state.bucket_padding;
 }
 
 // ---- TvmGraphModule ----

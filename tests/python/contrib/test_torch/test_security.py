@@ -502,3 +502,25 @@ def test_a_model_file_replaced_while_loading_loads_old_or_new(tmp_path):
         proc.wait()
     assert proc.returncode == 0
     assert seen <= {1.0, 2.0} and seen
+
+
+def test_a_state_refused_half_way_leaves_the_module_as_it_was(cpu_program, tmp_path):
+    """A state's second program is untrusted: its first, acceptable alone, is not added either."""
+    b8 = AffineProgram(str(tmp_path / "b8"), "cpu", batch=8)
+    b2 = AffineProgram(str(tmp_path / "b2"), "cpu", batch=2)
+    source = GraphModule(num_inputs=1, num_outputs=2)
+    source.init([b8.shape], *b8.files.as_tuple())
+    source.init([b2.shape], *b2.files.as_tuple())
+    state, _ = source.engine.__getstate__()
+    digests = [p["lib_sha256"] for p in json.loads(state[1])["programs"]]
+    module = GraphModule(num_inputs=1, num_outputs=2)
+    module.init([cpu_program.shape], *cpu_program.files.as_tuple())
+    try:
+        trust.set_trusted_libraries(trust.library_digests(module) + digests[:1])
+        with pytest.raises(RuntimeError, match=rf"not trusted: its SHA-256 is {digests[1]}"):
+            module.engine.load_state(state)
+        assert module.signatures() == ["(float32[4, 8])"]
+    finally:
+        trust.set_trusted_libraries(None)
+    x = torch.randn(4, 8)
+    assert_outputs_close(module([x]), cpu_program.reference(x))

@@ -91,7 +91,8 @@ def save_module(module: torch.jit.ScriptModule, path: str) -> None:
     """Save a TorchScript module to ``path`` so that ``path`` is always a complete file.
 
     The module is written into a temp file created exclusively (``O_EXCL``, unpredictable
-    name, mode 0600) in ``path``'s directory, flushed to disk, then renamed over ``path``. A
+    name) in ``path``'s directory, given the mode of the file it replaces (0644 for a new
+    one), flushed to disk, then renamed over ``path``. A
     crash, a kill or a full disk during the save leaves the previous file untouched; a symlink
     planted in the directory cannot redirect the write; a reader that opens ``path`` meanwhile
     gets the old file or the new one, never a mix.

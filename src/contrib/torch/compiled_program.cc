@@ -12,16 +12,16 @@
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/string.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
-#include <sstream>
 
 #include "kernel_profile.h"
+#include "load_checks.h"
 #include "tensor_bridge.h"
 
 namespace tvm_torch {
@@ -66,10 +66,11 @@ class TempCodeFile {
  public:
   explicit TempCodeFile(const std::string& bytes) {
     const char* dir = std::getenv("TMPDIR");
-    path_ = std::string(dir && *dir ? dir : "/tmp") + "/tvm_torch_code_XXXXXX.so";
+    dir_ = dir && *dir ? dir : "/tmp";
+    path_ = dir_ + "/tvm_torch_code_XXXXXX.so";
     int fd = mkstemps(path_.data(), 3);  // unique, unpredictable name, mode 0600
-    TORCH_CHECK(fd >= 0, "tvm_class: cannot create a temp file for compiled code in ",
-                dir && *dir ? dir : "/tmp", ": ", std::strerror(errno));
+    TORCH_CHECK(fd >= 0, "tvm_class: cannot create a temp file for compiled code in ", dir_,
+                " ($TMPDIR): ", std::strerror(errno));
     size_t written = 0;
     while (written < bytes.size()) {
       ssize_t n = write(fd, bytes.data() + written, bytes.size() - written);
@@ -86,8 +87,16 @@ class TempCodeFile {
   }
   ~TempCodeFile() { unlink(path_.c_str()); }
   const std::string& path() const { return path_; }
+  const std::string& dir() const { return dir_; }
+
+  /*! \brief Whether the file system of the temp dir forbids mapping code (mounted noexec). */
+  bool NoExec() const {
+    struct statvfs fs;
+    return statvfs(dir_.c_str(), &fs) == 0 && (fs.f_flag & ST_NOEXEC) != 0;
+  }
 
  private:
+  std::string dir_;
   std::string path_;
 };
 
@@ -114,12 +123,12 @@ class ScopedTvmStream {
 }  // namespace
 
 std::string ReadFileBytes(const std::string& path, const char* what) {
-  std::ifstream in(path, std::ios::binary);
-  TORCH_CHECK(in.good(), "tvm_class: cannot open the ", what, " file '", path, "'");
-  std::ostringstream os;
-  os << in.rdbuf();
-  TORCH_CHECK(!in.bad(), "tvm_class: error reading the ", what, " file '", path, "'");
-  return os.str();
+  return ReadRegularFile(path, what);
+}
+
+const std::string& ProgramBlobs::LibDigest() {
+  if (lib_sha256.empty()) lib_sha256 = Sha256Hex(lib);
+  return lib_sha256;
 }
 
 static const ProgramManifest& CheckDeviceKind(const ProgramManifest& manifest,
@@ -131,19 +140,44 @@ static const ProgramManifest& CheckDeviceKind(const ProgramManifest& manifest,
   return manifest;
 }
 
-static tvm::ffi::Module LoadExecutable(const std::string& lib, const c10::Device& device) {
+/*!
+ * \brief Open the compiled library, after every check that can be made without running any of
+ *        its code: the trust policy, the ELF image, the CPU features it was compiled for.
+ */
+static tvm::ffi::Module LoadExecutable(ProgramBlobs* blobs, const ProgramManifest& manifest,
+                                       const c10::Device& device) {
+  const std::string& lib = blobs->lib;
   TORCH_CHECK(!lib.empty(), "tvm_class: the compiled library is empty");
+  CheckTrustedLibrary(blobs->LibDigest());
+  CheckElfImage(lib);
+  std::vector<std::string> missing = MissingCpuFeatures(manifest.cpu_features);
+  if (!missing.empty()) {
+    std::string names;
+    for (const std::string& name : missing) names += (names.empty() ? "" : ", ") + name;
+    TORCH_CHECK(false, "tvm_class: the program was compiled for a CPU with features this CPU "
+                "lacks (", names, "); its code would stop with an illegal instruction. "
+                "Compile it on this machine, or for an older CPU (option 'target', e.g. "
+                "{\"kind\": \"llvm\", \"mcpu\": \"x86-64-v3\"})");
+  }
   if (device.is_cuda()) EnsureCudaBackend();
   TempCodeFile file(lib);
-  return RethrowTvmErrors("loading the compiled library",
-                          [&] { return tvm::ffi::Module::LoadFromFile(file.path()); });
+  try {
+    return tvm::ffi::Module::LoadFromFile(file.path());
+  } catch (const tvm::ffi::Error& err) {
+    TORCH_CHECK(!file.NoExec(), "tvm_class: cannot load the compiled library: the temp "
+                "directory ", file.dir(), " ($TMPDIR) is on a file system mounted noexec, where "
+                "shared libraries cannot be mapped; set TMPDIR to a directory that allows it (",
+                err.kind(), ": ", err.message(), ")");
+    TORCH_CHECK(false, "tvm_class: loading the compiled library failed: ", err.kind(), ": ",
+                err.message());
+  }
 }
 
 CompiledProgram::CompiledProgram(ProgramBlobs blobs, c10::Device device)
     : blobs_(std::move(blobs)),
       manifest_(CheckDeviceKind(ProgramManifest::Parse(blobs_.graph), device)),
       device_(device),
-      executable_(LoadExecutable(blobs_.lib, device_)) {
+      executable_(LoadExecutable(&blobs_, manifest_, device_)) {
   LoadParams();
   // Fail at load time, not at the first call, if the VM cannot start or lacks the params'
   // transform (which itself runs at the first call: see PrepareParams).

@@ -29,9 +29,17 @@ struct ProgramBlobs {
   std::string graph;
   /*! \brief Params in TVM's param-dict format (runtime.SaveParams). */
   std::string params;
+  /*! \brief SHA-256 of `lib` once computed (hex; empty until then). */
+  std::string lib_sha256;
+
+  /*! \brief SHA-256 of `lib`, computed once. */
+  const std::string& LibDigest();
 };
 
-/*! \brief Read a whole file into memory; throws c10::Error naming the file on failure. */
+/*!
+ * \brief Read a whole regular file into memory (never a device or FIFO); throws c10::Error
+ *        naming the file on failure.
+ */
 std::string ReadFileBytes(const std::string& path, const char* what);
 
 /*! \brief A compiled program ready to run on one device. Thread-safe. */

@@ -12,6 +12,7 @@
 #include <limits>
 #include <sstream>
 
+#include "load_checks.h"
 #include "tensor_bridge.h"
 
 namespace tvm_torch {
@@ -57,6 +58,7 @@ int64_t AsInt(const json::Value& value, const char* where) {
 }  // namespace
 
 ProgramManifest ProgramManifest::Parse(const std::string& json_text) {
+  CheckJsonDepth(json_text, "the graph manifest");
   tvm::ffi::String error;
   json::Value root = json::Parse(json_text, &error);
   TORCH_CHECK(error.empty(), "tvm_class: the graph manifest is not valid JSON: ",
@@ -74,6 +76,12 @@ ProgramManifest ProgramManifest::Parse(const std::string& json_text) {
     manifest.param_names.push_back(AsString(name, "a param name"));
   }
   manifest.device_type = AsString(Field(obj, "device_type", "the manifest"), "device_type");
+  auto features = obj.find(tvm::ffi::String("cpu_features"));
+  if (features != obj.end()) {
+    for (const json::Value& name : AsArray((*features).second, "cpu_features")) {
+      manifest.cpu_features.push_back(AsString(name, "a CPU feature"));
+    }
+  }
   json::Value transform = Field(obj, "transform_params", "the manifest");
   if (transform != nullptr) manifest.transform_params = AsString(transform, "transform_params");
 

@@ -39,6 +39,11 @@ struct ProgramManifest {
   bool dynamic = false;
   /*! \brief The device kind the code was built for: "cpu" or "cuda". */
   std::string device_type = "cpu";
+  /*!
+   * \brief LLVM features of the CPU the host code was compiled for (optional; checked against
+   *        this CPU before the library is opened).
+   */
+  std::vector<std::string> cpu_features;
 
   /*! \brief Parse the manifest JSON text; throws c10::Error naming the problem. */
   static ProgramManifest Parse(const std::string& json_text);

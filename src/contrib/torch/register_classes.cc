@@ -52,15 +52,16 @@ void RegisterModuleClass(torch::Library& lib, const char* name) {
       .def("call_counts", [](const Self& self) { return self->CallCounts(); })
       .def("last_signature", [](const Self& self) { return self->LastSignature(); })
       .def("load_state",
-           [](const Self& self, SerializedState state) {
-             self->Restore(DecodeState(state));
+           [](const Self& self, c10::IValue state) {
+             self->Restore(DecodeState(StateFromIValue(state)));
            })
       .def_pickle(
           [](const c10::intrusive_ptr<Module>& self) -> SerializedState {
             return self->Serialize();
           },
-          [](SerializedState state) -> c10::intrusive_ptr<Module> {
-            ModuleState decoded = DecodeState(state);
+          // Any: a state of the wrong shape gets a message, not torch's internal assert.
+          [](c10::IValue state) -> c10::intrusive_ptr<Module> {
+            ModuleState decoded = DecodeState(StateFromIValue(state));
             auto module = c10::make_intrusive<Module>(decoded.num_inputs, decoded.num_outputs,
                                                       decoded.device);
             module->Restore(std::move(decoded));
@@ -80,6 +81,7 @@ std::string RuntimeContract() {
   }
   json::Object contract{{"manifest_format_version", kManifestFormatVersion},
                         {"state_format_version", kStateFormatVersion},
+                        {"oldest_state_format_version", kOldestStateFormatVersion},
                         {"supported_dtypes", dtypes}};
   return std::string(json::Stringify(contract));
 }

@@ -9,14 +9,18 @@
 #include <tvm/ffi/extra/json.h>
 #include <tvm/ffi/string.h>
 
+#include <array>
 #include <cstdio>
 #include <cstring>
+
+#include "load_checks.h"
 
 namespace tvm_torch {
 namespace {
 
 namespace json = tvm::ffi::json;
 
+/*! \brief Version 1's per-blob checksum: 64-bit FNV-1a in hex. */
 std::string Checksum(const std::string& bytes) {
   uint64_t hash = 1469598103934665603ULL;
   for (unsigned char c : bytes) {
@@ -67,15 +71,40 @@ std::string TensorToBytes(const at::Tensor& tensor, const char* what) {
   return std::string(static_cast<const char*>(c.data_ptr()), static_cast<size_t>(c.numel()));
 }
 
+/*!
+ * \brief One SHA-256 over a whole state: the header's fields and, per program, the digests of
+ *        its manifest, library and params, in a fixed text form (no JSON re-serialisation).
+ */
+static std::string StateDigest(const ModuleState& state,
+                        const std::vector<std::array<std::string, 3>>& program_digests) {
+  std::string text = "tvm.contrib.torch state 2\n";
+  text += "class " + state.class_name + "\n";
+  text += "num_inputs " + std::to_string(state.num_inputs) + "\n";
+  text += "num_outputs " + std::to_string(state.num_outputs) + "\n";
+  text += "device " + state.device + "\n";
+  text += std::string("bucket_padding ") + (state.bucket_padding ? "1" : "0") + "\n";
+  text += "programs " + std::to_string(program_digests.size()) + "\n";
+  for (size_t i = 0; i < program_digests.size(); ++i) {
+    const auto& [graph, lib, params] = program_digests[i];
+    text += "program " + std::to_string(i) + " graph " + graph + " lib " + lib + " params " +
+            params + "\n";
+  }
+  return Sha256Hex(text);
+}
+
 SerializedState EncodeState(const ModuleState& state) {
   json::Array programs;
   std::vector<at::Tensor> blobs;
+  std::vector<std::array<std::string, 3>> digests;
   for (const ProgramBlobs& p : state.programs) {
+    const std::string lib_sha = p.lib_sha256.empty() ? Sha256Hex(p.lib) : p.lib_sha256;
+    const std::string params_sha = Sha256Hex(p.params);
+    digests.push_back({Sha256Hex(p.graph), lib_sha, params_sha});
     json::Object entry{{"graph", tvm::ffi::String(p.graph)},
                        {"lib_size", static_cast<int64_t>(p.lib.size())},
-                       {"lib_checksum", tvm::ffi::String(Checksum(p.lib))},
+                       {"lib_sha256", tvm::ffi::String(lib_sha)},
                        {"params_size", static_cast<int64_t>(p.params.size())},
-                       {"params_checksum", tvm::ffi::String(Checksum(p.params))}};
+                       {"params_sha256", tvm::ffi::String(params_sha)}};
     programs.push_back(entry);
     blobs.push_back(BytesToTensor(p.lib));
     blobs.push_back(BytesToTensor(p.params));
@@ -85,15 +114,42 @@ SerializedState EncodeState(const ModuleState& state) {
                       {"num_outputs", state.num_outputs},
                       {"device", tvm::ffi::String(state.device)},
                       {"bucket_padding", state.bucket_padding},
-                      {"programs", programs}};
+                      {"programs", programs},
+                      {"state_sha256", tvm::ffi::String(StateDigest(state, digests))}};
   return {kStateFormatVersion, std::string(json::Stringify(header)), std::move(blobs)};
+}
+
+SerializedState StateFromIValue(const c10::IValue& value) {
+  auto describe = [](const c10::IValue& v) {
+    return v.isTuple() ? "a tuple of " + std::to_string(v.toTupleRef().elements().size()) +
+                             " elements"
+                       : std::string(v.tagKind());
+  };
+  TORCH_CHECK(value.isTuple() && value.toTupleRef().elements().size() == 3,
+              "tvm_class: the saved TVM module state must be a tuple (format version, header, "
+              "blobs), got ", describe(value), "; the file is corrupted or was not written by "
+              "tvm.contrib.torch");
+  const auto& items = value.toTupleRef().elements();
+  TORCH_CHECK(items[0].isInt(), "tvm_class: the saved TVM module state's format version must be "
+              "an int, got ", describe(items[0]));
+  TORCH_CHECK(items[1].isString(), "tvm_class: the saved TVM module state's header must be a "
+              "string, got ", describe(items[1]));
+  TORCH_CHECK(items[2].isTensorList() || (items[2].isList() && items[2].toListRef().empty()),
+              "tvm_class: the saved TVM module state's blobs must be a list of tensors, got ",
+              describe(items[2]));
+  std::vector<at::Tensor> blobs;
+  if (items[2].isTensorList()) blobs = items[2].toTensorVector();
+  return {items[0].toInt(), items[1].toStringRef(), std::move(blobs)};
 }
 
 ModuleState DecodeState(const SerializedState& encoded) {
   const auto& [version, header_text, blobs] = encoded;
-  TORCH_CHECK(version == kStateFormatVersion, "tvm_class: the saved TVM module uses state format "
-              "version ", version, ", but this library reads version ", kStateFormatVersion,
-              "; load it with the tvm.contrib.torch version that saved it or re-export the model");
+  TORCH_CHECK(version >= kOldestStateFormatVersion && version <= kStateFormatVersion,
+              "tvm_class: the saved TVM module uses state format version ", version,
+              ", but this library reads versions ", kOldestStateFormatVersion, " to ",
+              kStateFormatVersion, "; load it with the tvm.contrib.torch version that saved it "
+              "or re-export the model");
+  CheckJsonDepth(header_text, "the saved TVM module's header");
   tvm::ffi::String error;
   json::Value root = json::Parse(header_text, &error);
   if (!error.empty()) Corrupt("the header is not valid JSON (" + std::string(error) + ")");
@@ -114,23 +170,44 @@ ModuleState DecodeState(const SerializedState& encoded) {
     Corrupt("expected " + std::to_string(2 * programs->size()) + " blobs, found " +
             std::to_string(blobs.size()));
   }
+  std::vector<std::array<std::string, 3>> digests;
   for (size_t i = 0; i < programs->size(); ++i) {
     auto entry = (*programs)[i].as<json::Object>();
     if (!entry.has_value()) Corrupt("a program entry is not a JSON object");
+    const std::string where = "program " + std::to_string(i);
+    // Sizes first: a blob of another size is reported without hashing it.
+    if (blobs[2 * i].numel() != GetInt(*entry, "lib_size")) {
+      Corrupt(where + ": the compiled library does not match its recorded size/checksum");
+    }
+    if (blobs[2 * i + 1].numel() != GetInt(*entry, "params_size")) {
+      Corrupt(where + ": the params do not match their recorded size/checksum");
+    }
     ProgramBlobs p;
     p.graph = GetString(*entry, "graph");
     p.lib = TensorToBytes(blobs[2 * i], "a saved library blob");
     p.params = TensorToBytes(blobs[2 * i + 1], "a saved params blob");
-    const std::string where = "program " + std::to_string(i);
-    if (static_cast<int64_t>(p.lib.size()) != GetInt(*entry, "lib_size") ||
-        Checksum(p.lib) != GetString(*entry, "lib_checksum")) {
-      Corrupt(where + ": the compiled library does not match its recorded size/checksum");
-    }
-    if (static_cast<int64_t>(p.params.size()) != GetInt(*entry, "params_size") ||
-        Checksum(p.params) != GetString(*entry, "params_checksum")) {
-      Corrupt(where + ": the params do not match their recorded size/checksum");
+    if (version == 1) {
+      if (Checksum(p.lib) != GetString(*entry, "lib_checksum")) {
+        Corrupt(where + ": the compiled library does not match its recorded size/checksum");
+      }
+      if (Checksum(p.params) != GetString(*entry, "params_checksum")) {
+        Corrupt(where + ": the params do not match their recorded size/checksum");
+      }
+    } else {
+      if (p.LibDigest() != GetString(*entry, "lib_sha256")) {
+        Corrupt(where + ": the compiled library does not match its recorded size/checksum");
+      }
+      std::string params_sha = Sha256Hex(p.params);
+      if (params_sha != GetString(*entry, "params_sha256")) {
+        Corrupt(where + ": the params do not match their recorded size/checksum");
+      }
+      digests.push_back({Sha256Hex(p.graph), p.lib_sha256, std::move(params_sha)});
     }
     state.programs.push_back(std::move(p));
+  }
+  if (version >= 2 && StateDigest(state, digests) != GetString(*header, "state_sha256")) {
+    Corrupt("the header or a program's manifest differs from what was saved (the state's "
+            "SHA-256 does not match)");
   }
   return state;
 }

@@ -131,6 +131,23 @@ std::string DeviceString(const c10::Device& device) {
   return device.is_cpu() ? "cpu" : "cuda:" + std::to_string(device.index());
 }
 
+/*!
+ * \brief ParseDevice, and the index must survive the conversion to torch's 8-bit device index
+ *        ("cuda:200" must not become cuda:-56).
+ */
+c10::Device ParseCheckedDevice(const std::string& text) {
+  c10::Device device = ParseDevice(text);
+  const std::string prefix = "cuda:";
+  if (text.compare(0, prefix.size(), prefix) == 0) {
+    const std::string index = text.substr(prefix.size());
+    TORCH_CHECK(device.index() >= 0 && std::to_string(device.index()) == index.substr(
+                    std::min(index.find_first_not_of('0'), index.size() - 1)),
+                "tvm_class: invalid device '", text, "': CUDA device index ", index,
+                " is out of range");
+  }
+  return device;
+}
+
 void CheckDeviceAvailable(const c10::Device& device) {
   if (!device.is_cuda()) return;
   TORCH_CHECK(c10::impl::hasDeviceGuardImpl(c10::DeviceType::CUDA),
@@ -146,7 +163,7 @@ void CheckDeviceAvailable(const c10::Device& device) {
 TvmModule::TvmModule(int64_t num_inputs, int64_t num_outputs, const std::string& device)
     : num_inputs_(num_inputs),
       num_outputs_(num_outputs),
-      device_(ParseDevice(device)),
+      device_(ParseCheckedDevice(device)),
       id_(NextModuleId()) {
   TORCH_CHECK(num_inputs > 0, "tvm_class: num_inputs must be positive, got ", num_inputs);
   TORCH_CHECK(num_outputs > 0, "tvm_class: num_outputs must be positive, got ", num_outputs);
@@ -154,6 +171,13 @@ TvmModule::TvmModule(int64_t num_inputs, int64_t num_outputs, const std::string&
 }
 
 void TvmModule::Load(ProgramBlobs blobs, const std::vector<std::vector<int64_t>>* expected) {
+  auto program = Prepare(std::move(blobs), expected);
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  AddProgram(std::move(program));
+}
+
+std::shared_ptr<CompiledProgram> TvmModule::Prepare(
+    ProgramBlobs blobs, const std::vector<std::vector<int64_t>>* expected) const {
   auto program = std::make_shared<CompiledProgram>(std::move(blobs), device_);
   const ProgramManifest& m = program->manifest();
   TORCH_CHECK(static_cast<int64_t>(m.inputs.size()) == num_inputs_, "tvm_class: the module was "
@@ -174,8 +198,7 @@ void TvmModule::Load(ProgramBlobs blobs, const std::vector<std::vector<int64_t>>
                   " does not match the compiled program's signature ", m.SignatureString());
     }
   }
-  std::unique_lock<std::shared_mutex> lock(mutex_);
-  AddProgram(std::move(program));
+  return program;
 }
 
 void TvmModule::LoadTvmModule(const std::vector<std::vector<int64_t>>& input_shapes,
@@ -273,7 +296,7 @@ std::string TvmModule::LastSignature() const {
 }
 
 void TvmModule::To(const std::string& device) {
-  c10::Device target = ParseDevice(device);
+  c10::Device target = ParseCheckedDevice(device);
   CheckDeviceAvailable(target);
   std::unique_lock<std::shared_mutex> lock(mutex_);
   if (target == device_) return;
@@ -323,8 +346,20 @@ void TvmModule::Restore(ModuleState state) {
               "tvm_class: the saved state has ", state.num_inputs, " inputs and ",
               state.num_outputs, " outputs; this module has ", num_inputs_, " and ",
               num_outputs_);
-  for (ProgramBlobs& blobs : state.programs) Load(std::move(blobs), nullptr);
-  SetBucketPadding(state.bucket_padding);
+  // All programs are loaded and checked first; the module changes only if every one is
+  // accepted, so a state that fails half-way leaves it as it was.
+  std::vector<std::shared_ptr<CompiledProgram>> loaded;
+  for (ProgramBlobs& blobs : state.programs) loaded.push_back(Prepare(std::move(blobs), nullptr));
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  const std::vector<std::shared_ptr<CompiledProgram>> before = Programs();
+  try {
+    for (auto& program : loaded) AddProgram(std::move(program));
+  } catch (...) {
+    ClearPrograms();
+    for (const auto& program : before) AddProgram(program);
+    throw;
+  }
+  bucket_padding_ = state.bucket_padding;
 }
 
 // ---- TvmGraphModule ----

@@ -103,7 +103,14 @@ class TvmModule : public torch::CustomClassHolder {
   /*! \brief Drop every loaded program. */
   virtual void ClearPrograms() = 0;
 
+  /*! \brief Prepare() a program and add it. */
   void Load(ProgramBlobs blobs, const std::vector<std::vector<int64_t>>* expected_shapes);
+  /*!
+   * \brief Load a program for this module's device and check it against the module (input and
+   *        output counts, expected shapes when given) without adding it.
+   */
+  std::shared_ptr<CompiledProgram> Prepare(
+      ProgramBlobs blobs, const std::vector<std::vector<int64_t>>* expected_shapes) const;
   std::string SignatureList() const;
 
   int64_t num_inputs_;

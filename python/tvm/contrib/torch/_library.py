@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from typing import Any, Dict
 
 import torch
 import tvm
+
+logger = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
 _LOADED_PATH: str | None = None
@@ -21,6 +24,9 @@ RUNTIME_LIBRARY_NAME = "libtvm_torch_runtime.so"
 
 #: TVM-FFI global function, registered by the library, that describes what it reads.
 _CONTRACT_FUNC = "tvm_torch.runtime_contract"
+
+#: TVM-FFI global function, registered by the library, that returns the file it was loaded from.
+_LIBRARY_PATH_FUNC = "tvm_torch.runtime_library_path"
 
 
 def _build_info():
@@ -67,6 +73,16 @@ def load_runtime_library() -> str:
         if _LOADED_PATH is not None:
             return _LOADED_PATH
         path = runtime_library_path()
+        # Another copy may be loaded already (by a C++ host, or torch.ops.load_library): a
+        # second copy cannot register the same classes, so that one serves.
+        loaded = tvm.get_global_func(_LIBRARY_PATH_FUNC, allow_missing=True)
+        if loaded is not None:
+            loaded_path = str(loaded())
+            if os.path.realpath(loaded_path) != os.path.realpath(path):
+                logger.warning("tvm.contrib.torch: the runtime library is already loaded from "
+                               "%s; using it instead of %s", loaded_path, path)
+            _LOADED_PATH = loaded_path
+            return loaded_path
         if not os.path.isfile(path):
             raise RuntimeError(
                 f"tvm.contrib.torch: runtime library not found at {path}; the package was not "
@@ -100,7 +116,8 @@ def runtime_contract() -> Dict[str, Any]:
     -------
     contract : dict
         ``manifest_format_version`` (int, the graph manifest version it loads),
-        ``state_format_version`` (int, the pickled module state version it reads and writes)
+        ``state_format_version`` (int, the pickled module state version it writes),
+        ``oldest_state_format_version`` (int, the oldest state version it still reads)
         and ``supported_dtypes`` (list of str, the input dtypes a program may take).
 
     Raises

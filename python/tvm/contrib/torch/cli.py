@@ -23,6 +23,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from .dtypes import COMPUTE_DTYPES
+from .export import save_module
 from .frontend import ConversionError
 from .options import cli_help, parse_options
 from .partitioning import partition_report, partition_with_options
@@ -125,6 +126,17 @@ def compile_command(args: argparse.Namespace) -> None:
     if len(infos) != len(names):
         raise CliError(f"the model's forward takes {len(names)} tensor(s) ({', '.join(names)}) "
                        f"but {len(infos)} --input given")
+    given = [name for name, _ in infos]
+    if given != names:
+        wrong = [g for g, n in zip(given, names) if g != n]
+        raise CliError(f"--input names {', '.join(repr(w) for w in wrong)} do not match the "
+                       f"model's forward arguments: give them in order as "
+                       f"{', '.join(n + ':SHAPE' for n in names)}")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise CliError(f"cannot write {args.output}: directory {out_dir} does not exist")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write {args.output}: directory {out_dir} is not writable")
     dtype = getattr(torch, args.dtype)
     if dtype != torch.float32:
         model = model.to(dtype)
@@ -143,14 +155,10 @@ def compile_command(args: argparse.Namespace) -> None:
         with torch.no_grad():
             replacement = partition_with_options(model, inputs, opts)
         compile_s = time.perf_counter() - start
-        out_dir = os.path.dirname(os.path.abspath(args.output))
-        tmp_out = os.path.join(out_dir, f".{os.path.basename(args.output)}.partial")
         try:
-            replacement.save(tmp_out)
-            os.replace(tmp_out, args.output)  # a complete file or none
-        finally:
-            if os.path.exists(tmp_out):
-                os.unlink(tmp_out)
+            save_module(replacement, args.output)  # a complete file or none
+        except OSError as err:
+            raise CliError(f"cannot write {args.output}: {err.strerror or err}") from err
     with torch.no_grad():
         before = measure(lambda: model(*inputs), args.repeat)[0]
         after = measure(lambda: replacement(*inputs), args.repeat)[0]

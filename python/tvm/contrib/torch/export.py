@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -73,6 +74,60 @@ def _atomic_write(path: str, data: bytes) -> None:
         raise
 
 
+def target_cpu_features(target: tvm.target.Target) -> List[str]:
+    """The LLVM features of the CPU ``target``'s host code is compiled for (its ``mcpu`` and
+    ``mattr``), sorted; empty for a target without LLVM host code.
+
+    The runtime refuses to open a library whose features this CPU lacks (its first call would
+    stop with an illegal instruction), naming them.
+    """
+    host = target if target.kind.name == "llvm" else target.host
+    if host is None or host.kind.name != "llvm":
+        return []
+    return sorted(tvm.target.codegen.llvm_get_cpu_features(host))
+
+
+def save_module(module: torch.jit.ScriptModule, path: str) -> None:
+    """Save a TorchScript module to ``path`` so that ``path`` is always a complete file.
+
+    The module is written into a temp file created exclusively (``O_EXCL``, unpredictable
+    name) in ``path``'s directory, given the mode of the file it replaces (0644 for a new
+    one), flushed to disk, then renamed over ``path``. A
+    crash, a kill or a full disk during the save leaves the previous file untouched; a symlink
+    planted in the directory cannot redirect the write; a reader that opens ``path`` meanwhile
+    gets the old file or the new one, never a mix.
+
+    Raises
+    ------
+    OSError
+        When the directory is missing or not writable, or the disk is full (the message
+        names ``path``).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, "the directory to save into does not exist",
+                                directory)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    try:
+        # mkstemp's 0600 would make the model unreadable to a server running as another user.
+        try:
+            mode = os.stat(path).st_mode & 0o777
+        except FileNotFoundError:
+            mode = 0o644
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), mode)
+            torch.jit.save(module, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def make_manifest(
     inputs: Sequence[Dict[str, Any]],
     num_outputs: int,
@@ -118,6 +173,8 @@ def make_manifest(
         "transform_params": transform_params,
         # The device kind the code runs on; the runtime refuses to load it for another kind.
         "device_type": "cuda" if target.kind.name == "cuda" else "cpu",
+        # What the host code may execute; checked against the loading machine's CPU.
+        "cpu_features": target_cpu_features(target),
         "target": str(target.export()) if hasattr(target, "export") else str(target),
         "tvm_version": tvm.__version__,
         "torch_version": torch.__version__,

@@ -307,6 +307,7 @@ def to_relax(ep: torch.export.ExportedProgram) -> Tuple[tvm.IRModule, List[tvm.r
         The values of the params, in order.
     """
     _check_outputs(ep)
+    _check_input_mutations(ep)
     missing = unsupported_operators(ep)
     if missing:
         lines = [f"  {op}: used at {', '.join(sorted(set(places))[:3])}"
@@ -349,6 +350,38 @@ def _check_outputs(ep: torch.export.ExportedProgram) -> None:
                 f"tvm.contrib.torch: output {index} of the model is {value!r}, not a tensor; a "
                 "compiled module returns tensors only (return just the tensors, e.g. through a "
                 "wrapper module)")
+
+
+def _mutating_op(node: torch.fx.Node) -> str:
+    """The in-place operator a functionalised node came from (``aten.add_.Tensor``)."""
+    sources = [str(getattr(source, "target", "")) for source in node.meta.get("from_node") or []]
+    for name in sources:
+        if name.split(".")[1:2] and name.split(".")[1].endswith("_"):
+            return name
+    return sources[0] if sources and sources[0] else str(node.target)
+
+
+def _check_input_mutations(ep: torch.export.ExportedProgram) -> None:
+    """Refuse a model that writes into its inputs (``x.add_(1)``, ``x[0] = 5``): in eager mode
+    the caller's tensor changes, a compiled program's inputs never do (the functionalised
+    graph lists such writes as ``user_inputs_to_mutate``)."""
+    mutated = ep.graph_signature.user_inputs_to_mutate
+    if not mutated:
+        return
+    nodes = {node.name: node for node in ep.graph.nodes}
+    user = list(ep.graph_signature.user_inputs)
+    lines = []
+    for output, name in mutated.items():
+        node = nodes.get(output)
+        where = f" at {_node_origin(node)}" if node is not None else ""
+        op = _mutating_op(node) if node is not None else "an in-place operator"
+        position = f"input {user.index(name)} " if name in user else "input "
+        lines.append(f"  {position}'{name}' is changed in place by {op}{where}")
+    raise ConversionError(
+        "tvm.contrib.torch: the model writes into its inputs, which a compiled module cannot "
+        "do (the caller's tensors would silently keep their old values):\n" + "\n".join(lines)
+        + "\nUse the out-of-place operator (x = x.add(1)) or clone the input first "
+        "(x = x.clone()), and return the result if the caller needs it.")
 
 
 def _drop_unused_constants(ep: torch.export.ExportedProgram) -> None:

@@ -110,11 +110,18 @@ class _TvmModuleBase(torch.nn.Module):
         return self.engine.forward(inputs)
 
     def _apply(self, fn, recurse=True):
-        ret = super()._apply(fn, recurse)
-        target = _device_name(self._device_anchor.device)
-        if self.engine.device() != target:
+        # The engine moves first: if it cannot (meta, a missing GPU, code for another device),
+        # nothing has moved and the wrapper and the engine still agree.
+        previous = self.engine.device()
+        target = _device_name(fn(self._device_anchor).device)
+        if previous != target:
             self.engine.to(target)
-        return ret
+        try:
+            return super()._apply(fn, recurse)
+        except BaseException:
+            if previous != target:
+                self.engine.to(previous)
+            raise
 
 
 class GraphModule(_TvmModuleBase):

@@ -52,13 +52,14 @@ def _affine_program(shape, dynamic: bool):
 class AffineProgram:
     """A small exported Relax program and its torch reference."""
 
-    def __init__(self, export_dir: str, device: str, batch=4, dynamic=False, name="prog"):
+    def __init__(self, export_dir: str, device: str, batch=4, dynamic=False, name="prog",
+                 target=None):
         torch.manual_seed(0)
         self.weight = torch.randn(8, 16)
         self.bias = torch.randn(16)
         self.dynamic = dynamic
         mod = _affine_program([batch, 8], dynamic)
-        target = target_for(device)
+        target = target or target_for(device)
         executable = build.build(mod, target)
         shape = ["batch", 8] if dynamic else [batch, 8]
         manifest = export.make_manifest(

@@ -105,6 +105,30 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path):
     proc = _cli("compile", "model.pt", "--input", "x=4x16", "-o", "o.pt", cwd=str(tmp_path))
     assert proc.returncode == 2 and "--input must look like NAME:1x3x224x224" in proc.stderr
     assert not (tmp_path / "o.pt").exists()
+    proc = _cli("compile", "model.pt", "--input", "y:4x16", "-o", "o.pt", cwd=str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: --input names 'y' do not match the model's forward "
+                                   "arguments: give them in order as x:SHAPE")
+    for output, why in (("missing_dir/o.pt", "does not exist"),
+                        ("model.pt/o.pt", "does not exist")):
+        proc = _cli("compile", "model.pt", "--input", "x:4x16", "-o", output, cwd=str(tmp_path))
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"error: cannot write {output}: directory ") and \
+            proc.stderr.strip().endswith(why), proc.stderr
+
+
+def test_output_is_written_through_an_exclusive_temp_file(tmp_path):
+    """A symlink planted where the old predictable temp name was is left alone."""
+    model, _, _ = models.make("mlp")
+    torch.jit.script(model).save(str(tmp_path / "model.pt"))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / ".o.pt.partial")
+    proc = _cli("compile", "model.pt", "--input", "x:4x16", "-o", "o.pt", cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert victim.read_text() == "precious"
+    assert (tmp_path / "o.pt").is_file() and not (tmp_path / "o.pt").is_symlink()
+    assert sorted(os.listdir(tmp_path)) == [".o.pt.partial", "model.pt", "o.pt", "victim.txt"]
 
 
 def test_help_explains_every_flag(tmp_path):

@@ -38,7 +38,8 @@ def _read(path: str) -> bytes:
 
 def test_contract_reports_the_versions_and_dtypes(contract):
     assert set(contract) == {"manifest_format_version", "state_format_version",
-                             "supported_dtypes"}
+                             "oldest_state_format_version", "supported_dtypes"}
+    assert 1 <= contract["oldest_state_format_version"] <= contract["state_format_version"]
     assert isinstance(contract["manifest_format_version"], int)
     assert isinstance(contract["state_format_version"], int)
     assert contract["supported_dtypes"]

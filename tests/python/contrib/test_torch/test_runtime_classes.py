@@ -198,11 +198,14 @@ def test_state_round_trips_through_load_state(cpu_program):
 
 def test_state_of_unknown_version_is_rejected(cpu_program):
     (version, header, blobs), _ = _graph_module(cpu_program, "cpu").engine.__getstate__()
-    assert version == 1
+    assert version == 2
     fresh = torch.classes.tvm_class.TvmGraphModule(1, 2, "cpu")
-    with pytest.raises(RuntimeError, match=r"state format version 2, but this library reads "
-                                           r"version 1"):
-        fresh.load_state((2, header, blobs))
+    with pytest.raises(RuntimeError, match=r"state format version 3, but this library reads "
+                                           r"versions 1 to 2"):
+        fresh.load_state((3, header, blobs))
+    with pytest.raises(RuntimeError, match=r"state format version 0, but this library reads "
+                                           r"versions 1 to 2"):
+        fresh.load_state((0, header, blobs))
 
 
 def test_corrupted_state_is_rejected(cpu_program):

@@ -68,16 +68,21 @@ def _random_input(shape: Tuple[int, ...], dtype: torch.dtype,
     return torch.randint(0, 2, shape, generator=generator).to(dtype)
 
 
+def _load_model(path: str) -> torch.jit.ScriptModule:
+    """A saved TorchScript model, on CPU, in eval mode."""
+    if not os.path.isfile(path):
+        raise CliError(f"no such model file: {path}")
+    try:
+        return torch.jit.load(path, map_location="cpu").eval()
+    except Exception as err:  # pylint: disable=broad-except
+        raise CliError(f"cannot load {path} as TorchScript: {err}") from err
+
+
 def profile_command(args: argparse.Namespace) -> None:
     """The ``profile`` subcommand."""
     from .profiler import profile  # pylint: disable=import-outside-toplevel
 
-    if not os.path.isfile(args.model):
-        raise CliError(f"no such model file: {args.model}")
-    try:
-        model = torch.jit.load(args.model, map_location="cpu").eval()
-    except Exception as err:  # pylint: disable=broad-except
-        raise CliError(f"cannot load {args.model} as TorchScript: {err}") from err
+    model = _load_model(args.model)
     generator = torch.Generator().manual_seed(0)
     inputs = [_random_input(shape, dtype, generator)
               for _, shape, dtype in (_parse_typed_input(text) for text in args.input)]
@@ -115,12 +120,7 @@ def compile_command(args: argparse.Namespace) -> None:
         if not os.path.isfile(path):
             raise CliError(f"no such library: {path}")
         torch.ops.load_library(path)
-    if not os.path.isfile(args.model):
-        raise CliError(f"no such model file: {args.model}")
-    try:
-        model = torch.jit.load(args.model, map_location="cpu").eval()
-    except Exception as err:  # pylint: disable=broad-except
-        raise CliError(f"cannot load {args.model} as TorchScript: {err}") from err
+    model = _load_model(args.model)
     names = _argument_names(model)
     infos = [_parse_input(text) for text in args.input]
     if len(infos) != len(names):

@@ -6,7 +6,8 @@ stays TorchScript), saved with the same ``forward`` signature. Prints what was o
 the latency before and after.
 
 ``python -m tvm.contrib.torch profile MODEL_tvm.pt --input x:1x3x224x224`` prints where a
-compiled model's time goes, kernel by kernel (:mod:`.profiler`).
+compiled model's time goes, kernel by kernel (:mod:`.profiler`); ``tuning-db list|merge``
+shows and merges tuning logs (:mod:`.tuning_db`).
 """
 from __future__ import annotations
 
@@ -91,6 +92,20 @@ def profile_command(args: argparse.Namespace) -> None:
     except ValueError as err:
         raise CliError(str(err)) from err
     print(report.table(top=args.top if args.top > 0 else None))
+
+
+def tuning_db_command(args: argparse.Namespace) -> None:
+    """The ``tuning-db`` subcommand."""
+    from . import tuning_db  # pylint: disable=import-outside-toplevel
+
+    try:
+        if args.action == "list":
+            print(tuning_db.table(tuning_db.summarize(args.logs[0])))
+            return
+        added = tuning_db.merge(args.logs, args.output)
+    except FileNotFoundError as err:
+        raise CliError(str(err)) from err
+    print(f"merged {len(args.logs)} log(s) into {args.output}: {added} record(s) added")
 
 
 def _argument_names(model: torch.jit.ScriptModule) -> List[str]:
@@ -217,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--repeat", type=int, default=20, help="timed calls (default 20)")
     prof.add_argument("--top", type=int, default=30,
                       help="kernels to list, heaviest first (default 30; 0: all)")
+    tdb = sub.add_parser(
+        "tuning-db", help="list or merge MetaSchedule tuning logs",
+        description="List the kernels a tuning log (tuning_log_file) holds records for, or "
+                    "merge logs (from several runs or machines) into one, so that no kernel "
+                    "is tuned twice.")
+    tdb.add_argument("action", choices=["list", "merge"])
+    tdb.add_argument("logs", nargs="+", metavar="LOG", help="tuning log(s)")
+    tdb.add_argument("-o", "--output", help="the merged log (merge; created if missing)")
     return parser
 
 
@@ -226,7 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"`torch\.jit\..*` is deprecated")
     args = build_parser().parse_args(argv)
     try:
-        {"compile": compile_command, "profile": profile_command}[args.command](args)
+        if args.command == "tuning-db" and (args.action == "merge") != bool(args.output):
+            raise CliError("tuning-db merge takes -o MERGED; list takes no -o")
+        if args.command == "tuning-db" and args.action == "list" and len(args.logs) != 1:
+            raise CliError(f"tuning-db list takes one log, got {len(args.logs)}")
+        {"compile": compile_command, "profile": profile_command,
+         "tuning-db": tuning_db_command}[args.command](args)
     except CliError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -7,7 +7,8 @@ the latency before and after.
 
 ``python -m tvm.contrib.torch profile MODEL_tvm.pt --input x:1x3x224x224`` prints where a
 compiled model's time goes, kernel by kernel (:mod:`.profiler`); ``tuning-db list|merge``
-shows and merges tuning logs (:mod:`.tuning_db`).
+shows and merges tuning logs (:mod:`.tuning_db`); ``triton-repo`` writes a Triton Inference
+Server model repository (:mod:`.triton_repo`).
 """
 from __future__ import annotations
 
@@ -92,6 +93,23 @@ def profile_command(args: argparse.Namespace) -> None:
     except ValueError as err:
         raise CliError(str(err)) from err
     print(report.table(top=args.top if args.top > 0 else None))
+
+
+def triton_repo_command(args: argparse.Namespace) -> None:
+    """The ``triton-repo`` subcommand."""
+    from .triton_repo import write_repository  # pylint: disable=import-outside-toplevel
+
+    model = _load_model(args.model)
+    generator = torch.Generator().manual_seed(0)
+    inputs = [_random_input(shape, dtype, generator)
+              for _, shape, dtype in (_parse_typed_input(text) for text in args.input)]
+    try:
+        config = write_repository(model, inputs, args.output, name=args.name)
+    except (TypeError, ValueError) as err:
+        raise CliError(str(err)) from err
+    print(f"wrote {config} and {os.path.join(os.path.dirname(config), '1', 'model.pt')}")
+    print("serve with: LD_PRELOAD=<libtvm_torch_runtime.so built against the server's libtorch> "
+          f"tritonserver --model-repository={args.output}")
 
 
 def tuning_db_command(args: argparse.Namespace) -> None:
@@ -232,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--repeat", type=int, default=20, help="timed calls (default 20)")
     prof.add_argument("--top", type=int, default=30,
                       help="kernels to list, heaviest first (default 30; 0: all)")
+    tri = sub.add_parser(
+        "triton-repo", help="write a Triton Inference Server model repository for a model",
+        description="Lay out a model repository for NVIDIA Triton's PyTorch (libtorch) "
+                    "backend: config.pbtxt (inputs INPUT__i, outputs OUTPUT__j with the shapes "
+                    "and dtypes of the given inputs and the model's outputs) and 1/model.pt.")
+    tri.add_argument("model", help="the saved model holding TVM programs (torch.jit.save)")
+    tri.add_argument("--input", action="append", required=True, metavar="NAME:SHAPE[:DTYPE]",
+                     help="one per forward input, in order, e.g. x:1x3x224x224")
+    tri.add_argument("--name", default="model", help="the model's name (default: model)")
+    tri.add_argument("-o", "--output", required=True, help="the model repository directory")
     tdb = sub.add_parser(
         "tuning-db", help="list or merge MetaSchedule tuning logs",
         description="List the kernels a tuning log (tuning_log_file) holds records for, or "
@@ -254,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "tuning-db" and args.action == "list" and len(args.logs) != 1:
             raise CliError(f"tuning-db list takes one log, got {len(args.logs)}")
         {"compile": compile_command, "profile": profile_command,
-         "tuning-db": tuning_db_command}[args.command](args)
+         "triton-repo": triton_repo_command, "tuning-db": tuning_db_command}[args.command](args)
     except CliError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -147,3 +147,15 @@ class VMModule(_TvmModuleBase):
     """
 
     _class_name = "TvmVMModule"
+
+
+def takes_input_list(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s ``forward`` takes its inputs as one ``List[Tensor]`` (what
+    ``compile()`` returns, scripted or not) rather than positionally."""
+    if isinstance(model, _TvmModuleBase):
+        return True
+    schema = getattr(getattr(model, "forward", None), "schema", None)
+    if isinstance(model, torch.jit.ScriptModule) and schema is not None:
+        args = schema.arguments[1:]
+        return len(args) == 1 and str(args[0].type) == "List[Tensor]"
+    return False

@@ -18,7 +18,7 @@ from typing import Callable, List, Sequence, Union
 import torch
 import tvm
 
-from .module import _TvmModuleBase
+from .module import takes_input_list
 from .timing import measure
 
 #: Library behind each vendor kernel of :mod:`.vendor_kernels` (named in the report).
@@ -131,20 +131,10 @@ def kind_of(name: str) -> str:
 
 
 def _caller(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[[], object]:
-    """How to call ``model`` with ``inputs``: a ``forward(List[Tensor])`` (what ``compile``
-    returns) takes them as one list, any other ``forward`` positionally."""
-    schema = None
-    forward = getattr(model, "forward", None)
-    if isinstance(model, torch.jit.ScriptModule) and forward is not None:
-        schema = getattr(forward, "schema", None)
-    takes_list = False
-    if schema is not None:
-        args = schema.arguments[1:]
-        takes_list = len(args) == 1 and str(args[0].type) == "List[Tensor]"
-    else:
-        takes_list = isinstance(model, _TvmModuleBase)
+    """How to call ``model`` with ``inputs``: as one list for a ``forward(List[Tensor])``
+    (what ``compile`` returns), positionally otherwise."""
     inputs = list(inputs)
-    if takes_list:
+    if takes_input_list(model):
         return lambda: model(inputs)
     return lambda: model(*inputs)
 

@@ -64,9 +64,12 @@ def cache_info() -> Dict[str, int]:
 
 
 def clear_cache() -> None:
-    """Forget the compiled graphs held in this process (files in ``cache_dir`` stay)."""
+    """Forget the compiled graphs held in this process and zero :func:`cache_info`'s
+    counters (files in ``cache_dir`` stay)."""
     with _lock:
         _memory.clear()
+        for name in _stats:
+            _stats[name] = 0
 
 
 def _parse(options: Optional[Dict[str, Any]]) -> CompileOptions:
@@ -371,7 +374,10 @@ def tvm_contrib_torch_backend(gm: torch.fx.GraphModule, example_inputs: Sequence
     if script is None:
         tensors = [t.detach() for t in inputs.tensors_of(example_inputs)]
         try:
-            script = _build(gm, inputs, tensors, opts)
+            # The pipeline exports the pieces it compiles with torch.export; outside Dynamo's
+            # tracing context, or their shape guards would land in the outer frame's guards.
+            with torch._guards.tracing(None), torch._guards.compile_context(None):  # pylint: disable=protected-access
+                script = _build(gm, inputs, tensors, opts)
         except Exception as err:  # pylint: disable=broad-except
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             logger.warning("tvm_contrib_torch: running a graph eagerly, it could not be "

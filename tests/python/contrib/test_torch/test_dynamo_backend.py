@@ -35,6 +35,12 @@ def _builds():
     return dynamo_backend.cache_info()["builds"]
 
 
+def _report():
+    """The partition report of the one graph compiled since the fixture cleared the cache."""
+    (script,) = dynamo_backend._memory.values()
+    return tvm.contrib.torch.partition_report(script)
+
+
 def test_registered_under_its_own_name():
     assert tvm.contrib.torch.TORCH_COMPILE_BACKEND == BACKEND
     assert BACKEND in torch._dynamo.list_backends()
@@ -59,6 +65,8 @@ def test_models_match_eager(name):
     torch.testing.assert_close(again, expected, rtol=1e-4, atol=1e-4)
     assert dynamo_backend.cache_info()["eager_graphs"] == 0
     assert _builds() == 1
+    report = _report()
+    assert report.offloaded_operators == report.num_operators > 0, report.summary()
 
 
 class _PrintingModel(nn.Module):
@@ -100,8 +108,7 @@ def test_dynamic_batch_is_not_recompiled_per_size():
                 torch._dynamo.mark_dynamic(x, 0)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
     assert _builds() == 1
-    script = next(iter(dynamo_backend._memory.values()))
-    report = tvm.contrib.torch.partition_report(script)
+    report = _report()
     assert report.segments and all(s["dim_ranges"] for s in report.segments), report.summary()
 
 
@@ -112,8 +119,7 @@ def test_unsupported_operator_stays_in_pytorch():
         expected = model(x)
         actual = _compiled(model)(x)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
-    script = next(iter(dynamo_backend._memory.values()))
-    report = tvm.contrib.torch.partition_report(script)
+    report = _report()
     assert report.kept_operators.get(partition_models.CUSTOM_OP) == 1
     assert len(report.segments) == 2, report.summary()
 
@@ -126,7 +132,7 @@ def test_options_reach_the_pipeline():
         expected = model(x)
         actual = _compiled(model, torch_executed_ops=["aten::gelu"], min_block_size=1)(x)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
-    report = tvm.contrib.torch.partition_report(next(iter(dynamo_backend._memory.values())))
+    report = _report()
     assert report.kept_operators == {"aten::gelu": 1}, report.summary()
 
 

@@ -28,6 +28,7 @@ from .as_torch import TVMScriptIRModule, as_torch  # noqa: E402
 from .compiler import PyTorchTVMModule, compile  # noqa: E402  pylint: disable=redefined-builtin
 from .dynamo_backend import BACKEND_NAME as TORCH_COMPILE_BACKEND  # noqa: E402
 from .dynamo_backend import register as _register_dynamo_backend  # noqa: E402
+from .torch_export import register as _register_export_support  # noqa: E402
 from .frontend import ConversionError  # noqa: E402
 from .module import GraphModule, VMModule  # noqa: E402
 from .optimize_torch import GraphExecutorFactoryWrapper, optimize_torch  # noqa: E402
@@ -35,8 +36,10 @@ from .partitioning import PartitionReport, partition, partition_report  # noqa: 
 from .profiler import ProfileReport, profile  # noqa: E402
 from .trace_module import TraceTvmModule  # noqa: E402
 
-# torch.compile(m, backend="tvm_contrib_torch") works once this package is imported.
+# torch.compile(m, backend="tvm_contrib_torch") works once this package is imported, and
+# torch.export traces, saves and loads models holding compiled modules.
 _register_dynamo_backend()
+_register_export_support()
 
 __all__ = [
     "ConversionError",

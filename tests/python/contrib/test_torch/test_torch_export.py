@@ -86,6 +86,25 @@ def test_inputs_no_program_takes_are_an_export_error(tmp_path):
         torch.export.export(_Holder(compiled), (torch.randn(4, 15),))
 
 
+def test_aot_inductor_package_runs_in_a_fresh_python_process(tmp_path):
+    model, compiled = _mlp_module(tmp_path, (4, 16))
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        program = torch.export.export(_Holder(compiled).eval(), (x,))
+        package = torch._inductor.aoti_compile_and_package(
+            program, package_path=str(tmp_path / "model_aoti.pt2"))
+    torch.save({"x": x, "expected": torch.relu(model(x)) * 2.0}, tmp_path / "data.pt")
+    out = run_fresh_python(f"""
+        import torch
+        import tvm.contrib.torch
+        runner = torch._inductor.aoti_load_package({package!r})
+        data = torch.load("data.pt")
+        torch.testing.assert_close(runner(data["x"]), data["expected"], rtol=1e-4, atol=1e-4)
+        print("aoti matched")
+    """, cwd=str(tmp_path))
+    assert "aoti matched" in out
+
+
 def test_torchscript_path_is_unchanged(tmp_path):
     model, compiled = _mlp_module(tmp_path, (4, 16))
     scripted = torch.jit.script(compiled)

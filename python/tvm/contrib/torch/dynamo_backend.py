@@ -22,9 +22,9 @@ hands over, the backend
 Options come through ``torch.compile(m, backend="tvm_contrib_torch", options={...})`` and are
 parsed by :func:`~tvm.contrib.torch.options.parse_options` (the keys of ``compile``, less
 ``input_infos`` and the keys that do not apply to a model computing in its own dtype).
-The backend is for inference: outputs of TVM programs carry no autograd history, and the
-weights are read once, when a graph is compiled (a changed weight makes that graph run
-eagerly, with a warning).
+The backend is for inference: a graph traced with grad mode on whose parameters or inputs
+require grad runs eagerly (with a warning), and the weights are read once, when a graph is
+compiled (a changed weight makes that graph run eagerly, with a warning).
 """
 from __future__ import annotations
 
@@ -301,9 +301,10 @@ class _CompiledGraph:
         self._warned = False
 
     def _weights_changed(self, args: Sequence[Any]) -> bool:
+        # pylint: disable=protected-access
         for (kind, ref), arg in zip(self.inputs.slots, args):
             if kind == "weight" and (arg is not self.inputs.weights[ref]
-                                     or arg._version != self._versions[ref]):  # pylint: disable=protected-access
+                                     or arg._version != self._versions[ref]):
                 return True
         return False
 
@@ -359,6 +360,16 @@ def tvm_contrib_torch_backend(gm: torch.fx.GraphModule, example_inputs: Sequence
         with _lock:
             _stats["eager_graphs"] += 1
         return gm.forward
+    if torch.is_grad_enabled() and any(
+            isinstance(v, torch.Tensor) and v.requires_grad for v in example_inputs):
+        # Dynamo guards on grad mode: this graph is only called when gradients are wanted,
+        # and TVM programs (with the weights as constants) have no backward.
+        logger.warning("tvm_contrib_torch: running a graph eagerly, it needs autograd (grad "
+                       "mode is on and parameters or inputs require grad); call the model "
+                       "under torch.no_grad() or torch.inference_mode() to run it in TVM")
+        with _lock:
+            _stats["eager_graphs"] += 1
+        return gm.forward
     key = _cache_key(gm, inputs, opts)
     path = _cache_file(opts, key)
     with _lock:
@@ -376,7 +387,8 @@ def tvm_contrib_torch_backend(gm: torch.fx.GraphModule, example_inputs: Sequence
         try:
             # The pipeline exports the pieces it compiles with torch.export; outside Dynamo's
             # tracing context, or their shape guards would land in the outer frame's guards.
-            with torch._guards.tracing(None), torch._guards.compile_context(None):  # pylint: disable=protected-access
+            # pylint: disable-next=protected-access
+            with torch._guards.tracing(None), torch._guards.compile_context(None):
                 script = _build(gm, inputs, tensors, opts)
         except Exception as err:  # pylint: disable=broad-except
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -69,6 +69,18 @@ def test_models_match_eager(name):
     assert report.offloaded_operators == report.num_operators > 0, report.summary()
 
 
+def test_half_model_computes_in_float16():
+    model = MODELS["mlp"][0]().half()
+    x = torch.randn(4, 16).half()
+    with torch.no_grad():
+        actual = _compiled(model)(x)
+        expected = model(x)
+    assert actual.dtype == torch.float16
+    torch.testing.assert_close(actual, expected, rtol=1e-2, atol=1e-2)
+    report = _report()
+    assert report.offloaded_operators == report.num_operators > 0, report.summary()
+
+
 class _PrintingModel(nn.Module):
     """An HF-style block with a Python print between two halves: Dynamo breaks the graph."""
 
@@ -169,6 +181,19 @@ def test_changed_weight_runs_eagerly(caplog):
             actual = compiled(x)
         torch.testing.assert_close(actual, model(x), rtol=1e-4, atol=1e-4)
     assert "a weight changed since this graph was compiled" in caplog.text
+
+
+def test_grad_mode_with_trainable_weights_runs_eagerly(caplog):
+    model = MODELS["mlp"][0]()
+    x = torch.randn(4, 16)
+    with caplog.at_level(logging.WARNING, logger=dynamo_backend.__name__):
+        actual = _compiled(model)(x)
+    actual.sum().backward()  # gradients flow: the graph ran in PyTorch
+    assert model.fc1.weight.grad is not None
+    torch.testing.assert_close(actual, model(x), rtol=1e-5, atol=1e-5)
+    assert "it needs autograd" in caplog.text
+    assert dynamo_backend.cache_info() == {"builds": 0, "memory_hits": 0, "disk_hits": 0,
+                                           "eager_graphs": 1}
 
 
 def test_cache_dir_is_reused_in_a_fresh_process(tmp_path):

@@ -55,6 +55,13 @@ void RegisterModuleClass(torch::Library& lib, const char* name) {
            [](const Self& self, c10::IValue state) {
              self->Restore(DecodeState(StateFromIValue(state)));
            })
+      // torch.export fakes the object from this (tvm.contrib.torch's fake class reads the
+      // programs' manifests in the state header); the engine itself is saved by def_pickle.
+      .def("__obj_flatten__",
+           [](const Self& self) {
+             return std::make_tuple(
+                 std::make_tuple(std::string("header"), std::get<1>(self->Serialize())));
+           })
       .def_pickle(
           [](const c10::intrusive_ptr<Module>& self) -> SerializedState {
             return self->Serialize();

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .options import PARTITION_KEYS, CompileOptions, example_tensor, parse_options
+from .options import BACKEND_KEYS, PARTITION_KEYS, CompileOptions, example_tensor, parse_options
 from .partitioning import partition_with_options
 from .pipeline import PyTorchTVMModule, compile_program, model_device
 
@@ -38,6 +38,11 @@ def compile(module: Any, option: Optional[Dict[str, Any]] = None) -> torch.nn.Mo
         :func:`tvm.contrib.torch.partition`).
     """
     opts = parse_options(option)
+    backend_keys = sorted(opts.given & set(BACKEND_KEYS))
+    if backend_keys:
+        raise ValueError(f"tvm.contrib.torch.compile: {backend_keys} apply only to the "
+                         "torch.compile backend (torch.compile(m, backend=\"tvm_contrib_torch\", "
+                         "options={...}))")
     if opts.partition:
         return _compile_partitioned(module, opts)
     misplaced = sorted(opts.given & set(PARTITION_KEYS))

@@ -7,6 +7,8 @@ import torch
 
 from ._library import load_runtime_library
 from .options import device_name
+from .torch_export import register as _register_export_support
+from .torch_export import run_engine
 
 
 def _device_name(device: torch.device) -> str:
@@ -26,6 +28,7 @@ class _TvmModuleBase(torch.nn.Module):
     def __init__(self, num_inputs: int, num_outputs: int, device=None):
         super().__init__()
         load_runtime_library()
+        _register_export_support()
         if not isinstance(num_inputs, int) or num_inputs <= 0:
             raise ValueError(f"num_inputs must be a positive int, got {num_inputs!r}")
         if not isinstance(num_outputs, int) or num_outputs <= 0:
@@ -107,7 +110,10 @@ class _TvmModuleBase(torch.nn.Module):
 
     def forward(self, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
         """Run the compiled program that matches the inputs' shapes and dtypes."""
-        return self.engine.forward(inputs)
+        if torch.jit.is_scripting():
+            return self.engine.forward(inputs)
+        # In Python, through the operator torch.export can trace (see .torch_export).
+        return run_engine(self.engine, inputs)
 
     def _apply(self, fn, recurse=True):
         # The engine moves first: if it cannot (meta, a missing GPU, code for another device),

@@ -56,6 +56,7 @@ class CompileOptions:
     dynamic_shapes: bool = True
     verify: bool = True
     example_inputs: Optional[Tuple[torch.Tensor, ...]] = None
+    cache_dir: Optional[str] = None
     #: The keys the option dict named (the rest took their defaults).
     given: FrozenSet[str] = frozenset()
 
@@ -259,6 +260,8 @@ class OptionSpec:
         How the docs show the default, when not ``default`` itself.
     partition_only : bool
         Whether the key applies only with ``"partition": True``.
+    backend_only : bool
+        Whether the key applies only to the ``torch.compile`` backend.
     """
 
     name: str
@@ -267,6 +270,7 @@ class OptionSpec:
     doc: str
     default_doc: Optional[str] = None
     partition_only: bool = False
+    backend_only: bool = False
 
     def shown_default(self) -> str:
         """The default as the docs show it (Markdown)."""
@@ -336,6 +340,10 @@ OPTIONS: Tuple[OptionSpec, ...] = (
     OptionSpec("dynamic_shapes", _bool, True,
                "compile subgraphs whose sizes vary between calls with symbolic dims "
                "(`TvmVMModule`; else keep them in TorchScript)", partition_only=True),
+    OptionSpec("cache_dir", _path(allow_bytes=False), None,
+               "a directory where compiled graphs are saved and looked up by graph, input "
+               "signature, weights and options, so a later process loads them instead of "
+               "building", default_doc="in-process cache only", backend_only=True),
 )
 
 #: The table by key.
@@ -344,6 +352,9 @@ OPTIONS_BY_NAME: Dict[str, OptionSpec] = {spec.name: spec for spec in OPTIONS}
 #: Keys that only apply with ``"partition": True``.
 PARTITION_KEYS = tuple(spec.name for spec in OPTIONS if spec.partition_only)
 
+#: Keys that only apply to the ``torch.compile`` backend (:mod:`.dynamo_backend`).
+BACKEND_KEYS = tuple(spec.name for spec in OPTIONS if spec.backend_only)
+
 
 def _plain(text: str) -> str:
     """Markdown without code spans (for error messages and the CLI's help)."""
@@ -351,6 +362,8 @@ def _plain(text: str) -> str:
 
 
 def _described(spec: OptionSpec) -> str:
+    if spec.backend_only:
+        return "torch.compile backend: " + spec.doc
     return ("partition: " if spec.partition_only else "") + spec.doc
 
 

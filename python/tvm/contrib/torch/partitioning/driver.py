@@ -232,6 +232,9 @@ def partition(module: Any, example_inputs: Sequence[Any],
     option = dict(option or {})
     option.pop("partition", None)
     opts = parse_options(option, require_input_infos=False)
+    if opts.cache_dir is not None:
+        raise ValueError("tvm.contrib.torch.partition: cache_dir applies only to the "
+                         "torch.compile backend")
     if opts.buckets:
         raise ValueError("tvm.contrib.torch.partition: shapes come from example_inputs; "
                          "drop 'input_infos' (compile(..., {'partition': True}) takes it)")
@@ -248,11 +251,14 @@ def _verify(script: torch.jit.ScriptModule, result: torch.jit.ScriptModule,
 
 
 def partition_with_options(module: Any, example_inputs: Sequence[Any],
-                           opts: CompileOptions) -> torch.jit.ScriptModule:
+                           opts: CompileOptions,
+                           more_inputs: Sequence[Sequence[Any]] = ()) -> torch.jit.ScriptModule:
     """:func:`partition` with options already parsed (``opts.buckets`` is not read).
 
     ``compile(..., {"partition": True})`` calls it with example inputs made from
-    ``input_infos``.
+    ``input_infos``. ``more_inputs``: further argument sets recorded after
+    ``example_inputs`` (the torch.compile backend passes one with its dynamic dims grown, so
+    they become symbolic dims).
     """
     if opts.default_dtype != "float32" or opts.dim_ranges or opts.bucket_padding:
         raise ValueError("tvm.contrib.torch.partition: default_dtype, dim_ranges and "
@@ -269,6 +275,10 @@ def partition_with_options(module: Any, example_inputs: Sequence[Any],
         frozen = _freeze(script)
     graph = frozen.graph
     types = record_tensor_types(graph, frozen, _complete_arguments(frozen, example_inputs))
+    for arguments in more_inputs:
+        for value, seen in record_tensor_types(
+                graph, frozen, _complete_arguments(frozen, arguments)).items():
+            types.setdefault(value, []).extend(seen)
     classes = classify(graph, types, opts.torch_executed_ops, opts.dynamic_shapes)
     before = count_operators(graph)
     runs = find_runs(graph, classes)

@@ -80,14 +80,19 @@ def _load_model(path: str) -> torch.jit.ScriptModule:
         raise CliError(f"cannot load {path} as TorchScript: {err}") from err
 
 
+def _model_and_random_inputs(args: argparse.Namespace):
+    """The saved model and one random input per ``--input NAME:SHAPE[:DTYPE]``."""
+    model = _load_model(args.model)
+    generator = torch.Generator().manual_seed(0)
+    return model, [_random_input(shape, dtype, generator)
+                   for _, shape, dtype in (_parse_typed_input(text) for text in args.input)]
+
+
 def profile_command(args: argparse.Namespace) -> None:
     """The ``profile`` subcommand."""
     from .profiler import profile  # pylint: disable=import-outside-toplevel
 
-    model = _load_model(args.model)
-    generator = torch.Generator().manual_seed(0)
-    inputs = [_random_input(shape, dtype, generator)
-              for _, shape, dtype in (_parse_typed_input(text) for text in args.input)]
+    model, inputs = _model_and_random_inputs(args)
     try:
         report = profile(model, inputs, repeat=args.repeat)
     except ValueError as err:
@@ -99,10 +104,7 @@ def triton_repo_command(args: argparse.Namespace) -> None:
     """The ``triton-repo`` subcommand."""
     from .triton_repo import write_repository  # pylint: disable=import-outside-toplevel
 
-    model = _load_model(args.model)
-    generator = torch.Generator().manual_seed(0)
-    inputs = [_random_input(shape, dtype, generator)
-              for _, shape, dtype in (_parse_typed_input(text) for text in args.input)]
+    model, inputs = _model_and_random_inputs(args)
     try:
         config = write_repository(model, inputs, args.output, name=args.name)
     except (TypeError, ValueError) as err:

@@ -8,7 +8,8 @@ Swin-T, RegNetY-016 and DeiT-S.
 Runners: PyTorch eager, TorchScript frozen (freeze + optimize_for_inference), torch.compile
 (Inductor, freezing), ONNX Runtime and OpenVINO (optional: ``pip install .[bench]``; skipped
 with a note when absent), and this project: untuned, tuned (when ``--tuning-log`` names a
-MetaSchedule log) and partition (``partition()`` of the scripted model).
+MetaSchedule log), partition (``partition()`` of the traced model) and its torch.compile
+backend (``tvm_dynamo``), next to TVM's own ``relax_dynamo`` (torch.compile's ``"tvm"``).
 
 Runners are timed *interleaved*: each round calls every runner once, so that load from other
 processes on a shared machine falls on all runners alike and the ratios stay fair. Columns:
@@ -17,7 +18,8 @@ largest absolute difference from eager's output. Then the geometric mean of the 
 runner and the machine's CPU and flags.
 
     python apps/pt_tvm_demo/zoo_benchmark.py [--models bert_base,resnet50] [--repeat 20]
-        [--runners eager,ts_frozen,inductor,onnxruntime,openvino,tvm,tvm_partition]
+        [--runners eager,ts_frozen,inductor,onnxruntime,openvino,tvm,tvm_partition,
+                   tvm_dynamo,relax_dynamo]
         [--attn sdpa|eager] [--dtype float32|bfloat16] [--tuning-log tuning.log]
         [--json results.json] [--markdown table.md]
 
@@ -151,6 +153,8 @@ RUNNERS = {
     "tvm": "tvm.contrib.torch untuned",
     "tvm_tuned": "tvm.contrib.torch tuned",
     "tvm_partition": "tvm.contrib.torch partition",
+    "tvm_dynamo": "torch.compile (tvm_contrib_torch)",
+    "relax_dynamo": "torch.compile (TVM's relax_dynamo)",
 }
 
 
@@ -252,6 +256,17 @@ def build_runner(key: str, model: torch.nn.Module, inputs: tuple, dtype: torch.d
         module = tvm_compile(source, option)
         listed = list(inputs)
         return lambda: module(listed)
+    if key in ("tvm_dynamo", "relax_dynamo"):
+        import tvm.contrib.torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+
+        backend = "tvm_contrib_torch" if key == "tvm_dynamo" else "tvm"
+        options = {"cache_dir": os.path.join(workdir, key)} if key == "tvm_dynamo" else None
+        compiled = torch.compile(model, backend=backend, options=options)
+
+        def dynamo():
+            with _autocast(dtype):
+                return compiled(*inputs)
+        return dynamo
     if key == "tvm_partition":
         from tvm.contrib.torch import partition  # pylint: disable=import-outside-toplevel
 
@@ -283,8 +298,12 @@ def bench_model(name: str, runners: Sequence[str], repeat: int, attn: str, dtype
                 record["notes"].append(f"{RUNNERS[key]}: skipped: {why}")
                 continue
             except Exception as err:  # pylint: disable=broad-except
+                # Backend failures wrap the cause: its line is the informative one.
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+                cause = next((line for line in lines if "Error" in line and
+                              not line.startswith("backend=")), lines[0] if lines else "")
                 record["notes"].append(f"{RUNNERS[key]}: failed: {type(err).__name__}: "
-                                       f"{str(err).splitlines()[0] if str(err) else ''}")
+                                       f"{cause[:300]}")
                 continue
             compile_s = time.perf_counter() - start
             flat = [torch.as_tensor(t).float() for t in _flat(out)]

@@ -59,7 +59,8 @@ class ExportedFiles:
         return self.lib_path, self.graph_path, self.params_path
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``path`` through a temp file in its directory and a rename: complete or absent."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.basename(path))
     try:
@@ -222,10 +223,10 @@ def export_program(
         tmp_lib = os.path.join(tmp, "lib.so")
         executable.export_library(tmp_lib)
         with open(tmp_lib, "rb") as f:
-            _atomic_write(files.lib_path, f.read())
-    _atomic_write(files.params_path, bytes(tvm.runtime.save_param_dict(params)))
-    _atomic_write(files.graph_path, json.dumps(manifest, indent=1).encode())
-    _atomic_write(files.relax_path, relax_mod.script(show_meta=False).encode())
+            atomic_write(files.lib_path, f.read())
+    atomic_write(files.params_path, bytes(tvm.runtime.save_param_dict(params)))
+    atomic_write(files.graph_path, json.dumps(manifest, indent=1).encode())
+    atomic_write(files.relax_path, relax_mod.script(show_meta=False).encode())
     return files
 
 
@@ -253,7 +254,7 @@ def write_index(export_dir: str, programs: Sequence[ExportedFiles]) -> None:
     for files in programs:
         entries.append({kind: {"file": os.path.basename(getattr(files, kind)),
                                "sha256": _sha256(getattr(files, kind))} for kind in _KINDS})
-    _atomic_write(os.path.join(export_dir, INDEX_NAME),
+    atomic_write(os.path.join(export_dir, INDEX_NAME),
                   json.dumps({"programs": entries}, indent=1).encode())
 
 

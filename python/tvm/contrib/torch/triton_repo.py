@@ -25,7 +25,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from .export import save_module
+from .export import atomic_write, save_module
 from .module import takes_input_list
 
 #: torch dtype -> Triton's data_type name.
@@ -162,6 +162,5 @@ def write_repository(model: torch.nn.Module, inputs: Sequence[torch.Tensor], rep
     os.makedirs(os.path.join(model_dir, str(version)), exist_ok=True)
     save_module(entry, os.path.join(model_dir, str(version), "model.pt"))
     config = os.path.join(model_dir, "config.pbtxt")
-    with open(config, "w", encoding="utf-8") as f:
-        f.write(config_text(name, inputs, outputs, kind))
+    atomic_write(config, config_text(name, inputs, outputs, kind).encode("utf-8"))
     return config

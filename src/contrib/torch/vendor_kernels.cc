@@ -269,8 +269,9 @@ ffi::Tensor Conv2dAddNchw(ffi::Tensor x, ffi::Tensor other, ffi::Tensor weight, 
 }
 
 /*!
- * \brief x @ w + bias (+ relu) on MKL; w is [in, out], x is [..., in]. Leading dims are
- * flattened so that the bias is added inside the GEMM (addmm) for 3-D inputs too.
+ * \brief x @ w + bias (+ relu) through ATen's addmm (cuBLAS: CPU programs use LinearPacked);
+ * w is [in, out], x is [..., in]. Leading dims are flattened so that the bias is added inside
+ * the GEMM for 3-D inputs too.
  */
 ffi::Tensor MatmulBias(ffi::Tensor x, ffi::Tensor w, ffi::Tensor bias, ffi::String attr) {
   at::Tensor a = ToTorchTensor(x);

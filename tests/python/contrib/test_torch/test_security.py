@@ -256,9 +256,12 @@ def test_a_second_copy_of_the_runtime_library_is_left_inert(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "cpu"
     assert f"the copy at '{copy}' is left uninitialised" in proc.stderr
-    # From Python: a copy loaded first (by a C++ host, say) serves the package too.
+    # From Python: a copy loaded first (by a C++ host, say) serves the package too. The copy's
+    # $ORIGIN-relative rpath does not reach libtvm_ffi / libtvm_runtime from tmp_path (a host
+    # links them): importing tvm loads them first.
     proc = _isolated(f"""
         import torch
+        import tvm
         torch.ops.load_library({str(copy)!r})
         import tvm.contrib.torch as t
         print(t.load_runtime_library())

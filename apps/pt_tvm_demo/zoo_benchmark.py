@@ -282,6 +282,9 @@ def bench_model(name: str, runners: Sequence[str], repeat: int, attn: str, dtype
                 tuning_log: Optional[str], trials: int) -> Dict[str, Any]:
     """Measure one model on every runner; returns its result record."""
     label, builder = MODELS[name]
+    # Dynamo keys its caches on code objects that models share (FirstOutput.forward, a timm
+    # block's forward): past its recompile limit it would run this model eagerly, unmeasured.
+    torch._dynamo.reset()  # pylint: disable=protected-access
     model, inputs = builder(attn)
     record: Dict[str, Any] = {"model": name, "label": label, "rows": {}, "notes": []}
     calls: Dict[str, Callable[[], Any]] = {}

@@ -250,57 +250,50 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool,
     mm_bias = is_op("relax.add")(mm_const, b) | is_op("relax.add")(b, mm_const)
     mm_any = is_op("relax.matmul")(wildcard(), wildcard())
 
-    def weight_of(mm: relax.Call):
-        """The right-hand side as a constant [in, out] expression, or None."""
+    def constant_weight(mm: relax.Call):
+        """``(constant, transposed)`` for a 2-D constant right-hand side, used as it is or
+        through its transpose (nn.Linear's ``weight.T``: the constant is then [out, in]);
+        None otherwise."""
         rhs = mm.args[1]
         if isinstance(rhs, tvm.ir.GenericConst):
-            return rhs
-        if isinstance(rhs, relax.Call) and isinstance(rhs.args[0], tvm.ir.GenericConst):
-            axes = rhs.attrs.axes
-            value = _const_array(rhs.args[0])
-            if value.ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
-                return None
-            return relax.const(np.ascontiguousarray(value.T))
-        return None
-
-    def weight_out_in(mm: relax.Call):
-        """The right-hand side as a constant [out, in] expression (nn.Linear's layout: the
-        model's own weight when the graph transposes it), or None."""
-        rhs = mm.args[1]
-        if isinstance(rhs, tvm.ir.GenericConst):
-            value = _const_array(rhs)
-            return relax.const(np.ascontiguousarray(value.T)) if value.ndim == 2 else None
+            return (rhs, False) if len(_static_shape(rhs) or []) == 2 else None
         if isinstance(rhs, relax.Call) and isinstance(rhs.args[0], tvm.ir.GenericConst):
             axes = rhs.attrs.axes
             if len(_static_shape(rhs.args[0]) or []) != 2 or \
                     (axes is not None and [int(a) for a in axes] != [1, 0]):
                 return None
-            return rhs.args[0]
+            return rhs.args[0], True
         return None
+
+    def transposed_const(const: relax.Expr) -> relax.Expr:
+        return relax.const(np.ascontiguousarray(_const_array(const).T))
 
     def linear(unary, has_bias, residual=None):
         def rewrite(call, matched):
             mm = matched[mm_const]
             lhs = mm.args[0]
-            rhs = weight_of(mm)
-            if rhs is None or not _ok(lhs, rhs, call):
+            found = constant_weight(mm)
+            if found is None or not _ok(lhs, found[0], call):
                 return call
-            w_shape = _static_shape(rhs)
-            if w_shape is None or len(w_shape) != 2:
-                return call
+            const, transposed = found
+            rows, cols = _static_shape(const)
+            out_features = rows if transposed else cols
             if has_bias:
                 bias_value = _const_array(matched[b]).reshape(-1)
-                if bias_value.size != w_shape[1]:
+                if bias_value.size != out_features:
                     return call
             else:
-                bias_value = np.zeros((w_shape[1],), dtype="float32")
+                bias_value = np.zeros((out_features,), dtype="float32")
             bias_const = relax.const(bias_value.astype(str(call.ty.dtype)))
-            if gpu:
+            if gpu:  # cuBLAS takes the weight as [in, out]
                 if residual is not None or unary not in ("none", "relu"):
                     return call  # the CUDA kernel has no such epilogue
+                rhs = transposed_const(const) if transposed else const
                 return relax.call_pure_packed("tvm_torch.matmul_bias", lhs, rhs, bias_const,
                                               tvm.ir.StringImm(unary), ty_args=call.ty)
-            return _cpu_linear(call, lhs, weight_out_in(mm), bias_const, unary,
+            # oneDNN takes it as [out, in]
+            weight = const if transposed else transposed_const(const)
+            return _cpu_linear(call, lhs, weight, bias_const, unary,
                                matched[residual] if residual is not None else None)
         return rewrite
 
@@ -308,7 +301,7 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool,
         """oneDNN's linear on a prepacked weight (the prepack call depends on constants
         only: LiftTransformParams moves it into the params' transform function)."""
         dims = _dims(lhs)
-        if weight is None or dims is None or len(dims) < 2:
+        if dims is None or len(dims) < 2:
             return call
         if other is not None and (isinstance(other, tvm.ir.GenericConst) or
                                   not tvm_ffi.structural_equal(other.ty, call.ty)):

@@ -63,11 +63,12 @@ at::Tensor BytesToTensor(const std::string& bytes) {
 }
 
 std::string TensorToBytes(const at::Tensor& tensor, const char* what) {
-  TORCH_CHECK(tensor.scalar_type() == at::kByte && tensor.dim() == 1 && tensor.device().is_cpu(),
-              "tvm_class: ", what, " must be a 1-D uint8 CPU tensor, got ",
+  TORCH_CHECK(tensor.scalar_type() == at::kByte && tensor.dim() == 1 && !tensor.is_meta(),
+              "tvm_class: ", what, " must be a 1-D uint8 tensor with data, got ",
               c10::toString(tensor.scalar_type()), " with ", tensor.dim(), " dims on ",
               tensor.device());
-  at::Tensor c = tensor.contiguous();
+  // torch.jit.load(..., map_location="cuda") moves these blobs with every other saved tensor.
+  at::Tensor c = tensor.to(at::kCPU).contiguous();
   return std::string(static_cast<const char*>(c.data_ptr()), static_cast<size_t>(c.numel()));
 }
 

@@ -38,16 +38,24 @@ def cpu_has_bfloat16() -> bool:
 
 
 def cuda_target(arch: Optional[str] = None) -> tvm.target.Target:
-    """A CUDA target for ``arch`` (``"sm_90"``), by default the current GPU's."""
-    if arch is None:
-        import torch  # pylint: disable=import-outside-toplevel
+    """A CUDA target for ``arch`` (``"sm_90"``), by default the current GPU's.
 
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            arch = f"sm_{major}{minor}"
-        else:
-            arch = "sm_80"
-    return tvm.target.Target({"kind": "cuda", "arch": arch}, host=host_cpu_target())
+    The limits MetaSchedule's GPU rules need (threads and shared memory per block) are set as
+    TVM's NVIDIA tags set them; the L2 size comes from the GPU when it is the one targeted.
+    """
+    import torch  # pylint: disable=import-outside-toplevel
+
+    current = None
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        current = f"sm_{major}{minor}"
+    arch = arch or current or "sm_80"
+    attrs = {"kind": "cuda", "arch": arch, "max_num_threads": 1024,
+             "max_threads_per_block": 1024, "thread_warp_size": 32,
+             "max_shared_memory_per_block": 49152, "registers_per_block": 65536}
+    if arch == current:
+        attrs["l2_cache_size_bytes"] = int(torch.cuda.get_device_properties().L2_cache_size)
+    return tvm.target.Target(attrs, host=host_cpu_target())
 
 
 def resolve_target(target: Union[None, str, Dict[str, Any], tvm.target.Target],

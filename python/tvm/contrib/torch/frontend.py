@@ -10,6 +10,7 @@ they come from, before TVM's importer is reached.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -162,7 +163,33 @@ def to_exported_program(
     args = tuple(example_inputs)
     dynamic_shapes = _dynamic_shapes_spec(len(args), dynamic_dims)
     if isinstance(model, torch.export.ExportedProgram):
-        return model
+        return _on_host(model, owned=False)
+    return _on_host(_export(model, args, dynamic_shapes), owned=True)
+
+
+def _off_host(ep: torch.export.ExportedProgram) -> bool:
+    """Whether a program holds or makes tensors anywhere but the host."""
+    tensors = list(ep.state_dict.values()) + [
+        v for v in ep.constants.values() if isinstance(v, torch.Tensor)]
+    for node in ep.graph.nodes:
+        tensors += [v for v in torch.utils._pytree.tree_leaves(node.meta.get("val"))
+                    if isinstance(v, torch.Tensor)]
+    return any(t.device.type != "cpu" for t in tensors)
+
+
+def _on_host(ep: torch.export.ExportedProgram, owned: bool) -> torch.export.ExportedProgram:
+    """``ep`` with its weights, constants and device arguments on the host, where conversion
+    reads them (the compiled program's device is the target's). A caller's program is copied
+    before it is moved (``owned=False``)."""
+    if not _off_host(ep):
+        return ep
+    if not owned:
+        ep = copy.deepcopy(ep)
+    return torch.export.passes.move_to_device_pass(ep, "cpu")
+
+
+def _export(model: Any, args: tuple, dynamic_shapes) -> torch.export.ExportedProgram:
+    """:func:`to_exported_program` for a model that is not an ExportedProgram yet."""
     if isinstance(model, torch.jit.ScriptModule):
         eager = rebuild_eager(model)
         if eager is not None:  # a scripted torch.nn transformer module: export its eager twin

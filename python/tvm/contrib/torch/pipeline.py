@@ -189,10 +189,11 @@ class PyTorchTVMModule:
         """:meth:`from_pytorch` for input infos already parsed (:class:`InputInfo` buckets)."""
         self.default_dtype = default_dtype
         self.dim_ranges = dict(dim_ranges)
-        if isinstance(module, torch.nn.Module) and model_device(module) != "cpu":
-            # Conversion reads the weights on the host; the runtime device is separate.
-            module = copy.deepcopy(module).cpu()
-        self.buckets = [self._convert_bucket(module, list(bucket)) for bucket in buckets]
+        # Traced on the model's own device: a trace records the device of the tensors it
+        # created (arange, masks), which a host copy of the weights would not match. The
+        # frontend moves the program to the host, where conversion reads the weights.
+        device = model_device(module)
+        self.buckets = [self._convert_bucket(module, list(bucket), device) for bucket in buckets]
         counts = {_count_outputs(b.mod) for b in self.buckets}
         if len(counts) != 1:
             raise frontend.ConversionError(
@@ -200,7 +201,7 @@ class PyTorchTVMModule:
         self.num_outputs = counts.pop()
         return self
 
-    def _convert_bucket(self, module: Any, infos: List[InputInfo]) -> _Bucket:
+    def _convert_bucket(self, module: Any, infos: List[InputInfo], device: str) -> _Bucket:
         dynamic = {}
         dim_values = {}
         for info in infos:
@@ -211,7 +212,7 @@ class PyTorchTVMModule:
                     # specialising it (0/1 specialisation).
                     dim_values[dim] = min(max(low, 2), high) if high > 2 else high
                     dynamic[dim] = torch.export.Dim(dim, min=max(low, 1), max=high)
-        examples = [example_tensor(i, dim_values, "cpu") for i in infos]  # host, as the weights
+        examples = [example_tensor(i, dim_values, device) for i in infos]
         dims = None
         if dynamic:
             dims = [{axis: dynamic[d] for axis, d in enumerate(i.shape) if isinstance(d, str)}
@@ -382,16 +383,19 @@ def _low_precision_model(module: Any, options: CompileOptions):
 
     The pipeline converts float32 models and lowers them to ``default_dtype`` itself
     (``ToMixedPrecision``): a ``.half()`` / ``.bfloat16()`` model is converted from a float32
-    copy and compiled for its own dtype, with inputs and outputs in that dtype.
+    copy and compiled for ``default_dtype`` when given, else for its own dtype, with inputs and
+    outputs in that dtype.
     """
     dtype = verify.model_float_dtype(module)
-    if dtype not in (torch.float16, torch.bfloat16) or "default_dtype" in options.given:
+    if dtype not in (torch.float16, torch.bfloat16):
         return None
     if isinstance(module, torch.export.ExportedProgram):
         raise frontend.ConversionError(
             f"tvm.contrib.torch: this ExportedProgram computes in {dtype}; export the model in "
             "float32 and pass 'default_dtype' to compile it for a lower precision")
-    return copy.deepcopy(module).float(), str(dtype).replace("torch.", "")
+    compute = (options.default_dtype if "default_dtype" in options.given
+               else str(dtype).replace("torch.", ""))
+    return copy.deepcopy(module).float(), compute
 
 
 def _verify(source: Any, ptm: PyTorchTVMModule, result: torch.nn.Module,

@@ -45,12 +45,19 @@ def test_compile_matches_torch_fp32(name, how, device, tmp_path):
     assert_outputs_close(scripted(inputs), expected, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("name", ["cnn", "mlp", "transformer", "two_in_two_out"])
-def test_compile_float16(name, device, tmp_path):
+@pytest.mark.parametrize("name, weights", [
+    ("cnn", "float32"), ("mlp", "float32"), ("transformer", "float32"),
+    ("two_in_two_out", "float32"),
+    # A .half() model with default_dtype given as well (the usual GPU habit).
+    ("cnn", "float16"), ("transformer", "float16")])
+def test_compile_float16(name, weights, device, tmp_path):
     model, inputs, infos = models.make(name)
     expected = models.reference(model, inputs)
     model, inputs = _on(device, model, inputs)
-    compiled = compile(_to_script(model, inputs, "trace"),
+    if weights == "float16":
+        model = model.half()
+    traced_with = [x.half() for x in inputs] if weights == "float16" else inputs
+    compiled = compile(_to_script(model, traced_with, "trace"),
                        {"input_infos": infos, "default_dtype": "float16",
                         "export_dir": str(tmp_path)})
     outputs = compiled([x.half() for x in inputs])

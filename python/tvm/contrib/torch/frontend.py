@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import tvm
 from torch._export.converter import TS2EPConverter
+from torch.export.passes import move_to_device_pass
 from tvm import relax
 from tvm.relax.frontend import detach_params
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
@@ -185,7 +186,7 @@ def _on_host(ep: torch.export.ExportedProgram, owned: bool) -> torch.export.Expo
         return ep
     if not owned:
         ep = copy.deepcopy(ep)
-    return torch.export.passes.move_to_device_pass(ep, "cpu")
+    return move_to_device_pass(ep, "cpu")
 
 
 def _export(model: Any, args: tuple, dynamic_shapes) -> torch.export.ExportedProgram:

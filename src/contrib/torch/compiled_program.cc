@@ -15,10 +15,10 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 
 #include "kernel_profile.h"
 #include "load_checks.h"
@@ -280,28 +280,6 @@ void CompiledProgram::PrepareParams() {
   params_ready_.store(true, std::memory_order_release);
 }
 
-tvm::ffi::Any CompiledProgram::RunProfiled(VMInstance* vm,
-                                           const std::vector<tvm::ffi::AnyView>& args) {
-  const std::string program = manifest_.SignatureString();
-  auto set_instrument = vm->vm->GetFunction("set_instrument").value();
-  set_instrument(KernelProfile::Instrument(program, device_));
-  tvm::ffi::Any result;
-  const auto start = std::chrono::steady_clock::now();
-  try {
-    vm->entry.CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
-  } catch (const tvm::ffi::Error& err) {
-    set_instrument(tvm::ffi::Function(nullptr));
-    TORCH_CHECK(false, "tvm_class: running the compiled program failed: ", err.kind(), ": ",
-                err.message());
-  }
-  set_instrument(tvm::ffi::Function(nullptr));
-  KernelProfile::AddProgramCall(
-      program, std::chrono::duration_cast<std::chrono::nanoseconds>(
-                   std::chrono::steady_clock::now() - start)
-                   .count());
-  return result;
-}
-
 std::vector<at::Tensor> CompiledProgram::Run(const std::vector<at::Tensor>& inputs) {
   PrepareParams();
   std::vector<tvm::ffi::Tensor> tvm_inputs;
@@ -316,16 +294,18 @@ std::vector<at::Tensor> CompiledProgram::Run(const std::vector<at::Tensor>& inpu
   ScopedTvmStream stream(device_);
   std::unique_ptr<VMInstance> vm = AcquireVM();
   tvm::ffi::Any result;
-  if (KernelProfile::Active()) {
-    result = RunProfiled(vm.get(), args);
-  } else {
+  {
+    std::optional<KernelProfileScope> profile;
+    if (KernelProfile::Active()) profile.emplace(vm->vm, manifest_.SignatureString(), device_);
     try {
       vm->entry.CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
     } catch (const tvm::ffi::Error& err) {
+      profile.reset();
       ReleaseVM(std::move(vm));
       TORCH_CHECK(false, "tvm_class: running the compiled program failed: ", err.kind(), ": ",
                   err.message());
     }
+    if (profile) profile->AddProgramCall();
   }
   ReleaseVM(std::move(vm));
   std::vector<at::Tensor> outputs;

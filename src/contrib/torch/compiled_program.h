@@ -70,8 +70,6 @@ class CompiledProgram {
   };
 
   std::unique_ptr<VMInstance> NewVM() const;
-  /*! \brief Run the entry function with each of its calls timed (see kernel_profile.h). */
-  tvm::ffi::Any RunProfiled(VMInstance* vm, const std::vector<tvm::ffi::AnyView>& args);
   std::unique_ptr<VMInstance> AcquireVM();
   void ReleaseVM(std::unique_ptr<VMInstance> vm);
   void LoadParams();

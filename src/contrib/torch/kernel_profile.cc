@@ -79,7 +79,10 @@ ffi::Array<ffi::Array<ffi::Any>> ProfileStop() {
 
 bool KernelProfile::Active() { return g_active.load(std::memory_order_relaxed); }
 
-ffi::Function KernelProfile::Instrument(const std::string& program, const c10::Device& device) {
+namespace {
+
+/*! \brief A Relax VM instrument that adds the time of each call to the profile. */
+ffi::Function Instrument(const std::string& program, const c10::Device& device) {
   // A VM runs its calls one after another on the calling thread, so one start time suffices.
   auto start = std::make_shared<int64_t>(0);
   return ffi::Function::FromPacked([program, device, start](ffi::PackedArgs args,
@@ -97,9 +100,19 @@ ffi::Function KernelProfile::Instrument(const std::string& program, const c10::D
   });
 }
 
-void KernelProfile::AddProgramCall(const std::string& program, int64_t nanoseconds) {
-  Add(program, kProgramTotal, nanoseconds);
+}  // namespace
+
+KernelProfileScope::KernelProfileScope(ffi::Module vm, std::string program,
+                                       const c10::Device& device)
+    : set_instrument_(vm->GetFunction("set_instrument").value()),
+      program_(std::move(program)) {
+  set_instrument_(Instrument(program_, device));
+  start_ns_ = NowNs();
 }
+
+KernelProfileScope::~KernelProfileScope() { set_instrument_(ffi::Function(nullptr)); }
+
+void KernelProfileScope::AddProgramCall() { Add(program_, kProgramTotal, NowNs() - start_ns_); }
 
 }  // namespace tvm_torch
 

@@ -11,6 +11,7 @@
 #define TVM_CONTRIB_TORCH_KERNEL_PROFILE_H_
 
 #include <c10/core/Device.h>
+#include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
 #include <cstdint>
@@ -23,17 +24,33 @@ class KernelProfile {
  public:
   /*! \brief Whether profiling is on (checked on every program call). */
   static bool Active();
+};
 
+/*!
+ * \brief Profiles one program call while alive: sets a Relax VM instrument that adds the time
+ *        of each call the program makes to the profile, and clears it when destroyed (also
+ *        when the program throws).
+ */
+class KernelProfileScope {
+ public:
   /*!
-   * \brief A Relax VM instrument that adds the time of each call to the profile.
+   * \param vm The VM the program call runs on.
    * \param program The program's signature, which keys its rows.
    * \param device The device the program runs on (synchronised around each CUDA call, so
    *        that a call's time is its own).
    */
-  static tvm::ffi::Function Instrument(const std::string& program, const c10::Device& device);
+  KernelProfileScope(tvm::ffi::Module vm, std::string program, const c10::Device& device);
+  ~KernelProfileScope();
+  KernelProfileScope(const KernelProfileScope&) = delete;
+  KernelProfileScope& operator=(const KernelProfileScope&) = delete;
 
-  /*! \brief Add one whole program call (kernels plus VM overhead) to the profile. */
-  static void AddProgramCall(const std::string& program, int64_t nanoseconds);
+  /*! \brief Add the whole program call (kernels plus VM overhead) to the profile. */
+  void AddProgramCall();
+
+ private:
+  tvm::ffi::Function set_instrument_;
+  std::string program_;
+  int64_t start_ns_;
 };
 
 }  // namespace tvm_torch

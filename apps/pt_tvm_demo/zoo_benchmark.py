@@ -254,7 +254,8 @@ def build_runner(key: str, model: torch.nn.Module, inputs: tuple, dtype: torch.d
             option.update(tuning_log_file=tuning_log, tuning_n_trials=trials)
         source = model if module_input else torch.jit.trace(model, inputs, check_trace=False)
         module = tvm_compile(source, option)
-        listed = list(inputs)
+        # A bfloat16 program takes its float inputs in bfloat16 (as autocast hands them on).
+        listed = [x.to(dtype) if x.is_floating_point() else x for x in inputs]
         return lambda: module(listed)
     if key in ("tvm_dynamo", "relax_dynamo"):
         import tvm.contrib.torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import

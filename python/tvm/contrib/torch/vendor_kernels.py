@@ -11,9 +11,7 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   NHWC first; elementwise ops and pooling follow). The weight goes through
   ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves into
   ``main_transform_params``: the runtime prepacks every weight once, at the first call. CPU
-  ``conv1d`` (Whisper's, Wav2Vec's) becomes such a conv2d of height 1 first. A float32 1x1
-  convolution (stride 1, no padding) becomes a linear layer (below) where oneDNN's linear
-  kernel is measured faster on this CPU for its shape (:mod:`.kernel_choice`).
+  ``conv1d`` (Whisper's, Wav2Vec's) becomes such a conv2d of height 1 first.
 * ``layer_norm`` (trailing axes) and ``softmax`` -> ``tvm_torch.layer_norm`` /
   ``tvm_torch.softmax`` (ATen's kernels), on CPU and CUDA.
 * ``max_pool2d`` / ``avg_pool2d`` in NHWC (CPU, symmetric padding, no dilation for average)
@@ -52,8 +50,6 @@ import tvm
 import tvm_ffi
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
-
-from . import kernel_choice
 
 logger = logging.getLogger(__name__)
 
@@ -166,33 +162,6 @@ class _ConvRewriter:
                                           ty_args=out_ty)
         return relax.call_pure_packed("tvm_torch.conv2d_nhwc", args["x"], packed, bias_const,
                                       *geometry, unary_imm, ty_args=out_ty)
-
-
-def _pointwise_convs_as_linears(func: relax.Function) -> relax.Function:
-    """NHWC float32 1x1 convolutions (stride 1, no padding, one group) -> ``matmul(x, W.T)``
-    where oneDNN's linear kernel is measured faster than its convolution on this CPU
-    (:mod:`.kernel_choice`); :func:`_rewrite_matmuls` then takes them with their epilogues."""
-    conv = is_op("relax.nn.conv2d")(wildcard(), is_const())
-
-    def rewrite(call, _matched):
-        attrs = call.attrs
-        x, weight = call.args
-        shape, w_shape = _static_shape(x), _static_shape(weight)
-        if (attrs.data_layout != "NHWC" or attrs.kernel_layout != "OIHW"
-                or attrs.out_layout != "NHWC" or int(attrs.groups) != 1
-                or any(int(v) != 1 for v in list(attrs.strides) + list(attrs.dilation))
-                or any(int(v) != 0 for v in attrs.padding)
-                or shape is None or len(shape) != 4 or w_shape is None or w_shape[2:] != [1, 1]
-                or str(x.ty.dtype) != "float32" or str(call.ty.dtype) != "float32"):
-            return call
-        n, h, w, channels = shape
-        if not kernel_choice.pointwise_conv_as_linear(n * h, w, channels, w_shape[0]):
-            return call
-        # [in, out], as FoldConstant leaves an exported linear layer's weight.
-        matrix = np.ascontiguousarray(_const_array(weight).reshape(w_shape[0], w_shape[1]).T)
-        return relax.op.matmul(x, relax.const(matrix))
-
-    return rewrite_call(conv, rewrite, func)
 
 
 def _rewrite_convs(func: relax.Function, gpu: bool,
@@ -637,8 +606,6 @@ def offload_pass(gpu: bool = False, bfloat16: bool = False) -> tvm.transform.Pas
         func = mod["main"]
         if not gpu:
             func = _conv1d_as_conv2d(func)
-            if compute_dtype == "float32":
-                func = _pointwise_convs_as_linears(func)
         func = _rewrite_convs(func, gpu, compute_dtype)
         func = _rewrite_matmuls(_unflatten_linears(func), gpu, compute_dtype)
         func = _rewrite_normalizations(func, gpu)

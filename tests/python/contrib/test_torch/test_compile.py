@@ -67,38 +67,6 @@ def test_compile_float16(name, weights, device, tmp_path):
         compiled(inputs)
 
 
-@pytest.mark.parametrize("linear_faster", [True, False])
-def test_pointwise_convs_match_torch_on_either_kernel(linear_faster, monkeypatch, tmp_path):
-    """1x1 convolutions (with bias, SiLU, sigmoid, a residual add; NaN and Inf in the input)
-    match PyTorch whether they run as oneDNN linear layers or convolutions."""
-    from tvm.contrib.torch import kernel_choice  # pylint: disable=import-outside-toplevel
-
-    monkeypatch.setattr(kernel_choice, "pointwise_conv_as_linear",
-                        lambda *shape: linear_faster)
-    torch.manual_seed(0)
-
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.expand = torch.nn.Conv2d(8, 32, 1)
-            self.gate = torch.nn.Conv2d(32, 32, 1, bias=False)
-            self.project = torch.nn.Conv2d(32, 8, 1)
-
-        def forward(self, x):
-            y = torch.nn.functional.silu(self.expand(x))
-            y = y * torch.sigmoid(self.gate(y))
-            return x + self.project(y)
-
-    model = Block().eval()
-    x = torch.randn(2, 8, 9, 7)
-    x[0, 0, 0, 0], x[1, 3, 2, 1], x[1, 5, 4, 4] = float("nan"), float("inf"), -float("inf")
-    compiled = compile(model, {"input_infos": [("x", tuple(x.shape))],
-                               "export_dir": str(tmp_path)})
-    with torch.no_grad():
-        torch.testing.assert_close(compiled([x])[0], model(x), rtol=1e-5, atol=1e-5,
-                                   equal_nan=True)
-
-
 def test_transformer_fast_path_ops_are_decomposed(tmp_path):
     model, inputs, infos = models.make("transformer")
     traced = _to_script(model, inputs, "trace")

@@ -12,7 +12,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from tvm.contrib.torch import kernel_choice, vendor_kernels
+from tvm.contrib.torch import vendor_kernels
 
 Builder = Callable[[relax.BlockBuilder, List[relax.Var]], relax.Expr]
 
@@ -95,48 +95,6 @@ def test_conv2d_with_residual_add_and_relu():
     packed, ops, text = _offload(IMAGE + [((1, 8, 8, 8), "float32")], body)
     assert packed[-1] == "tvm_torch.conv2d_add_nhwc" and 'R.str("relu")' in text
     assert "relax.nn.relu" not in ops
-
-
-@pytest.mark.parametrize("linear_faster", [True, False])
-def test_pointwise_conv_runs_on_the_kernel_measured_faster(linear_faster, monkeypatch):
-    """A 1x1 convolution becomes a linear layer (with its bias and residual add fused) only
-    where kernel_choice measured the linear kernel faster."""
-    shapes = []
-    monkeypatch.setattr(kernel_choice, "pointwise_conv_as_linear",
-                        lambda *shape: shapes.append(shape) or linear_faster)
-
-    def body(bb, p):
-        y = bb.emit(relax.op.nn.conv2d(p[0], _const((16, 8, 1, 1))))
-        y = bb.emit(relax.op.add(y, _const((1, 16, 1, 1), seed=1)))
-        return bb.emit(relax.op.add(y, p[1]))
-
-    packed, ops, _ = _offload([((1, 8, 6, 5), "float32"), ((1, 16, 6, 5), "float32")], body)
-    assert shapes == [(6, 5, 8, 16)]
-    if linear_faster:
-        assert packed == ["tvm_torch.linear_prepack", "tvm_torch.linear_add"]
-    else:
-        assert packed == ["tvm_torch.conv2d_nhwc_prepack", "tvm_torch.conv2d_add_nhwc"]
-    assert not {"relax.nn.conv2d", "relax.matmul", "relax.add"} & set(ops)
-
-
-@pytest.mark.parametrize("case", ["stride", "padding", "groups", "3x3"])
-def test_only_plain_pointwise_convs_are_measured(case, monkeypatch):
-    monkeypatch.setattr(kernel_choice, "pointwise_conv_as_linear",
-                        lambda *shape: pytest.fail(f"measured {shape}"))
-    weight = {"groups": (8, 4, 1, 1), "3x3": (8, 8, 3, 3)}.get(case, (8, 8, 1, 1))
-    attrs = {"stride": {"strides": (2, 2)}, "padding": {"padding": (1, 1)},
-             "groups": {"groups": 2}}.get(case, {})
-    packed, _, _ = _offload([((1, 8, 6, 6), "float32")], lambda bb, p: bb.emit(
-        relax.op.nn.conv2d(p[0], _const(weight), **attrs)))
-    assert packed == ["tvm_torch.conv2d_nhwc_prepack", "tvm_torch.conv2d_nhwc"]
-
-
-def test_pointwise_conv_choice_is_measured_once_per_shape():
-    choose = kernel_choice.pointwise_conv_as_linear
-    choose.cache_clear()
-    first = choose(7, 5, 8, 16)
-    assert isinstance(first, bool) and choose.cache_info().misses == 1
-    assert choose(7, 5, 8, 16) == first and choose.cache_info().hits == 1
 
 
 def test_conv2d_on_gpu_is_nchw_without_prepacking():

@@ -165,10 +165,11 @@ class ProgressCallback(ms.measure_callback.PyMeasureCallback):
 
     def _check_rpc(self, task: TaskTuning, sent) -> None:
         done = sum(t.trials for t in self.tasks)
+        measured = done - sum(t.failed for t in self.tasks)
         cause = tuning_rpc.unreachable(self.rpc)
         if cause is not None:
             message = (f"the RPC tracker at {self.rpc.tracker} became unreachable during "
-                       f"tuning ({cause}) after {done} trial(s)")
+                       f"tuning ({cause}) after {done} trial(s), {measured} measured")
         elif all(x is None for _, x in sent):
             first = next((r.error_msg for r, _ in sent if r.error_msg), "no result")
             message = (f"every measurement of the last batch of {task.name} ({len(sent)} "
@@ -177,7 +178,8 @@ class ProgressCallback(ms.measure_callback.PyMeasureCallback):
         else:
             return
         self.error = TuningError(f"tvm.contrib.torch tuning: {message}. The records measured "
-                                 f"before are in {self.log_file}; tune again to go on.")
+                                 f"before are in {self.log_file} (a later run with it tunes only the "
+                                 "kernels it has no record for).")
         raise self.error
 
 

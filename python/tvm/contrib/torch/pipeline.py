@@ -99,8 +99,8 @@ class PyTorchTVMModule:
     log_file
         The tuning log :meth:`tune_tvm` recorded into (``tuning_log_file``).
     tuning_summaries
-        What the last :meth:`tune_tvm` did, one :class:`~tvm.contrib.torch.tuning.TuningSummary`
-        per bucket.
+        What the last :meth:`tune_tvm` did: one
+        :class:`~tvm.contrib.torch.tuning_progress.TuningSummary` per bucket.
     tvm_module
         The runnable module (a :class:`~tvm.contrib.torch.built_program.BuiltProgram`) of the
         last :meth:`build_tvm` / :meth:`load_tvm`.

@@ -178,8 +178,8 @@ class ProgressCallback(ms.measure_callback.PyMeasureCallback):
         else:
             return
         self.error = TuningError(f"tvm.contrib.torch tuning: {message}. The records measured "
-                                 f"before are in {self.log_file} (a later run with it tunes only the "
-                                 "kernels it has no record for).")
+                                 f"before are in {self.log_file} (a later run with it tunes "
+                                 "only the kernels it has no record for).")
         raise self.error
 
 

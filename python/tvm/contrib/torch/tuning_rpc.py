@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import threading
+import time
 from typing import Any, Dict, Optional
 
 from tvm import rpc
@@ -86,8 +87,26 @@ def _ask(config: TuningRPC) -> Dict[str, Any]:
     return answer
 
 
-def check_tracker(config: TuningRPC) -> TrackerStatus:
+def _status(config: TuningRPC) -> TrackerStatus:
+    """The tracker's status for ``config.key``, within ``timeout_s``."""
+    answer = _ask(config)
+    if "error" in answer:
+        err = answer["error"]
+        raise TuningError(f"tvm.contrib.torch tuning: the RPC tracker at {config.tracker} did "
+                          f"not answer as a tracker ({type(err).__name__}: {err})")
+    summary = answer["summary"]
+    servers = sum(1 for item in summary.get("server_info", [])
+                  if item.get("key", "").split(":", 1)[-1] == config.key)
+    queue = summary.get("queue_info", {}).get(config.key, {})
+    return TrackerStatus(servers, int(queue.get("free", 0)), int(queue.get("pending", 0)),
+                         answer["text"])
+
+
+def check_tracker(config: TuningRPC, poll_s: float = 0.5) -> TrackerStatus:
     """Ask the tracker for its servers under ``config.key``; fail unless one is free.
+
+    When servers are registered but all busy (another run measuring), waits up to
+    ``timeout_s`` for one to be free.
 
     Raises
     ------
@@ -95,31 +114,26 @@ def check_tracker(config: TuningRPC) -> TrackerStatus:
         When the tracker is unreachable or does not answer in ``timeout_s`` (naming the
         address and the cause), or has no free server for the key (with its queue status).
     """
-    where = f"the RPC tracker at {config.tracker}"
     cause = unreachable(config)
     if cause is not None:
-        raise TuningError(f"tvm.contrib.torch tuning: cannot reach {where} ({cause}); start "
-                          f"it with `python -m tvm.exec.rpc_tracker --host HOST --port "
-                          f"{config.port}` or fix tuning_rpc['tracker']")
-    answer = _ask(config)
-    if "error" in answer:
-        err = answer["error"]
-        raise TuningError(f"tvm.contrib.torch tuning: {where} did not answer as a tracker "
-                          f"({type(err).__name__}: {err})")
-    summary, text = answer["summary"], answer["text"]
-    servers = sum(1 for item in summary.get("server_info", [])
-                  if item.get("key", "").split(":", 1)[-1] == config.key)
-    queue = summary.get("queue_info", {}).get(config.key, {})
-    status = TrackerStatus(servers, int(queue.get("free", 0)), int(queue.get("pending", 0)),
-                           text)
+        raise TuningError(f"tvm.contrib.torch tuning: cannot reach the RPC tracker at "
+                          f"{config.tracker} ({cause}); start it with `python -m "
+                          f"tvm.exec.rpc_tracker --host HOST --port {config.port}` or fix "
+                          "tuning_rpc['tracker']")
+    deadline = time.monotonic() + config.timeout_s
+    status = _status(config)
+    while status.servers and not status.free and time.monotonic() + poll_s < deadline:
+        time.sleep(poll_s)
+        status = _status(config)
     if status.free == 0:
-        why = (f"no server registered under key {config.key!r}" if servers == 0 else
-               f"all {servers} server(s) under key {config.key!r} are busy "
-               f"({status.pending} request(s) pending)")
+        why = (f"no server registered under key {config.key!r}" if status.servers == 0 else
+               f"all {status.servers} server(s) under key {config.key!r} stayed busy for "
+               f"{config.timeout_s:g} s ({status.pending} request(s) pending)")
         raise TuningError(
-            f"tvm.contrib.torch tuning: {where} has no free server for key {config.key!r}: "
-            f"{why}; start one with `python -m tvm.exec.rpc_server --tracker "
-            f"{config.tracker} --key {config.key}`. The tracker's queue status:\n{text}")
+            f"tvm.contrib.torch tuning: the RPC tracker at {config.tracker} has no free server "
+            f"for key {config.key!r}: {why}; start one with `python -m tvm.exec.rpc_server "
+            f"--tracker {config.tracker} --key {config.key}`. The tracker's queue status:\n"
+            f"{status.text}")
     return status
 
 

@@ -198,6 +198,22 @@ def test_key_without_servers_fails_with_the_queue_status(cluster, tmp_path):
     assert "Queue Status" in text and KEY in text  # the tracker's own status table
 
 
+def test_busy_servers_are_waited_for_then_fail_with_the_queue_status(cluster):
+    from tvm.contrib.torch import tuning_rpc
+
+    config = TuningRPC("127.0.0.1", cluster.port, KEY, timeout_s=2)
+    tracker = rpc.connect_tracker("127.0.0.1", cluster.port)
+    sessions = [tracker.request(KEY, session_timeout=60) for _ in range(2)]  # both servers
+    started = time.monotonic()
+    busy = rf"(?s)all 2 server\(s\) under key '{KEY}' stayed busy for 2 s .*Queue Status"
+    with pytest.raises(TuningError, match=busy):
+        tuning_rpc.check_tracker(config)
+    assert time.monotonic() - started < 10
+    del sessions  # closes them: the servers register as free again
+    status = tuning_rpc.check_tracker(TuningRPC("127.0.0.1", cluster.port, KEY, timeout_s=30))
+    assert status.servers == 2 and status.free >= 1
+
+
 def test_tracker_killed_mid_tuning_ends_with_an_error_and_a_valid_log(tmp_path):
     log = str(tmp_path / "db" / "tuning.log")
     lost = Cluster(str(tmp_path), servers=1)
@@ -217,10 +233,10 @@ def test_tracker_killed_mid_tuning_ends_with_an_error_and_a_valid_log(tmp_path):
         killer.start()
         started = time.monotonic()
         expected = (rf"the RPC tracker at {lost.address} became unreachable during tuning "
-                    r"\(ConnectionRefusedError: .*\) after 8 trial\(s\), 4 measured\. The "
+                    r"\(ConnectionRefusedError: .*\) after 4 trial\(s\), 2 measured\. The "
                     r"records measured before are in ")
         with pytest.raises(TuningError, match=expected):
-            ptm.tune_tvm(log, 12, tuning.TuneSettings(num_trials_per_iter=4),
+            ptm.tune_tvm(log, 6, tuning.TuneSettings(num_trials_per_iter=2),
                          rpc={"tracker": lost.address, "key": KEY, "workers": 2,
                               "timeout_s": 5})
         assert time.monotonic() - started < 240
@@ -232,14 +248,14 @@ def test_tracker_killed_mid_tuning_ends_with_an_error_and_a_valid_log(tmp_path):
     # candidates are recorded too, at MetaSchedule's 1e10 s (so that none is measured again).
     records = _records(log)
     seconds = [record[1][1][0] for record in records]
-    assert len(records) == 8
-    assert sum(s < 1 for s in seconds) == 4 and sum(s == 1e10 for s in seconds) == 4
+    assert len(records) == 4
+    assert sum(s < 1 for s in seconds) == 2 and sum(s == 1e10 for s in seconds) == 2
     database = tuning.open_database(log)
     all_records = database.get_all_tuning_records()
-    assert len(all_records) == 8
-    assert len(database.get_top_k(all_records[0].workload, 10)) == 4
+    assert len(all_records) == 4
+    assert len(database.get_top_k(all_records[0].workload, 10)) == 2
     (entry,) = tuning_db.summarize(log)
-    assert entry.records == 8
+    assert entry.records == 4
     assert entry.best_us == pytest.approx(1e6 * min(seconds))
 
 

@@ -385,7 +385,7 @@ OPTIONS: Tuple[OptionSpec, ...] = (
                '"host:port", "key": KEY}`, optionally `"workers"` (measurements at once; default '
                'one per server under `KEY`) and `"timeout_s"` (the most one measurement may '
                "take, waiting for a server included; default 60); candidates are still built "
-               "here (see Tuning on a cluster)",
+               "here (docs/tuning.md)",
                default_doc="measure on this machine"),
     OptionSpec("tuning_builders", _int_at_least(1, allow_none=True), None,
                "processes that build tuning candidates at once",

@@ -247,8 +247,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, n_trials: int, log_file: 
     missing, reused = _tasks(mod, target, database)
     if not missing:
         summary = TuningSummary([], reused, time.perf_counter() - started)
-        logger.info("tuning log %s covers every kernel; nothing to measure\n%s", log_file,
-                    summary.text())
+        logger.info("%s (the log %s covers every kernel)", summary.text(), log_file)
         return summary
     logger.info("tuning %d kernel(s) with %d trials", len(missing), n_trials)
     per_task = max(1, n_trials // max(1, len(missing)))

@@ -97,6 +97,9 @@ class TuningSummary:
 
     def text(self) -> str:
         """One paragraph for the log."""
+        if not self.tasks:
+            return (f"tuning: 0 kernel(s) tuned ({self.reused} taken from the log), 0 trial(s) "
+                    f"in {self.wall_s:.1f} s: nothing to measure")
         speedup = self.estimated_speedup
         lines = [f"tuning: {len(self.tasks)} kernel(s) tuned ({self.reused} taken from the "
                  f"log), {self.trials} trial(s) ({self.failed} failed) measured on "

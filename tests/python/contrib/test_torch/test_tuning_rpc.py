@@ -188,6 +188,22 @@ def test_unreachable_tracker_fails_fast(tmp_path):
     assert not os.path.exists(tmp_path / "tuning.log") or not _records(str(tmp_path / "tuning.log"))
 
 
+def test_optimize_torch_takes_tuning_rpc(tmp_path):
+    """optimize_torch passes tuning_rpc through (an unreachable tracker fails fast), and
+    rejects it next to a runner of its own."""
+    from tvm.contrib.torch import optimize_torch
+
+    port = _free_port()
+    x = torch.rand(4, 16)
+    with pytest.raises(TuningError, match=rf"cannot reach the RPC tracker at 127\.0\.0\.1:{port}"):
+        optimize_torch(lambda t: (t * 2 + 1).clamp(0, 1), x, max_trials_global=4,
+                       work_dir=str(tmp_path), tuning_rpc={"tracker": f"127.0.0.1:{port}",
+                                                           "key": KEY})
+    with pytest.raises(ValueError, match="give either a runner or tuning_rpc"):
+        optimize_torch(lambda t: t * 2, x, max_trials_global=4, runner=object(),
+                       tuning_rpc={"tracker": f"127.0.0.1:{port}", "key": KEY})
+
+
 def test_key_without_servers_fails_with_the_queue_status(cluster, tmp_path):
     option = _option(tmp_path, str(tmp_path / "tuning.log"), cluster.address, key="nobody")
     with pytest.raises(TuningError) as info:

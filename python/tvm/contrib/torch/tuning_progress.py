@@ -158,7 +158,8 @@ class ProgressCallback(ms.measure_callback.PyMeasureCallback):
         latencies = [_latency_ms(result) for result in runner_results]
         task.record(latencies)
         if task.best_ms is not None:
-            self.bar.set_postfix_str(f"{task.name}: best {task.best_ms:.4g} ms", refresh=False)
+            self.bar.set_postfix_str(f"task {task_id + 1}/{len(self.tasks)} {task.name}: best "
+                                     f"{task.best_ms:.4g} ms", refresh=False)
         self.bar.update(len(runner_results))
         # Candidates that failed to build here were never sent to the servers.
         sent = [(r, x) for b, r, x in zip(builder_results, runner_results, latencies)

@@ -217,6 +217,10 @@ def compile_command(args: argparse.Namespace) -> None:
         option["tuning_rpc"] = rpc
     if args.tuning_builders is not None:
         option["tuning_builders"] = args.tuning_builders
+    if args.trials > 0:  # the tuning summary (trials, time, speed-up) is part of the report
+        summary = logging.getLogger("tvm.contrib.torch.tuning")
+        summary.setLevel(logging.INFO)
+        summary.addHandler(logging.StreamHandler(sys.stdout))
     with tempfile.TemporaryDirectory(prefix="tvm_torch_cli_") as workdir:
         option["export_dir"] = os.path.join(workdir, "export")
         opts = parse_options(option, require_input_infos=False)

@@ -30,6 +30,7 @@ from .dynamo_backend import BACKEND_NAME as TORCH_COMPILE_BACKEND  # noqa: E402
 from .dynamo_backend import register as _register_dynamo_backend  # noqa: E402
 from .torch_export import register as _register_export_support  # noqa: E402
 from .frontend import ConversionError  # noqa: E402
+from .errors import TuningError  # noqa: E402
 from .module import GraphModule, VMModule  # noqa: E402
 from .optimize_torch import GraphExecutorFactoryWrapper, optimize_torch  # noqa: E402
 from .partitioning import PartitionReport, partition, partition_report  # noqa: E402
@@ -51,6 +52,7 @@ __all__ = [
     "TORCH_COMPILE_BACKEND",
     "TVMScriptIRModule",
     "TraceTvmModule",
+    "TuningError",
     "VMModule",
     "as_torch",
     "compile",

@@ -5,6 +5,9 @@ Takes a saved TorchScript model and writes a drop-in replacement: the model part
 stays TorchScript), saved with the same ``forward`` signature. Prints what was offloaded and
 the latency before and after.
 
+With ``--trials N`` it tunes first, measuring on this machine or, with ``--tuning-rpc
+HOST:PORT --tuning-key KEY``, on the RPC servers of a TVM tracker.
+
 ``python -m tvm.contrib.torch profile MODEL_tvm.pt --input x:1x3x224x224`` prints where a
 compiled model's time goes, kernel by kernel (:mod:`.profiler`); ``tuning-db list|merge``
 shows and merges tuning logs (:mod:`.tuning_db`); ``triton-repo`` writes a Triton Inference
@@ -25,9 +28,10 @@ from typing import List, Sequence, Tuple
 import torch
 
 from .dtypes import COMPUTE_DTYPES
+from .errors import TuningError
 from .export import save_module
 from .frontend import ConversionError
-from .options import cli_help, parse_options
+from .options import cli_help, parse_options, parse_tracker
 from .partitioning import partition_report, partition_with_options
 from .timing import measure
 
@@ -144,8 +148,34 @@ def _argument_names(model: torch.jit.ScriptModule) -> List[str]:
     return names
 
 
+def _tuning_rpc(args: argparse.Namespace):
+    """The ``tuning_rpc`` option of ``--tuning-rpc HOST:PORT --tuning-key KEY ...`` (or None)."""
+    extra = [flag for flag, value in (("--tuning-key", args.tuning_key),
+                                      ("--tuning-workers", args.tuning_workers),
+                                      ("--tuning-timeout", args.tuning_timeout))
+             if value is not None]
+    if not args.tuning_rpc:
+        if extra:
+            raise CliError(f"{', '.join(extra)} given without --tuning-rpc HOST:PORT")
+        return None
+    try:
+        parse_tracker(args.tuning_rpc, "--tuning-rpc")
+    except ValueError as err:
+        raise CliError(str(err).replace("tvm.contrib.torch.compile: ", "")) from err
+    if not args.tuning_key:
+        raise CliError("--tuning-rpc needs --tuning-key KEY: the key the RPC servers "
+                       "registered under (rpc_server --key)")
+    rpc = {"tracker": args.tuning_rpc, "key": args.tuning_key}
+    if args.tuning_workers is not None:
+        rpc["workers"] = args.tuning_workers
+    if args.tuning_timeout is not None:
+        rpc["timeout_s"] = args.tuning_timeout
+    return rpc
+
+
 def compile_command(args: argparse.Namespace) -> None:
     """The ``compile`` subcommand."""
+    rpc = _tuning_rpc(args)
     for name in args.import_module or []:
         try:
             importlib.import_module(name)
@@ -183,6 +213,14 @@ def compile_command(args: argparse.Namespace) -> None:
               "verify": not args.no_verify}
     if args.tuning_log:
         option["tuning_log_file"] = args.tuning_log
+    if rpc is not None:
+        option["tuning_rpc"] = rpc
+    if args.tuning_builders is not None:
+        option["tuning_builders"] = args.tuning_builders
+    if args.trials > 0:  # the tuning summary (trials, time, speed-up) is part of the report
+        summary = logging.getLogger("tvm.contrib.torch.tuning")
+        summary.setLevel(logging.INFO)
+        summary.addHandler(logging.StreamHandler(sys.stdout))
     with tempfile.TemporaryDirectory(prefix="tvm_torch_cli_") as workdir:
         option["export_dir"] = os.path.join(workdir, "export")
         opts = parse_options(option, require_input_infos=False)
@@ -221,6 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="compute and input/output dtype (default float32)")
     comp.add_argument("--trials", type=int, default=0, help=cli_help("tuning_n_trials"))
     comp.add_argument("--tuning-log", help=cli_help("tuning_log_file"))
+    comp.add_argument("--tuning-rpc", metavar="HOST:PORT",
+                      help="measure tuning candidates on the RPC servers of the TVM tracker at "
+                           "HOST:PORT (python -m tvm.exec.rpc_tracker); needs --tuning-key "
+                           "(default: measure on this machine)")
+    comp.add_argument("--tuning-key", metavar="KEY",
+                      help="the key the RPC servers registered under (rpc_server --key)")
+    comp.add_argument("--tuning-workers", type=int, metavar="N",
+                      help="measurements at once on the RPC servers (default: one per server "
+                           "registered under the key)")
+    comp.add_argument("--tuning-timeout", type=float, metavar="SECONDS",
+                      help="the most one RPC measurement may take, waiting for a free server "
+                           "included; also the tracker's time to answer (default 60)")
+    comp.add_argument("--tuning-builders", type=int, metavar="N",
+                      help=cli_help("tuning_builders"))
     comp.add_argument("--import-module", action="append", metavar="MODULE",
                       help="a Python module to import first, e.g. one registering the model's "
                            "custom operators with torch.library (repeatable)")
@@ -288,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except ConversionError as err:  # its lines name the operators: all of them are useful
+    except (ConversionError, TuningError) as err:
+        # Every line is useful: the operators, or the tracker's queue status.
         print(f"error: {err}", file=sys.stderr)
         return 1
     except Exception as err:  # pylint: disable=broad-except

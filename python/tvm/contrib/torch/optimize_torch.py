@@ -154,6 +154,8 @@ def optimize_torch(
     space: Any = "post-order-apply",
     strategy: Any = "evolutionary",
     seed: Optional[int] = None,
+    tuning_rpc: Any = None,
+    tuning_builders: Optional[int] = None,
 ) -> GraphExecutorFactoryWrapper:
     """Compile a function or module at its example inputs, tuning it with MetaSchedule.
 
@@ -179,6 +181,11 @@ def optimize_torch(
         builder/runner are local ones with generous timeouts.
     database : str
         ``"json"`` (the log in ``work_dir``) or ``"memory"`` (discarded after the build).
+    tuning_rpc : dict, optional
+        Measure on the RPC servers of a TVM tracker instead of ``runner``: ``{"tracker":
+        "host:port", "key": KEY[, "workers": N][, "timeout_s": S]}``, as the compile option.
+    tuning_builders : int, optional
+        Local processes building candidates (instead of ``builder``), as the compile option.
 
     Returns
     -------
@@ -190,6 +197,9 @@ def optimize_torch(
     ------
     ConversionError
         When ``func`` cannot be converted or built, or its compiled outputs differ from it.
+    TuningError
+        With ``tuning_rpc``: the tracker is unreachable, has no free server for the key, or
+        was lost during tuning.
     """
     examples = _example_tuple(example_inputs)
     if not isinstance(max_trials_global, int) or isinstance(max_trials_global, bool) or \
@@ -205,16 +215,13 @@ def optimize_torch(
                         f"{type(func).__name__}")
     module = func if isinstance(func, (torch.nn.Module, torch.jit.ScriptFunction)) \
         else _FunctionModule(func)
-    settings = tuning.TuneSettings(
-        max_trials_per_task=max_trials_per_task, num_trials_per_iter=num_trials_per_iter,
-        builder=builder, runner=runner, cost_model=cost_model,
-        measure_callbacks=measure_callbacks, task_scheduler=task_scheduler, space=space,
-        strategy=strategy, seed=seed)
     with _directories(work_dir) as directory, \
             tempfile.TemporaryDirectory(prefix="tvm_torch_memory_db_") as scratch:
         log_dir = directory if database == "json" else scratch
         infos = [(f"inp_{i}", tuple(t.shape), str(t.dtype).replace("torch.", ""))
                  for i, t in enumerate(examples)]
+        tuning_keys = {k: v for k, v in (("tuning_rpc", tuning_rpc),
+                                         ("tuning_builders", tuning_builders)) if v is not None}
         options = parse_options({
             "input_infos": infos,
             "target": resolved_target,
@@ -223,7 +230,14 @@ def optimize_torch(
             "tuning_log_file": os.path.join(log_dir, "tuning.log"),
             "export_dir": os.path.join(directory, "compiled"),
             "example_inputs": examples,
+            **tuning_keys,
         })
+        settings = tuning.TuneSettings(
+            max_trials_per_task=max_trials_per_task, num_trials_per_iter=num_trials_per_iter,
+            builder=builder, runner=runner, cost_model=cost_model,
+            measure_callbacks=measure_callbacks, task_scheduler=task_scheduler, space=space,
+            strategy=strategy, seed=seed, rpc=options.tuning_rpc,
+            builders=options.tuning_builders)
         compiled = compile_program(module, options.buckets, options, options.export_dir,
                                    settings)
     if int(compiled.engine.num_outputs()) == 1:

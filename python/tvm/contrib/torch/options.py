@@ -34,6 +34,35 @@ class InputInfo:
         return all(isinstance(d, int) for d in self.shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class TuningRPC:
+    """Where MetaSchedule measures candidates: the RPC servers of a TVM tracker (``tuning_rpc``).
+
+    Attributes
+    ----------
+    host, port : str, int
+        The tracker's address (``python -m tvm.exec.rpc_tracker``).
+    key : str
+        The key the measuring servers registered under (``rpc_server --key``).
+    workers : int or None
+        Measurements run at once; ``None``: one per server registered under ``key``.
+    timeout_s : float
+        The most one measurement may take, waiting for a free server included; also how
+        long the tracker may take to answer before tuning fails.
+    """
+
+    host: str
+    port: int
+    key: str
+    workers: Optional[int] = None
+    timeout_s: float = 60.0
+
+    @property
+    def tracker(self) -> str:
+        """``host:port``."""
+        return f"{self.host}:{self.port}"
+
+
 @dataclasses.dataclass
 class CompileOptions:
     """Validated compile options (see :data:`OPTIONS`)."""
@@ -44,6 +73,8 @@ class CompileOptions:
     num_outputs: Optional[int] = None
     tuning_n_trials: int = 0
     tuning_log_file: str = "tuning.log"
+    tuning_rpc: Optional[TuningRPC] = None
+    tuning_builders: Optional[int] = None
     target: Any = None
     device: Optional[str] = None
     dim_ranges: Dict[str, Tuple[int, int]] = dataclasses.field(default_factory=dict)
@@ -176,6 +207,53 @@ def _path(allow_bytes: bool) -> Callable[[str, Any], str]:
     return parse
 
 
+#: The keys of ``tuning_rpc`` and whether each is required.
+_TUNING_RPC_KEYS = {"tracker": True, "key": True, "workers": False, "timeout_s": False}
+
+
+def parse_tracker(text: Any, key: str = "tuning_rpc['tracker']") -> Tuple[str, int]:
+    """``(host, port)`` from ``"host:port"`` (an IPv6 host in brackets: ``"[::1]:9190"``).
+
+    Raises
+    ------
+    ValueError
+        Naming ``key``, what was expected and what came.
+    """
+    expected = f'{key} must be "host:port" with a port in 1..65535'
+    if not isinstance(text, str):
+        _fail(f"{expected}, got {type(text).__name__} {text!r}")
+    host, sep, port = text.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        _fail(f"{expected}, got {text!r}")
+    return host, int(port)
+
+
+def _tuning_rpc(key: str, value: Any) -> Optional[TuningRPC]:
+    if value is None or isinstance(value, TuningRPC):
+        return value
+    shape = '{"tracker": "host:port", "key": str, "workers": int, "timeout_s": seconds}'
+    if not isinstance(value, dict):
+        _fail(f"{key} must be a dict {shape}, got {type(value).__name__} {value!r}")
+    unknown = sorted(set(value) - set(_TUNING_RPC_KEYS))
+    missing = [k for k, required in _TUNING_RPC_KEYS.items() if required and k not in value]
+    if unknown or missing:
+        _fail(f"{key} must be a dict {shape} ('workers' and 'timeout_s' optional); "
+              + (f"unknown key(s) {unknown}" if unknown else f"missing {missing}")
+              + f" in {value!r}")
+    host, port = parse_tracker(value["tracker"], f"{key}['tracker']")
+    rpc_key = value["key"]
+    if not isinstance(rpc_key, str) or not rpc_key or ":" in rpc_key:
+        _fail(f"{key}['key'] must be the non-empty key the RPC servers registered under "
+              f"(without ':'), got {rpc_key!r}")
+    workers = _int_at_least(1, allow_none=True)(f"{key}['workers']", value.get("workers"))
+    timeout_s = value.get("timeout_s", TuningRPC.timeout_s)
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or \
+            not timeout_s > 0:
+        _fail(f"{key}['timeout_s'] must be a number of seconds > 0, got {timeout_s!r}")
+    return TuningRPC(host, port, rpc_key, workers, float(timeout_s))
+
+
 def _default_dtype(key: str, value: Any) -> str:
     if value not in COMPUTE_DTYPES:
         _fail(f"{key} must be one of {list(COMPUTE_DTYPES)}, got {value!r}")
@@ -302,6 +380,16 @@ OPTIONS: Tuple[OptionSpec, ...] = (
                "MetaSchedule trial budget; `0` skips tuning"),
     OptionSpec("tuning_log_file", _path(allow_bytes=False), "tuning.log",
                "MetaSchedule log, re-used when it exists"),
+    OptionSpec("tuning_rpc", _tuning_rpc, None,
+               'measure tuning candidates on the RPC servers of a TVM tracker: `{"tracker": '
+               '"host:port", "key": KEY}`, optionally `"workers"` (measurements at once; default '
+               'one per server under `KEY`) and `"timeout_s"` (the most one measurement may '
+               "take, waiting for a server included; default 60); candidates are still built "
+               "here (docs/tuning.md)",
+               default_doc="measure on this machine"),
+    OptionSpec("tuning_builders", _int_at_least(1, allow_none=True), None,
+               "processes that build tuning candidates at once",
+               default_doc="one per physical core"),
     OptionSpec("target", lambda key, value: value, None,
                'TVM target (`dict`, `Target`, `"llvm"`, `"cuda"`)',
                default_doc="this CPU (its model, features and cores), or the GPU when `device` "

@@ -24,8 +24,8 @@ from . import export as export_mod
 from . import frontend, passes, tuning, vendor_kernels, verify
 from .built_program import BuiltProgram
 from .module import GraphModule, VMModule
-from .options import (CompileOptions, InputInfo, device_name, example_tensor,
-                      make_input_info, parse_options, shapes_of)
+from .options import (OPTIONS_BY_NAME, CompileOptions, InputInfo, device_name,
+                      example_tensor, make_input_info, parse_options, shapes_of)
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,9 @@ class PyTorchTVMModule:
         The first input-shape set's Relax module and weights (see :attr:`buckets` for all).
     log_file
         The tuning log :meth:`tune_tvm` recorded into (``tuning_log_file``).
+    tuning_summaries
+        What the last :meth:`tune_tvm` did: one
+        :class:`~tvm.contrib.torch.tuning_progress.TuningSummary` per bucket.
     tvm_module
         The runnable module (a :class:`~tvm.contrib.torch.built_program.BuiltProgram`) of the
         last :meth:`build_tvm` / :meth:`load_tvm`.
@@ -128,6 +131,7 @@ class PyTorchTVMModule:
         self.buckets: List[_Bucket] = []
         self.export_dir: Optional[str] = None
         self.tuning_log_file: Optional[str] = None
+        self.tuning_summaries: List[tuning.TuningSummary] = []
         self.num_outputs: Optional[int] = None
 
     def from_pytorch(self, module: Any, input_infos: Sequence, default_dtype: str = "float32",
@@ -233,16 +237,39 @@ class PyTorchTVMModule:
                        index_bounds=bounds)
 
     def tune_tvm(self, log_file: str = "tuning.log", n_trial: int = 1000,
-                 settings: Optional[tuning.TuneSettings] = None) -> None:
+                 settings: Optional[tuning.TuneSettings] = None, rpc: Any = None,
+                 builders: Optional[int] = None) -> List[tuning.TuningSummary]:
         """Tune every bucket's kernels with MetaSchedule, recording into ``log_file``.
 
         Records already in ``log_file`` are re-used: a second call measures nothing new.
-        ``settings`` holds MetaSchedule's other knobs (builder, runner, search strategy, ...).
+        ``settings`` holds MetaSchedule's other knobs (builder, runner, search strategy, ...);
+        ``rpc`` and ``builders`` are the ``tuning_rpc`` and ``tuning_builders`` options
+        (measure on a tracker's RPC servers; local build processes).
+
+        Returns
+        -------
+        list of TuningSummary
+            One per bucket (trials, time, estimated speed-up); also :attr:`tuning_summaries`.
+
+        Raises
+        ------
+        TuningError
+            With ``rpc``: the tracker is unreachable, has no free server for the key, or was
+            lost during tuning (the records measured before stay in ``log_file``).
         """
+        rpc = OPTIONS_BY_NAME["tuning_rpc"].parse("tuning_rpc", rpc)
+        builders = OPTIONS_BY_NAME["tuning_builders"].parse("tuning_builders", builders)
+        settings = settings or tuning.TuneSettings()
+        if rpc is not None or builders is not None:
+            settings = dataclasses.replace(settings, rpc=rpc or settings.rpc,
+                                           builders=builders or settings.builders)
         self.tuning_log_file = os.path.abspath(log_file)
+        self.tuning_summaries = []
         for bucket in self.buckets:
             prepared = self._prepare(bucket)[0]
-            tuning.tune(prepared, self.target, n_trial, self.tuning_log_file, settings)
+            self.tuning_summaries.append(
+                tuning.tune(prepared, self.target, n_trial, self.tuning_log_file, settings))
+        return self.tuning_summaries
 
     def _prepare(self, bucket: _Bucket):
         if bucket.prepared is not None:
@@ -373,7 +400,8 @@ def _apply_tuning(ptm: PyTorchTVMModule, options: CompileOptions,
                   settings: Optional[tuning.TuneSettings]) -> None:
     """Tune when ``tuning_n_trials`` > 0; else apply an explicitly named, existing log."""
     if options.tuning_n_trials > 0:
-        ptm.tune_tvm(options.tuning_log_file, options.tuning_n_trials, settings)
+        ptm.tune_tvm(options.tuning_log_file, options.tuning_n_trials, settings,
+                     rpc=options.tuning_rpc, builders=options.tuning_builders)
     elif options.tuning_log_explicit and os.path.exists(options.tuning_log_file):
         ptm.tuning_log_file = os.path.abspath(options.tuning_log_file)
 

@@ -3,6 +3,8 @@
 The tuning log is a MetaSchedule JSON database: ``tuning_log_file`` holds the tuning records
 and ``tuning_log_file + ".workloads"`` the workloads they refer to. A later compile with the
 same log applies the best records, and tunes again only kernels that have no record yet.
+Candidates are built by local processes (``tuning_builders`` of them) and measured here or,
+with ``tuning_rpc``, on the RPC servers of a TVM tracker (:mod:`.tuning_rpc`).
 """
 from __future__ import annotations
 
@@ -12,13 +14,17 @@ import logging
 import os
 import tempfile
 import threading
-from typing import Any, Callable, Dict, List, Optional, Union
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import tvm
 from tqdm.auto import tqdm
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
-from tvm.ir.utils import derived_object
+
+from . import tuning_rpc
+from .options import TuningRPC
+from .tuning_progress import ProgressCallback, TaskTuning, TuningSummary
 
 logger = logging.getLogger(__name__)
 
@@ -38,19 +44,6 @@ def open_database(log_file: str) -> ms.database.JSONDatabase:
                                     path_tuning_record=log_file, allow_missing=True)
 
 
-@derived_object
-class _ProgressBar(ms.measure_callback.PyMeasureCallback):
-    """Advances a tqdm bar by the number of candidates measured."""
-
-    def __init__(self, bar):
-        super().__init__()
-        self.bar = bar
-
-    def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
-              runner_results) -> None:
-        self.bar.update(len(runner_results))
-
-
 def _kernels_to_tune(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Legalize and fuse, as the build does, so that the tuned kernels are the built ones."""
     generic = relax.backend.cpu_generic.pipeline
@@ -60,6 +53,11 @@ def _kernels_to_tune(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
 
 def untuned_tasks(mod: tvm.IRModule, target: tvm.target.Target, database) -> List:
     """The tuning tasks of ``mod`` that ``database`` holds no record for."""
+    return _tasks(mod, target, database)[0]
+
+
+def _tasks(mod: tvm.IRModule, target: tvm.target.Target, database) -> Tuple[List, int]:
+    """The tuning tasks ``database`` holds no record for, and the number of those it does."""
     tasks = ms.relax_integration.extract_tasks(_kernels_to_tune(mod, target), target)
     missing = []
     for task in tasks:
@@ -70,7 +68,7 @@ def untuned_tasks(mod: tvm.IRModule, target: tvm.target.Target, database) -> Lis
         workload = database.commit_workload(mod_task)
         if not database.get_top_k(workload, 1):
             missing.append(task)
-    return missing
+    return missing, len(tasks) - len(missing)
 
 
 @dataclasses.dataclass
@@ -79,7 +77,9 @@ class TuneSettings:
     them under TVM 0.19's names); ``None`` keeps this module's defaults.
 
     ``builder`` / ``runner`` default to local ones with generous timeouts (see
-    :data:`BUILD_TIMEOUT_S`); ``measure_callbacks`` gets the progress bar appended.
+    :data:`BUILD_TIMEOUT_S`); ``measure_callbacks`` gets the progress bar appended. ``rpc``
+    (the ``tuning_rpc`` option) measures on a tracker's servers instead of ``runner``;
+    ``builders`` (``tuning_builders``) sets the local builder's processes.
     """
 
     max_trials_per_task: Optional[int] = None
@@ -93,6 +93,16 @@ class TuneSettings:
     strategy: Any = "evolutionary"
     num_tuning_cores: Union[str, int] = "physical"
     seed: Optional[int] = None
+    rpc: Optional[TuningRPC] = None
+    builders: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.rpc is not None and not _is_local(self.runner):
+            raise ValueError("tvm.contrib.torch tuning: give either a runner or tuning_rpc "
+                             f"(which makes an RPC runner), not both; got runner={self.runner!r}")
+        if self.builders is not None and not _is_local(self.builder):
+            raise ValueError("tvm.contrib.torch tuning: give either a builder or "
+                             f"tuning_builders, not both; got builder={self.builder!r}")
 
 
 #: The process's local builder and runner, made on first use and shared by every tuning
@@ -130,13 +140,14 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params=None):
     return tvm_build(mod, target=target)
 
 
-def local_builder(given: Any = None) -> Any:
+def local_builder(given: Any = None, workers: Optional[int] = None) -> Any:
     """``given``, or for ``None`` / ``"local"`` (MetaSchedule's default spelling) the shared
-    local builder: :func:`build_candidate` and a timeout that suits slow worker start-ups
+    local builder with ``workers`` processes (default: one per physical core):
+    :func:`build_candidate` and a timeout that suits slow worker start-ups
     (:data:`BUILD_TIMEOUT_S`)."""
     if _is_local(given):
-        return _shared("builder", lambda: ms.builder.LocalBuilder(
-            timeout_sec=BUILD_TIMEOUT_S, f_build=build_candidate))
+        return _shared(f"builder/{workers}", lambda: ms.builder.LocalBuilder(
+            max_workers=workers, timeout_sec=BUILD_TIMEOUT_S, f_build=build_candidate))
     return given
 
 
@@ -173,16 +184,35 @@ def meta_schedule_logging():
                 log.addHandler(handler)
 
 
-def _callbacks(given: Any, bar) -> List:
+def _callbacks(given: Any, progress: ProgressCallback) -> List:
     if isinstance(given, str):
         given = ms.measure_callback.MeasureCallback.create(given)
     elif not isinstance(given, (list, tuple)):
         given = [given]
-    return list(given) + [_ProgressBar(bar)]
+    # Last: the database has the batch's records when the progress check stops a run.
+    return list(given) + [progress]
+
+
+@contextlib.contextmanager
+def _runner(settings: TuneSettings):
+    """The runner for ``settings`` and where it measures (an RPC runner's pool is shut down
+    after the run; the shared local one is kept)."""
+    if settings.rpc is None:
+        yield local_runner(settings.runner), "this machine"
+        return
+    status = tuning_rpc.check_tracker(settings.rpc)
+    workers = settings.rpc.workers or status.servers
+    logger.info("measuring on %s: %d server(s), %d free; %d measurement(s) at once",
+                tuning_rpc.describe(settings.rpc), status.servers, status.free, workers)
+    runner = tuning_rpc.rpc_runner(settings.rpc, workers)
+    try:
+        yield runner, tuning_rpc.describe(settings.rpc)
+    finally:
+        runner.pool.shutdown(wait=False)
 
 
 def tune(mod: tvm.IRModule, target: tvm.target.Target, n_trials: int, log_file: str,
-         settings: Optional[TuneSettings] = None) -> int:
+         settings: Optional[TuneSettings] = None) -> TuningSummary:
     """Tune the kernels of a prepared Relax module, recording into ``log_file``.
 
     Parameters
@@ -196,27 +226,42 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, n_trials: int, log_file: 
     log_file : str
         The tuning log (see the module docstring).
     settings : TuneSettings, optional
-        MetaSchedule's other knobs.
+        MetaSchedule's other knobs, ``tuning_rpc`` and ``tuning_builders``.
 
     Returns
     -------
-    int
-        The number of candidates measured (0 when the log already covered every kernel).
+    TuningSummary
+        Kernels tuned and taken from the log, trials (0 when the log already covered every
+        kernel), time and estimated speed-up; also logged at INFO level.
+
+    Raises
+    ------
+    TuningError
+        Measuring over RPC: before tuning, when the tracker is unreachable or has no free
+        server for the key; during tuning, when the tracker became unreachable or a whole
+        batch of measurements failed. The records measured before stay in ``log_file``.
     """
     settings = settings or TuneSettings()
+    started = time.perf_counter()
     database = open_database(log_file)
-    missing = untuned_tasks(mod, target, database)
+    missing, reused = _tasks(mod, target, database)
     if not missing:
-        logger.info("tuning log %s covers every kernel; nothing to measure", log_file)
-        return 0
+        summary = TuningSummary([], reused, time.perf_counter() - started)
+        logger.info("%s (the log %s covers every kernel)", summary.text(), log_file)
+        return summary
     logger.info("tuning %d kernel(s) with %d trials", len(missing), n_trials)
     per_task = max(1, n_trials // max(1, len(missing)))
-    with tqdm(total=n_trials, desc="MetaSchedule", unit="trial") as bar, \
-            meta_schedule_logging():
-        with tempfile.TemporaryDirectory(prefix="tvm_torch_tune_") as work_dir:
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                missing, work_dir=work_dir, space=settings.space, strategy=settings.strategy,
-                num_threads=settings.num_tuning_cores, seed=settings.seed)
+    with _runner(settings) as (runner, measured_on), \
+            tqdm(total=n_trials, desc="MetaSchedule", unit="trial") as bar, \
+            meta_schedule_logging(), \
+            tempfile.TemporaryDirectory(prefix="tvm_torch_tune_") as work_dir:
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            missing, work_dir=work_dir, space=settings.space, strategy=settings.strategy,
+            num_threads=settings.num_tuning_cores, seed=settings.seed)
+        tasks = [TaskTuning(str(ctx.task_name), float(weight))
+                 for ctx, weight in zip(contexts, weights)]
+        progress = ProgressCallback(bar, tasks, settings.rpc, log_file)
+        try:
             ms.tune.tune_tasks(
                 tasks=contexts,
                 task_weights=weights,
@@ -226,11 +271,19 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, n_trials: int, log_file: 
                 num_trials_per_iter=settings.num_trials_per_iter or min(64, per_task),
                 database=database,
                 cost_model=settings.cost_model,
-                measure_callbacks=_callbacks(settings.measure_callbacks, bar),
+                measure_callbacks=_callbacks(settings.measure_callbacks, progress),
                 task_scheduler=settings.task_scheduler,
                 # Workers start a fresh interpreter (importing TVM takes seconds on small
                 # machines): generous timeouts keep slow starts from counting as failures.
-                builder=local_builder(settings.builder),
-                runner=local_runner(settings.runner),
+                builder=local_builder(settings.builder, settings.builders),
+                runner=runner,
             )
-        return bar.n
+        except Exception as err:  # pylint: disable=broad-except
+            # The progress check's error may come back through MetaSchedule's C++ side
+            # re-raised as another type: the original is the one to raise.
+            if progress.error is not None and err is not progress.error:
+                raise progress.error from err
+            raise
+    summary = TuningSummary(tasks, reused, time.perf_counter() - started, measured_on)
+    logger.info("%s", summary.text())
+    return summary

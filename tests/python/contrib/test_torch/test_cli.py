@@ -136,5 +136,37 @@ def test_help_explains_every_flag(tmp_path):
     assert proc.returncode == 0
     for flag in ("--input", "--dtype", "--trials", "--tuning-log", "--repeat", "--output",
                  "--import-module", "--load-library", "--min-block-size", "--torch-executed-op",
-                 "--require-full-compilation"):
+                 "--require-full-compilation", "--tuning-rpc", "--tuning-key", "--tuning-workers",
+                 "--tuning-timeout", "--tuning-builders"):
         assert flag in proc.stdout
+
+
+def test_tuning_rpc_flags(tmp_path):
+    """--tuning-rpc: flag errors are one line (exit 2); an unreachable tracker fails the
+    compile (exit 1) instead of leaving the model in TorchScript."""
+    import socket
+
+    class Elementwise(torch.nn.Module):  # one fused kernel that TVM generates (and tunes)
+        def forward(self, x):
+            return (x * 2 + 1).clamp(0, 1)
+
+    torch.jit.script(Elementwise()).save(str(tmp_path / "model.pt"))
+    base = ("compile", "model.pt", "--input", "x:4x16", "--trials", "2", "-o", "o.pt")
+    proc = _cli(*base, "--tuning-key", "k", cwd=str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --tuning-key given without --tuning-rpc HOST:PORT"
+    proc = _cli(*base, "--tuning-rpc", "localhost", "--tuning-key", "k", cwd=str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ('error: --tuning-rpc must be "host:port" with a port in '
+                                   "1..65535, got 'localhost'")
+    proc = _cli(*base, "--tuning-rpc", "127.0.0.1:9190", cwd=str(tmp_path))
+    assert proc.returncode == 2 and "--tuning-rpc needs --tuning-key KEY" in proc.stderr
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = _cli(*base, "--tuning-rpc", f"127.0.0.1:{port}", "--tuning-key", "k",
+                "--tuning-builders", "1", cwd=str(tmp_path))
+    assert proc.returncode == 1, proc.stderr
+    assert (f"error: tvm.contrib.torch tuning: cannot reach the RPC tracker at 127.0.0.1:{port} "
+            "(ConnectionRefusedError") in proc.stderr
+    assert not (tmp_path / "o.pt").exists()

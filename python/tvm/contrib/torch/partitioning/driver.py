@@ -24,6 +24,7 @@ import torch
 
 from .. import frontend, verify
 from ..dtypes import COMPUTE_DTYPES
+from ..errors import TuningError
 from ..options import CompileOptions, check_dim_ranges, make_input_info, parse_options
 from ..pipeline import compile_program
 from .classification import Classification, classify
@@ -127,6 +128,8 @@ class _Partitioner:
             return
         try:
             module = self._compile(segment)
+        except TuningError:
+            raise  # the tracker, not this subgraph, is at fault: no TorchScript fallback
         except Exception as err:  # pylint: disable=broad-except
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             points = split_points(nodes)

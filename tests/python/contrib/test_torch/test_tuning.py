@@ -53,3 +53,30 @@ def test_meta_schedule_logging_tolerates_foreign_handlers(tmp_path):
         assert mine in log.handlers
     finally:
         log.removeHandler(mine)
+
+
+def test_a_kernel_tuned_for_one_model_is_reused_by_another(tmp_path):
+    """The log is shared across models: a second model with the same layer (same workload,
+    same target) measures only its own new kernel."""
+    from tvm.contrib.torch import PyTorchTVMModule
+
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(32, 32)
+    first = torch.nn.Sequential(shared, torch.nn.ReLU()).eval()
+    second = torch.nn.Sequential(shared, torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    log = str(tmp_path / "shared.log")
+
+    def tune(model):
+        ptm = PyTorchTVMModule()
+        ptm.vendor_kernels = False  # the linear layers are TVM kernels, so there is work
+        ptm.from_pytorch(torch.jit.trace(model, torch.randn(4, 32)), [("x", (4, 32))])
+        return ptm.tune_tvm(log, n_trial=4)[0]
+
+    first_run = tune(first)
+    assert first_run.trials > 0 and first_run.reused == 0
+    second_run = tune(second)
+    # Its first layer (with the ReLU) is the first model's kernel: found in the log.
+    assert second_run.reused >= 1
+    assert second_run.trials > 0  # its own last layer was tuned
+    tuned_names = {t.name for t in second_run.tasks}
+    assert not tuned_names & {t.name for t in first_run.tasks}, tuned_names

@@ -20,7 +20,8 @@ runner and the machine's CPU and flags.
     python apps/pt_tvm_demo/zoo_benchmark.py [--models bert_base,resnet50] [--repeat 20]
         [--runners eager,ts_frozen,inductor,onnxruntime,openvino,tvm,tvm_partition,
                    tvm_dynamo,relax_dynamo]
-        [--attn sdpa|eager] [--dtype float32|bfloat16] [--tuning-log tuning.log]
+        [--attn sdpa|eager] [--dtype float32|bfloat16]
+        [--tuning-log tuning.log [--trials N] [--tuning-rpc HOST:PORT --tuning-key KEY]]
         [--json results.json] [--markdown table.md]
 
 ``--json`` appends each model's rows as it finishes, so that a long run can be split
@@ -182,9 +183,12 @@ def _flat(out) -> List[torch.Tensor]:
 
 
 def build_runner(key: str, model: torch.nn.Module, inputs: tuple, dtype: torch.dtype,
-                 workdir: str, tuning_log: Optional[str], trials: int,
+                 workdir: str, tuning: Dict[str, Any],
                  module_input: bool = False) -> Callable[[], Any]:
-    """Prepare one runner; returns the call to time. Raises :class:`Skip` when unavailable."""
+    """Prepare one runner; returns the call to time. Raises :class:`Skip` when unavailable.
+
+    ``tuning`` holds the tuned row's compile options (``tuning_log_file``,
+    ``tuning_n_trials``, ``tuning_rpc``)."""
     threads = torch.get_num_threads()
     if key == "eager":
         def eager():
@@ -244,14 +248,14 @@ def build_runner(key: str, model: torch.nn.Module, inputs: tuple, dtype: torch.d
     if key in ("tvm", "tvm_tuned"):
         from tvm.contrib.torch import compile as tvm_compile  # pylint: disable=import-outside-toplevel
 
-        if key == "tvm_tuned" and not tuning_log:
+        if key == "tvm_tuned" and not tuning.get("tuning_log_file"):
             raise Skip("no --tuning-log given")
         option = {"input_infos": [(f"input{i}", tuple(x.shape), str(x.dtype)[6:])
                                   for i, x in enumerate(inputs)],
                   "export_dir": os.path.join(workdir, key),
                   "default_dtype": str(dtype)[6:]}
         if key == "tvm_tuned":
-            option.update(tuning_log_file=tuning_log, tuning_n_trials=trials)
+            option.update(tuning)
         source = model if module_input else torch.jit.trace(model, inputs, check_trace=False)
         module = tvm_compile(source, option)
         # A bfloat16 program takes its float inputs in bfloat16 (as autocast hands them on).
@@ -280,7 +284,7 @@ def build_runner(key: str, model: torch.nn.Module, inputs: tuple, dtype: torch.d
 
 
 def bench_model(name: str, runners: Sequence[str], repeat: int, attn: str, dtype: torch.dtype,
-                tuning_log: Optional[str], trials: int) -> Dict[str, Any]:
+                tuning: Dict[str, Any]) -> Dict[str, Any]:
     """Measure one model on every runner; returns its result record."""
     label, builder = MODELS[name]
     # Dynamo keys its caches on code objects that models share (FirstOutput.forward, a timm
@@ -295,7 +299,7 @@ def bench_model(name: str, runners: Sequence[str], repeat: int, attn: str, dtype
         for key in runners:
             start = time.perf_counter()
             try:
-                call = build_runner(key, model, inputs, dtype, workdir, tuning_log, trials,
+                call = build_runner(key, model, inputs, dtype, workdir, tuning,
                                     module_input=name in MODULE_INPUT)
                 out = call()  # the first call finishes lazy compilation (Inductor)
             except Skip as why:
@@ -395,6 +399,10 @@ def main() -> None:
     parser.add_argument("--tuning-log", help="MetaSchedule log: enables the tuned row")
     parser.add_argument("--trials", type=int, default=0,
                         help="trials to run for the tuned row (0: only apply the log)")
+    parser.add_argument("--tuning-rpc", metavar="HOST:PORT",
+                        help="measure the tuned row's candidates on this RPC tracker's servers")
+    parser.add_argument("--tuning-key", default="tvm-torch",
+                        help="the servers' key on the tracker (with --tuning-rpc)")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads every runner uses (default: torch's default, one per "
                              "core)")
@@ -415,13 +423,16 @@ def main() -> None:
         print(render(saved["records"], saved["header"]))
         return
     dtype = getattr(torch, args.dtype)
+    tuning: Dict[str, Any] = {"tuning_log_file": args.tuning_log, "tuning_n_trials": args.trials}
+    if args.tuning_rpc:
+        tuning["tuning_rpc"] = {"tracker": args.tuning_rpc, "key": args.tuning_key}
     print(header, flush=True)
     records = []
     for name in args.models.split(","):
         if name not in MODELS:
             parser.error(f"unknown model {name!r}; known: {', '.join(MODELS)}")
         records.append(bench_model(name, args.runners.split(","), args.repeat, args.attn,
-                                   dtype, args.tuning_log, args.trials))
+                                   dtype, tuning))
         print(render(records[-1:], ""), flush=True)
         if args.json:
             saved = {"header": header, "records": []}

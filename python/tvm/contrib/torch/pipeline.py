@@ -411,8 +411,8 @@ def _low_precision_model(module: Any, options: CompileOptions):
 
     The pipeline converts float32 models and lowers them to ``default_dtype`` itself
     (``ToMixedPrecision``): a ``.half()`` / ``.bfloat16()`` model is converted from a float32
-    copy and compiled for ``default_dtype`` when given, else for its own dtype, with inputs and
-    outputs in that dtype.
+    copy and compiled for its own dtype (``default_dtype``, when given, must name it), with
+    inputs and outputs in that dtype.
     """
     dtype = verify.model_float_dtype(module)
     if dtype not in (torch.float16, torch.bfloat16):
@@ -421,9 +421,13 @@ def _low_precision_model(module: Any, options: CompileOptions):
         raise frontend.ConversionError(
             f"tvm.contrib.torch: this ExportedProgram computes in {dtype}; export the model in "
             "float32 and pass 'default_dtype' to compile it for a lower precision")
-    compute = (options.default_dtype if "default_dtype" in options.given
-               else str(dtype).replace("torch.", ""))
-    return copy.deepcopy(module).float(), compute
+    own = str(dtype).replace("torch.", "")
+    if "default_dtype" in options.given and options.default_dtype != own:
+        raise frontend.ConversionError(
+            f"tvm.contrib.torch: this model computes in {own} but default_dtype is "
+            f"{options.default_dtype!r}; pass the float32 model (model.float()) to compile it "
+            f"for {options.default_dtype}")
+    return copy.deepcopy(module).float(), own
 
 
 def _verify(source: Any, ptm: PyTorchTVMModule, result: torch.nn.Module,

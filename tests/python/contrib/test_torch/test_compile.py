@@ -67,6 +67,14 @@ def test_compile_float16(name, weights, device, tmp_path):
         compiled(inputs)
 
 
+def test_half_model_with_another_default_dtype_is_refused(tmp_path):
+    model, inputs, infos = models.make("cnn")
+    with pytest.raises(ConversionError, match=r"computes in float16 but default_dtype is "
+                                              r"'float32'; pass the float32 model"):
+        compile(model.half(), {"input_infos": infos, "default_dtype": "float32",
+                               "export_dir": str(tmp_path)})
+
+
 def test_transformer_fast_path_ops_are_decomposed(tmp_path):
     model, inputs, infos = models.make("transformer")
     traced = _to_script(model, inputs, "trace")

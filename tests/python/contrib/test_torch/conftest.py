@@ -1,6 +1,7 @@
 """Shared fixtures: devices, small exported Relax programs, fresh-process runs."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -86,6 +87,18 @@ def affine_program(tmp_path, device):
 def cpu_program(tmp_path):
     """The program built for the CPU."""
     return AffineProgram(str(tmp_path / "export"), "cpu")
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """cuDNN and cuBLAS in true fp32 (PyTorch lets cuDNN use TF32 by default), for the
+    reference and for the vendor kernels the compiled module calls alike."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def run_fresh_python(code: str, cwd: str, timeout: int = 300) -> str:

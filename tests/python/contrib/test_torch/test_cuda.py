@@ -13,7 +13,7 @@ import torch
 
 from tvm.contrib.torch import PyTorchTVMModule, build, compile
 import models
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, exact_fp32
 
 requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU present")
 
@@ -92,7 +92,7 @@ def test_torch_compile_backend_on_gpu(name):
     model, inputs, _ = models.make(name)
     model = model.cuda()
     inputs = [x.cuda() for x in inputs]
-    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+    with torch.no_grad(), exact_fp32():
         expected = model(*inputs)
         actual = torch.compile(model, backend="tvm_contrib_torch")(*inputs)
     assert actual.device == expected.device

@@ -5,13 +5,12 @@ Small configurations (see ``zoo_models.py``) keep this fast; the benchmarks use 
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
 import torch
 
-from conftest import HAS_CUDA, run_fresh_python
+from conftest import HAS_CUDA, exact_fp32, run_fresh_python
 from zoo_models import HF_MODELS, VISION_MODELS, input_infos
 
 pytest.importorskip("transformers")
@@ -49,18 +48,6 @@ def _assert_matches(actual, expected, tol: float = 1e-4):
         assert a.dtype == e.dtype and a.shape == e.shape and a.device == e.device
         scale = max(1.0, float(e.abs().max()))
         torch.testing.assert_close(a, e, rtol=tol, atol=tol * scale)
-
-
-@contextlib.contextmanager
-def _exact_fp32():
-    """cuDNN and cuBLAS in true fp32 (PyTorch lets cuDNN use TF32 by default), for the
-    reference and for the vendor kernels the compiled module calls alike."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.mark.parametrize("name,attn", CASES)
@@ -115,7 +102,7 @@ def test_zoo_model_on_cuda(name, attn, tmp_path):
     model, inputs = HF_MODELS[name](attn) if attn else VISION_MODELS[name]()
     model = model.cuda()
     inputs = tuple(t.cuda() for t in inputs)
-    with torch.no_grad(), _exact_fp32():
+    with torch.no_grad(), exact_fp32():
         expected = flatten_outputs(model(*inputs))
         traced = torch.jit.trace(model, inputs, strict=False)
         compiled = tvm_torch.compile(traced, {"input_infos": input_infos(inputs),

@@ -31,7 +31,7 @@ _VENDOR_LIBRARY = {
     "tvm_torch.linear_prepack": "oneDNN",
     "tvm_torch.conv2d_nchw": "ATen conv (cuDNN on CUDA)",
     "tvm_torch.conv2d_add_nchw": "ATen conv (cuDNN on CUDA)",
-    "tvm_torch.matmul_bias": "ATen addmm (cuBLAS)",
+    "tvm_torch.matmul_bias": "ATen addmm (MKL / cuBLAS)",
     "tvm_torch.matmul": "ATen matmul (MKL / cuBLAS)",
     "tvm_torch.attention": "ATen scaled_dot_product_attention",
     "tvm_torch.attention_masked": "ATen scaled_dot_product_attention",

@@ -5,10 +5,11 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
 ``R.call_pure_packed`` calls of the functions registered by the runtime library
 (``src/contrib/torch/vendor_kernels.cc``):
 
-* on CPU, ``conv2d`` (+ bias) (+ ReLU, SiLU, sigmoid or tanh) (+ residual add) (+ ReLU) ->
-  ``tvm_torch.conv2d_nhwc`` /
+* on CPU, ``conv2d`` (+ bias) (+ ReLU, ReLU6, SiLU, sigmoid, tanh, hardswish or hardsigmoid)
+  (+ residual add) (+ ReLU) -> ``tvm_torch.conv2d_nhwc`` /
   ``tvm_torch.conv2d_add_nhwc`` on oneDNN, in NHWC (the graph's convolutions are switched to
-  NHWC first; elementwise ops and pooling follow). The weight goes through
+  NHWC first; elementwise ops and pooling follow), or, for the 1x1 convolution of a 1x1 image
+  (squeeze-excite gates), ``tvm_torch.matmul_bias`` (MKL). The weight goes through
   ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves into
   ``main_transform_params``: the runtime prepacks every weight once, at the first call. CPU
   ``conv1d`` (Whisper's, Wav2Vec's) becomes such a conv2d of height 1 first.
@@ -126,6 +127,17 @@ class _ConvRewriter:
             "dtype": str(conv.ty.dtype),
         }
 
+    @staticmethod
+    def _is_gemv(conv: relax.Call, args: dict) -> bool:
+        """Whether a CPU (NHWC) convolution is a matrix product of a 1x1 image: 1x1 kernel,
+        no padding, one group, in float32. MKL runs those in microseconds; oneDNN's per-call
+        set-up alone takes ~25 us."""
+        dims, weight = _dims(args["x"]), _static_shape(args["weight"])
+        return dims is not None and dims[1:3] == [1, 1] and weight[2:] == [1, 1] and \
+            [int(p) for p in conv.attrs.padding] == [0, 0, 0, 0] and \
+            int(conv.attrs.groups) == 1 and args["dtype"] == "float32" and \
+            isinstance(args["weight"], tvm.ir.GenericConst)
+
     def build(self, conv: relax.Call, bias: Optional[relax.Expr], residual: Optional[relax.Expr],
               unary: str, out_ty) -> Optional[relax.Expr]:
         args = self.conv_args(conv)
@@ -152,6 +164,12 @@ class _ConvRewriter:
                                               ty_args=out_ty)
             return relax.call_pure_packed("tvm_torch.conv2d_nchw", args["x"], args["weight"],
                                           bias_const, *geometry, unary_imm, ty_args=out_ty)
+        if residual is None and self._is_gemv(conv, args):
+            # [N, 1, 1, C_in] @ [C_in, C_out]: a squeeze-excite gate's 1x1 convolution.
+            weight = _const_array(args["weight"]).reshape(channels, -1)
+            return relax.call_pure_packed(
+                "tvm_torch.matmul_bias", args["x"], relax.const(np.ascontiguousarray(weight.T)),
+                bias_const, unary_imm, ty_args=out_ty)
         packed = relax.call_pure_packed(
             "tvm_torch.conv2d_nhwc_prepack", args["weight"], args["padding"], args["stride"],
             args["dilation"], args["groups"], args["input_size"],
@@ -162,6 +180,58 @@ class _ConvRewriter:
                                           ty_args=out_ty)
         return relax.call_pure_packed("tvm_torch.conv2d_nhwc", args["x"], packed, bias_const,
                                       *geometry, unary_imm, ty_args=out_ty)
+
+
+def _scalar(expr: relax.Expr) -> Optional[float]:
+    """The value of a one-element float constant, else None."""
+    if not isinstance(expr, tvm.ir.GenericConst):
+        return None
+    value = _const_array(expr)
+    return float(value.reshape(-1)[0]) if value.size == 1 else None
+
+
+def _hard_activations(x):
+    """``relu6(x)``, ``hardsigmoid(x)`` and ``hardswish(x)`` as torch decomposes them (one
+    ``clamp``, or ``clamp_min`` then ``clamp_max``), as ``(pattern, check, epilogue name)``:
+    a pattern fixes the structure, its check (of the match) the constants: clips to [0, 6], a
+    shift of 3, a division by 6.
+    """
+    def relu6(arg):
+        inner = is_op("relax.clip")(arg, wildcard(), wildcard())
+        outer = is_op("relax.clip")(inner, wildcard(), wildcard())
+        return [(outer, (outer, inner)), (inner, (inner,))]
+
+    def bound(value: relax.Expr) -> Optional[float]:
+        value = getattr(value, "value", None)  # a PrimValue's IntImm/FloatImm (or number)
+        value = getattr(value, "value", value)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def bounds_ok(matched, clips) -> bool:
+        low, high = -np.inf, np.inf
+        for clip in clips:
+            lo, hi = (bound(arg) for arg in matched[clip].args[1:])
+            if lo is None or hi is None:
+                return False
+            low, high = max(low, lo), min(high, hi)
+        return (low, high) == (0.0, 6.0)
+
+    swish, sigmoid = [], []
+    three, six = is_const(), is_const()
+    for clipped, clips in relu6(is_op("relax.add")(x, three)):
+        def check(matched, clips=clips):
+            return bounds_ok(matched, clips) and _scalar(matched[three]) == 3.0 and \
+                _scalar(matched[six]) == 6.0
+        gate = is_op("relax.divide")(clipped, six)
+        sigmoid.append((gate, check, "hardsigmoid"))
+        # x * (relu6(x + 3) / 6), and x * relu6(x + 3) / 6
+        swish.append((is_op("relax.multiply")(x, gate) | is_op("relax.multiply")(gate, x),
+                      check, "hardswish"))
+        product = is_op("relax.multiply")(x, clipped) | is_op("relax.multiply")(clipped, x)
+        swish.append((is_op("relax.divide")(product, six), check, "hardswish"))
+    relu6s = [(clipped, lambda m, clips=clips: bounds_ok(m, clips), "relu6")
+              for clipped, clips in relu6(x)]
+    # Hardswish holds a hardsigmoid: it is matched first.
+    return swish + sigmoid + relu6s
 
 
 def _rewrite_convs(func: relax.Function, gpu: bool,
@@ -192,6 +262,11 @@ def _rewrite_convs(func: relax.Function, gpu: bool,
                           ("relax.tanh", "tanh")):
         epilogues += [(is_op(op_name)(conv_bias), make(True, False, name)),
                       (is_op(op_name)(conv), make(False, False, name))]
+    for has_bias, source in ((True, conv_bias), (False, conv)):
+        for pattern, check, name in _hard_activations(source):
+            rewrite = make(has_bias, False, name)
+            epilogues.append((pattern, lambda call, matched, check=check, rewrite=rewrite:
+                              rewrite(call, matched) if check(matched) else call))
     patterns = epilogues + [
         (is_op("relax.nn.relu")(with_res), make(True, True, "relu")),
         (with_res, make(True, True, "none")),
@@ -520,15 +595,9 @@ def _fold_permutes(func: relax.Function) -> relax.Function:
     inner = is_op("relax.permute_dims")(wildcard())
     outer = is_op("relax.permute_dims")(inner)
 
-    def axes_of(call: relax.Call) -> Optional[list]:
-        rank = len(_dims(call.args[0]) or [])
-        if call.attrs.axes is None:
-            return list(reversed(range(rank))) if rank else None
-        return [int(a) % rank for a in call.attrs.axes] if rank else None
-
     def rewrite(call, matched):
         first = matched[inner]
-        first_axes, second_axes = axes_of(first), axes_of(call)
+        first_axes, second_axes = _permutation(first), _permutation(call)
         if first_axes is None or second_axes is None:
             return call
         composed = [first_axes[a] for a in second_axes]
@@ -538,6 +607,59 @@ def _fold_permutes(func: relax.Function) -> relax.Function:
         return relax.op.permute_dims(source, composed)
 
     return rewrite_call(outer, rewrite, func)
+
+
+_SCALAR_BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide")
+
+
+def _permutation(call: relax.Call) -> Optional[list]:
+    """The axes of a ``permute_dims`` call (its default reverses them)."""
+    rank = len(_dims(call.args[0]) or [])
+    if not rank:
+        return None
+    if call.attrs.axes is None:
+        return list(reversed(range(rank)))
+    return [int(a) % rank for a in call.attrs.axes]
+
+
+def _drop_permutes_around_elementwise(func: relax.Function, depth: int = 4) -> relax.Function:
+    """``permute_dims(f(permute_dims(x)))`` -> ``f(x)`` when the permutations cancel and ``f`` is
+    a chain of up to ``depth`` clips and arithmetic with one-element constants.
+
+    ConvertLayout has no layout rule for ``clip``: it goes back to NCHW around each clip of an
+    NHWC tensor (relu6, hardswish, hardsigmoid), and the transposes, fused into the
+    elementwise kernel, make it walk memory with a stride. Without them the activation can
+    become a convolution epilogue (:func:`_rewrite_convs`).
+    """
+    bound = {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            bound[binding.var] = binding.value
+
+    def elementwise(expr) -> bool:
+        if not isinstance(expr, relax.Call) or not isinstance(expr.op, tvm.ir.Op):
+            return False
+        if expr.op.name == "relax.clip":
+            return True
+        return expr.op.name in _SCALAR_BINARY and _scalar(expr.args[1]) is not None
+
+    def rewrite(call, _matched):
+        chain, expr = [], bound.get(call.args[0], call.args[0])
+        while elementwise(expr) and len(chain) < depth:
+            chain.append(expr)
+            expr = bound.get(expr.args[0], expr.args[0])
+        if not chain or not isinstance(expr, relax.Call) or expr.op.name != "relax.permute_dims":
+            return call
+        first, second = _permutation(expr), _permutation(call)
+        if first is None or second is None or \
+                [first[a] for a in second] != list(range(len(first))):
+            return call
+        result = expr.args[0]
+        for op in reversed(chain):
+            result = relax.Call(op.op, [result] + list(op.args[1:]), op.attrs)
+        return result
+
+    return rewrite_call(is_op("relax.permute_dims")(wildcard()), rewrite, func)
 
 
 def _calls_op(func: relax.Function, op_name: str) -> bool:
@@ -605,7 +727,7 @@ def offload_pass(gpu: bool = False, bfloat16: bool = False) -> tvm.transform.Pas
             mod = relax.transform.FoldConstant()(mod)
         func = mod["main"]
         if not gpu:
-            func = _conv1d_as_conv2d(func)
+            func = _drop_permutes_around_elementwise(_conv1d_as_conv2d(func))
         func = _rewrite_convs(func, gpu, compute_dtype)
         func = _rewrite_matmuls(_unflatten_linears(func), gpu, compute_dtype)
         func = _rewrite_normalizations(func, gpu)

@@ -112,17 +112,23 @@ def test_linear_epilogues_match_pytorch_with_nan_and_inf(vendor_kernels, tmp_pat
 
 
 class _ConvEpilogues(torch.nn.Module):
-    """Convolutions followed by each activation the CPU convolution kernel fuses."""
+    """Convolutions followed by each activation the CPU convolution kernel fuses, and a
+    MobileNetV3-style squeeze-excite gate (a 1x1 convolution of the pooled image, run as a
+    matrix product, then hardsigmoid)."""
 
     def __init__(self):
         super().__init__()
-        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(4, 4, 3, padding=1) for _ in range(4))
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(4, 4, 3, padding=1) for _ in range(6))
+        self.gate = torch.nn.Conv2d(4, 4, 1)
 
     def forward(self, x):
         a = torch.nn.functional.silu(self.convs[0](x))
         b = torch.sigmoid(self.convs[1](a))
         c = torch.tanh(self.convs[2](b))
-        return c, torch.relu(self.convs[3](c) + a)
+        d = torch.nn.functional.hardswish(self.convs[4](c))
+        gate = torch.nn.functional.hardsigmoid(self.gate(d.mean((2, 3), keepdim=True)))
+        e = torch.nn.functional.relu6(self.convs[5](d * gate))
+        return c, torch.relu(self.convs[3](c) + a), self.convs[0](e)
 
 
 @pytest.mark.parametrize("vendor_kernels", [True, False], ids=["vendor", "tvm"])

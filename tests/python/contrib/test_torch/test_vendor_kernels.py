@@ -97,6 +97,60 @@ def test_conv2d_with_residual_add_and_relu():
     assert "relax.nn.relu" not in ops
 
 
+def _relu6(bb, y, one_clip=False, high=6.0):
+    """relu6 as torch decomposes it: clamp_min then clamp_max, or one clamp."""
+    if one_clip:
+        return bb.emit(relax.op.clip(y, 0.0, high))
+    return bb.emit(relax.op.clip(bb.emit(relax.op.clip(y, 0.0, float("inf"))), float("-inf"),
+                                 high))
+
+
+def _hard(kind, shift=3.0, high=6.0):
+    """A conv (+ bias), then hardswish, hardsigmoid or relu6, then another conv, in NCHW as
+    imported."""
+    def activation(bb, y):
+        if kind == "relu6":
+            return _relu6(bb, y, one_clip=True, high=high)
+        gate = _relu6(bb, bb.emit(relax.op.add(y, relax.const(shift))), high=high)
+        if kind == "hardsigmoid":
+            return bb.emit(relax.op.divide(gate, relax.const(6.0)))
+        return bb.emit(relax.op.divide(bb.emit(relax.op.multiply(y, gate)), relax.const(6.0)))
+
+    def body(bb, p):
+        y = bb.emit(relax.op.add(_conv(bb, p[0]), _const((1, 8, 1, 1), seed=1)))
+        return _conv(bb, activation(bb, y), (4, 8, 3, 3))
+    return body
+
+
+@pytest.mark.parametrize("kind", ["hardswish", "hardsigmoid", "relu6"])
+def test_conv2d_hard_activation_is_one_call(kind):
+    packed, ops, text = _offload(IMAGE, _hard(kind))
+    assert packed.count("tvm_torch.conv2d_nhwc") == 2 and f'R.str("{kind}")' in text
+    # ConvertLayout's transposes around the clips are gone with them.
+    assert ops == ["relax.permute_dims", "relax.permute_dims"], ops  # the input's and output's
+
+
+@pytest.mark.parametrize("kind,shift,high", [("hardswish", 2.0, 6.0), ("hardsigmoid", 3.0, 5.0),
+                                             ("relu6", 3.0, 5.0)])
+def test_conv2d_activation_with_other_constants_is_not_fused(kind, shift, high):
+    packed, ops, text = _offload(IMAGE, _hard(kind, shift, high))
+    assert 'R.str("none")' in text and "relax.clip" in ops
+
+
+def test_squeeze_excite_convolution_runs_as_a_gemv():
+    """A 1x1 convolution of a 1x1 image (a squeeze-excite gate) is a matrix product: MKL's,
+    with its epilogue, not oneDNN's convolution and its per-call set-up."""
+    def body(bb, p):
+        y = bb.emit(relax.op.add(_conv(bb, p[0], (8, 3, 1, 1), (0, 0)), _const((1, 8, 1, 1))))
+        return bb.emit(relax.op.sigmoid(y))
+
+    packed, ops, text = _offload([((2, 3, 1, 1), "float32")], body)
+    assert packed == ["tvm_torch.matmul_bias"] and 'R.str("sigmoid")' in text
+    assert "relax.sigmoid" not in ops
+    packed, _, _ = _offload([((2, 3, 2, 2), "float32")], body)  # a 2x2 image: a convolution
+    assert packed[-1] == "tvm_torch.conv2d_nhwc"
+
+
 def test_conv2d_on_gpu_is_nchw_without_prepacking():
     for dtype in ("float32", "float16"):
         packed, ops, _ = _offload([((1, 3, 8, 8), dtype)],

@@ -239,6 +239,14 @@ ffi::Tensor Unary(ffi::Tensor x, ffi::String op) {
   TORCH_CHECK(false, "tvm_torch.unary: unknown function '", name, "'");
 }
 
+/*!
+ * \brief mean over `axes` on ATen's vectorised reduction (TVM's untuned code walks an NHWC
+ * tensor's spatial axes with the channel stride: ~5x slower).
+ */
+ffi::Tensor Mean(ffi::Tensor x, ffi::Shape axes, bool keepdim) {
+  return ToTvmTensor(at::mean(ToTorchTensor(x), ToVector(axes), keepdim));
+}
+
 /*! \brief max_pool2d of an NHWC tensor on ATen's vectorised channels-last kernel. */
 ffi::Tensor MaxPool2dNhwc(ffi::Tensor x, ffi::Shape kernel, ffi::Shape stride,
                           ffi::Shape padding, ffi::Shape dilation, bool ceil_mode) {
@@ -439,6 +447,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.softmax", tvm_torch::Softmax)
       .def("tvm_torch.attention", tvm_torch::Attention)
       .def("tvm_torch.attention_masked", tvm_torch::AttentionMasked)
+      .def("tvm_torch.mean", tvm_torch::Mean)
       .def("tvm_torch.max_pool2d_nhwc", tvm_torch::MaxPool2dNhwc)
       .def("tvm_torch.avg_pool2d_nhwc", tvm_torch::AvgPool2dNhwc)
       .def("tvm_torch.unary", tvm_torch::Unary);

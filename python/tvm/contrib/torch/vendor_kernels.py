@@ -15,6 +15,8 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   ``conv1d`` (Whisper's, Wav2Vec's) becomes such a conv2d of height 1 first.
 * ``layer_norm`` (trailing axes) and ``softmax`` -> ``tvm_torch.layer_norm`` /
   ``tvm_torch.softmax`` (ATen's kernels), on CPU and CUDA.
+* ``mean`` over leading axes only (global pooling in NHWC; CPU, float32, 4096+ elements) ->
+  ``tvm_torch.mean`` (ATen's vectorised reduction).
 * ``max_pool2d`` / ``avg_pool2d`` in NHWC (CPU, symmetric padding, no dilation for average)
   -> ``tvm_torch.max_pool2d_nhwc`` / ``tvm_torch.avg_pool2d_nhwc`` (ATen's channels-last
   kernels; TVM's default schedules for them are ~10x slower).
@@ -507,6 +509,27 @@ def _rewrite_pools(func: relax.Function, gpu: bool) -> relax.Function:
     return rewrite_call(is_op("relax.nn.avg_pool2d")(wildcard()), avg_pool, func)
 
 
+def _rewrite_means(func: relax.Function, gpu: bool) -> relax.Function:
+    """CPU float32 means over leading axes only (global pooling of an NHWC image) ->
+    ATen's vectorised reduction; TVM's untuned code reads them with the channel stride."""
+    if gpu:
+        return func
+
+    def rewrite(call, _matched):
+        dims = _static_shape(call.args[0])
+        if dims is None or call.attrs.axis is None or str(call.ty.dtype) != "float32" or \
+                int(np.prod(dims)) < _UNARY_MIN_ELEMENTS:
+            return call
+        axes = sorted(int(a) % len(dims) for a in call.attrs.axis)
+        if len(dims) - 1 in axes:
+            return call
+        return relax.call_pure_packed("tvm_torch.mean", call.args[0], _shape(axes),
+                                      tvm.tirx.IntImm("bool", bool(call.attrs.keepdims)),
+                                      ty_args=call.ty)
+
+    return rewrite_call(is_op("relax.mean")(wildcard()), rewrite, func)
+
+
 #: Relax elementwise ops whose TVM code calls scalar libm -> name for ``tvm_torch.unary``.
 _UNARY = {"relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu_tanh", "relax.sigmoid": "sigmoid",
           "relax.tanh": "tanh", "relax.nn.silu": "silu", "relax.exp": "exp"}
@@ -732,6 +755,7 @@ def offload_pass(gpu: bool = False, bfloat16: bool = False) -> tvm.transform.Pas
         func = _rewrite_matmuls(_unflatten_linears(func), gpu, compute_dtype)
         func = _rewrite_normalizations(func, gpu)
         func = _rewrite_pools(func, gpu)
+        func = _rewrite_means(func, gpu)
         func = _rewrite_unary(func, gpu)
         func = _rewrite_attention(func, gpu)
         func = _fold_permutes(func)

@@ -276,6 +276,20 @@ def test_unary_on_large_cpu_tensors_only():
     assert packed == []
 
 
+def test_mean_over_leading_axes_of_a_large_tensor_runs_on_aten():
+    def body(bb, p):
+        pooled = bb.emit(relax.op.mean(p[0], axis=[1, 2], keepdims=True))  # NHWC global pool
+        rows = bb.emit(relax.op.mean(p[0], axis=[3]))  # innermost: TVM reads it contiguously
+        small = bb.emit(relax.op.mean(p[1], axis=[1, 2], keepdims=True))
+        return bb.emit(relax.Tuple([pooled, rows, small]))
+
+    inputs = [((1, 16, 16, 32), "float32"), ((1, 2, 2, 8), "float32")]
+    packed, ops, text = _offload(inputs, body)
+    assert packed == ["tvm_torch.mean"] and "R.shape([1, 2])" in text
+    assert ops.count("relax.mean") == 2
+    assert _offload(inputs, body, gpu=True)[0] == []
+
+
 def test_attention():
     shape = ((2, 6, 4, 8), "float32")
     packed, ops, _ = _offload([shape] * 3, lambda bb, p: bb.emit(relax.op.nn.attention(*p)))

@@ -91,6 +91,14 @@ def _timm(name: str):
     return model, (torch.randn(1, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1)),)
 
 
+def _torchvision(name: str):
+    import torchvision  # pylint: disable=import-outside-toplevel
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().eval()
+    return model, (torch.randn(1, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1)),)
+
+
 def _text(model_class, config_class, **config):
     def build(attn):
         model = _hf(model_class, config_class, attn, ("input_ids", "attention_mask"), **config)
@@ -137,6 +145,7 @@ MODELS: Dict[str, Tuple[str, Callable[[str], Tuple[torch.nn.Module, tuple]]]] = 
                   lambda attn: _timm("swin_tiny_patch4_window7_224")),
     "regnety_016": ("timm RegNetY-016", lambda attn: _timm("regnety_016")),
     "deit_small": ("timm DeiT-S", lambda attn: _timm("deit_small_patch16_224")),
+    "mobilenet_v2": ("torchvision MobileNetV2", lambda attn: _torchvision("mobilenet_v2")),
 }
 
 #: Models this project compiles as ``nn.Module`` (through torch.export): the TorchScript of a

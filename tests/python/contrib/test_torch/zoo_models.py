@@ -136,6 +136,7 @@ VISION_MODELS: Dict[str, Callable] = {
     "timm_regnet": lambda: _timm("regnety_002", 64),
     "timm_deit": lambda: _timm("deit_tiny_patch16_224", 32, img_size=32, depth=2),
     "torchvision_vit_b_16": lambda: _torchvision_vit(),
+    "torchvision_mobilenet_v2": lambda: _torchvision_mobilenet_v2(),
 }
 
 
@@ -153,3 +154,12 @@ def input_infos(inputs: Tuple[torch.Tensor, ...]) -> List[tuple]:
     """``input_infos`` for a tuple of example inputs."""
     return [(f"input{i}", tuple(x.shape), str(x.dtype).replace("torch.", ""))
             for i, x in enumerate(inputs)]
+
+
+def _torchvision_mobilenet_v2():
+    """ReLU6 after every convolution, and inverted residuals."""
+    import torchvision  # pylint: disable=import-outside-toplevel
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.5).eval()
+    return model, (torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)),)

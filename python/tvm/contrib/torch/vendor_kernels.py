@@ -674,9 +674,9 @@ def _drop_permutes_around_elementwise(func: relax.Function, depth: int = 4) -> r
         if not chain or not isinstance(expr, relax.Call) or expr.op.name != "relax.permute_dims":
             return call
         first, second = _permutation(expr), _permutation(call)
-        if first is None or second is None or \
+        if first is None or second is None or len(first) != len(second) or \
                 [first[a] for a in second] != list(range(len(first))):
-            return call
+            return call  # also when a constant's broadcast changed the rank
         result = expr.args[0]
         for op in reversed(chain):
             result = relax.Call(op.op, [result] + list(op.args[1:]), op.attrs)

@@ -137,6 +137,19 @@ def test_conv2d_activation_with_other_constants_is_not_fused(kind, shift, high):
     assert 'R.str("none")' in text and "relax.clip" in ops
 
 
+def test_hardswish_of_another_convolution_is_not_fused():
+    """conv_a * relu6(conv_b + 3) / 6 is not hardswish(conv_a)."""
+    def body(bb, p):
+        a = bb.emit(relax.op.add(_conv(bb, p[0]), _const((1, 8, 1, 1), seed=1)))
+        b = bb.emit(relax.op.add(_conv(bb, p[0], (8, 3, 3, 3)), _const((1, 8, 1, 1), seed=2)))
+        gate = _relu6(bb, bb.emit(relax.op.add(b, relax.const(3.0))))
+        return bb.emit(relax.op.divide(bb.emit(relax.op.multiply(a, gate)), relax.const(6.0)))
+
+    packed, ops, text = _offload(IMAGE, body)
+    assert packed.count("tvm_torch.conv2d_nhwc") == 2 and "hardswish" not in text
+    assert "relax.multiply" in ops and "relax.clip" in ops
+
+
 def test_squeeze_excite_convolution_runs_as_a_gemv():
     """A 1x1 convolution of a 1x1 image (a squeeze-excite gate) is a matrix product: MKL's,
     with its epilogue, not oneDNN's convolution and its per-call set-up."""

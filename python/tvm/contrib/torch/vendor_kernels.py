@@ -33,7 +33,8 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   ATen's fused ``scaled_dot_product_attention`` (flash attention), on CPU and CUDA; a mask
   made from a boolean one reaches ATen as the boolean mask.
 * ``permute_dims(permute_dims(x))`` -> one permutation, or ``x`` when they cancel (the
-  importer's layout changes around attention undo the model's own).
+  importer's layout changes around attention undo the model's own); on CPU, the transposes
+  ConvertLayout puts around clips (relu6, hardswish, hardsigmoid) are dropped first.
 
 On CUDA, convolutions (in NCHW: ``tvm_torch.conv2d_nchw`` / ``tvm_torch.conv2d_add_nchw``, no
 prepacking), matrix products, layer norm, softmax and attention go to ATen (cuDNN / cuBLAS) in

@@ -21,7 +21,8 @@ runner and the machine's CPU and flags.
         [--runners eager,ts_frozen,inductor,onnxruntime,openvino,tvm,tvm_partition,
                    tvm_dynamo,relax_dynamo]
         [--attn sdpa|eager] [--dtype float32|bfloat16]
-        [--tuning-log tuning.log [--trials N] [--tuning-rpc HOST:PORT --tuning-key KEY]]
+        [--tuning-log tuning.log [--trials N] [--tuning-kernels heavy|all]
+                                 [--tuning-rpc HOST:PORT --tuning-key KEY]]
         [--json results.json] [--markdown table.md]
 
 ``--json`` appends each model's rows as it finishes, so that a long run can be split
@@ -197,7 +198,7 @@ def build_runner(key: str, model: torch.nn.Module, inputs: tuple, dtype: torch.d
     """Prepare one runner; returns the call to time. Raises :class:`Skip` when unavailable.
 
     ``tuning`` holds the tuned row's compile options (``tuning_log_file``,
-    ``tuning_n_trials``, ``tuning_rpc``)."""
+    ``tuning_n_trials``, ``tuning_kernels``, ``tuning_rpc``)."""
     threads = torch.get_num_threads()
     if key == "eager":
         def eager():
@@ -408,6 +409,9 @@ def main() -> None:
     parser.add_argument("--tuning-log", help="MetaSchedule log: enables the tuned row")
     parser.add_argument("--trials", type=int, default=0,
                         help="trials to run for the tuned row (0: only apply the log)")
+    parser.add_argument("--tuning-kernels", default="heavy", choices=["heavy", "all"],
+                        help="tune only the TVM kernels a profile shows as heavy (default), "
+                             "or all of them")
     parser.add_argument("--tuning-rpc", metavar="HOST:PORT",
                         help="measure the tuned row's candidates on this RPC tracker's servers")
     parser.add_argument("--tuning-key", default="tvm-torch",
@@ -432,7 +436,8 @@ def main() -> None:
         print(render(saved["records"], saved["header"]))
         return
     dtype = getattr(torch, args.dtype)
-    tuning: Dict[str, Any] = {"tuning_log_file": args.tuning_log, "tuning_n_trials": args.trials}
+    tuning: Dict[str, Any] = {"tuning_log_file": args.tuning_log, "tuning_n_trials": args.trials,
+                              "tuning_kernels": args.tuning_kernels}
     if args.tuning_rpc:
         tuning["tuning_rpc"] = {"tracker": args.tuning_rpc, "key": args.tuning_key}
     print(header, flush=True)

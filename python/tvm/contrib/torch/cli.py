@@ -217,6 +217,7 @@ def compile_command(args: argparse.Namespace) -> None:
         option["tuning_rpc"] = rpc
     if args.tuning_builders is not None:
         option["tuning_builders"] = args.tuning_builders
+    option["tuning_kernels"] = args.tuning_kernels
     if args.trials > 0:  # the tuning summary (trials, time, speed-up) is part of the report
         summary = logging.getLogger("tvm.contrib.torch.tuning")
         summary.setLevel(logging.INFO)
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "included; also the tracker's time to answer (default 60)")
     comp.add_argument("--tuning-builders", type=int, metavar="N",
                       help=cli_help("tuning_builders"))
+    comp.add_argument("--tuning-kernels", choices=("all", "heavy"), default="all",
+                      help=cli_help("tuning_kernels"))
     comp.add_argument("--import-module", action="append", metavar="MODULE",
                       help="a Python module to import first, e.g. one registering the model's "
                            "custom operators with torch.library (repeatable)")

@@ -75,6 +75,7 @@ class CompileOptions:
     tuning_log_file: str = "tuning.log"
     tuning_rpc: Optional[TuningRPC] = None
     tuning_builders: Optional[int] = None
+    tuning_kernels: str = "all"
     target: Any = None
     device: Optional[str] = None
     dim_ranges: Dict[str, Tuple[int, int]] = dataclasses.field(default_factory=dict)
@@ -196,6 +197,14 @@ def _bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         _fail(f"{key} must be a bool, got {value!r}")
     return value
+
+
+def _one_of(*choices: str) -> Callable[[str, Any], str]:
+    def parse(key: str, value: Any) -> str:
+        if value not in choices:
+            _fail(f"{key} must be one of {list(choices)}, got {value!r}")
+        return value
+    return parse
 
 
 def _path(allow_bytes: bool) -> Callable[[str, Any], str]:
@@ -390,6 +399,10 @@ OPTIONS: Tuple[OptionSpec, ...] = (
     OptionSpec("tuning_builders", _int_at_least(1, allow_none=True), None,
                "processes that build tuning candidates at once",
                default_doc="one per physical core"),
+    OptionSpec("tuning_kernels", _one_of("all", "heavy"), "all",
+               '`"all"`: tune every TVM kernel of the program; `"heavy"`: profile the untuned '
+               "program first and tune only the TVM kernels that take 90% of its TVM-kernel "
+               "time (docs/tuning.md)"),
     OptionSpec("target", lambda key, value: value, None,
                'TVM target (`dict`, `Target`, `"llvm"`, `"cuda"`)',
                default_doc="this CPU (its model, features and cores), or the GPU when `device` "

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -21,7 +22,7 @@ from tvm import relax
 
 from . import build as build_mod
 from . import export as export_mod
-from . import frontend, passes, tuning, vendor_kernels, verify
+from . import frontend, passes, profiler, tuning, vendor_kernels, verify
 from .built_program import BuiltProgram
 from .module import GraphModule, VMModule
 from .options import (OPTIONS_BY_NAME, CompileOptions, InputInfo, device_name,
@@ -238,13 +239,16 @@ class PyTorchTVMModule:
 
     def tune_tvm(self, log_file: str = "tuning.log", n_trial: int = 1000,
                  settings: Optional[tuning.TuneSettings] = None, rpc: Any = None,
-                 builders: Optional[int] = None) -> List[tuning.TuningSummary]:
+                 builders: Optional[int] = None,
+                 kernels: str = "all") -> List[tuning.TuningSummary]:
         """Tune every bucket's kernels with MetaSchedule, recording into ``log_file``.
 
         Records already in ``log_file`` are re-used: a second call measures nothing new.
         ``settings`` holds MetaSchedule's other knobs (builder, runner, search strategy, ...);
-        ``rpc`` and ``builders`` are the ``tuning_rpc`` and ``tuning_builders`` options
-        (measure on a tracker's RPC servers; local build processes).
+        ``rpc``, ``builders`` and ``kernels`` are the ``tuning_rpc``, ``tuning_builders`` and
+        ``tuning_kernels`` options (measure on a tracker's RPC servers; local build
+        processes; ``"heavy"``: tune only the kernels a profile of the untuned program shows
+        to take 90% of its TVM-kernel time).
 
         Returns
         -------
@@ -259,17 +263,42 @@ class PyTorchTVMModule:
         """
         rpc = OPTIONS_BY_NAME["tuning_rpc"].parse("tuning_rpc", rpc)
         builders = OPTIONS_BY_NAME["tuning_builders"].parse("tuning_builders", builders)
+        kernels = OPTIONS_BY_NAME["tuning_kernels"].parse("tuning_kernels", kernels)
         settings = settings or tuning.TuneSettings()
         if rpc is not None or builders is not None:
             settings = dataclasses.replace(settings, rpc=rpc or settings.rpc,
                                            builders=builders or settings.builders)
         self.tuning_log_file = os.path.abspath(log_file)
         self.tuning_summaries = []
-        for bucket in self.buckets:
+        profiles = self._tvm_kernel_times() if kernels == "heavy" else [None] * len(self.buckets)
+        for bucket, kernel_ms in zip(self.buckets, profiles):
             prepared = self._prepare(bucket)[0]
             self.tuning_summaries.append(
-                tuning.tune(prepared, self.target, n_trial, self.tuning_log_file, settings))
+                tuning.tune(prepared, self.target, n_trial, self.tuning_log_file, settings,
+                            kernel_ms=kernel_ms))
         return self.tuning_summaries
+
+    def _tvm_kernel_times(self) -> List[Dict[str, float]]:
+        """Per bucket, the milliseconds per call of each TVM kernel of the current program
+        (built with the records the tuning log holds), from a profile on random inputs."""
+        saved = (self.export_dir, self.tvm_module, self.tvm_lib,
+                 [bucket.files for bucket in self.buckets])
+        times = []
+        try:
+            with tempfile.TemporaryDirectory(prefix="tvm_torch_profile_") as scratch:
+                self.build_tvm(scratch)
+                module = self.build_pytorch_module()
+                for bucket in self.buckets:
+                    inputs = [t.to(self.device) for t in verify.make_inputs(
+                        bucket.infos, bucket.dim_values, bucket.index_bounds)]
+                    report = profiler.profile(module, inputs, repeat=5, warmup=2)
+                    times.append({row.name: row.ms for row in report.rows if row.kind == "TVM"})
+                del module
+        finally:
+            self.export_dir, self.tvm_module, self.tvm_lib, files = saved
+            for bucket, old in zip(self.buckets, files):
+                bucket.files = old
+        return times
 
     def _prepare(self, bucket: _Bucket):
         if bucket.prepared is not None:
@@ -401,7 +430,8 @@ def _apply_tuning(ptm: PyTorchTVMModule, options: CompileOptions,
     """Tune when ``tuning_n_trials`` > 0; else apply an explicitly named, existing log."""
     if options.tuning_n_trials > 0:
         ptm.tune_tvm(options.tuning_log_file, options.tuning_n_trials, settings,
-                     rpc=options.tuning_rpc, builders=options.tuning_builders)
+                     rpc=options.tuning_rpc, builders=options.tuning_builders,
+                     kernels=options.tuning_kernels)
     elif options.tuning_log_explicit and os.path.exists(options.tuning_log_file):
         ptm.tuning_log_file = os.path.abspath(options.tuning_log_file)
 

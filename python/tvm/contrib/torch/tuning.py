@@ -211,8 +211,27 @@ def _runner(settings: TuneSettings):
         runner.pool.shutdown(wait=False)
 
 
+#: ``tuning_kernels="heavy"`` tunes the heaviest TVM kernels that together take this share of
+#: the profiled TVM-kernel time.
+HEAVY_SHARE = 0.9
+
+
+def heavy_kernels(kernel_ms: Dict[str, float], share: float = HEAVY_SHARE) -> List[str]:
+    """The heaviest kernels of a profile (name -> ms per call) that together take ``share``
+    of its total, heaviest first."""
+    total = sum(kernel_ms.values())
+    chosen, covered = [], 0.0
+    for name, ms_ in sorted(kernel_ms.items(), key=lambda kv: -kv[1]):
+        if covered >= share * total:
+            break
+        chosen.append(name)
+        covered += ms_
+    return chosen
+
+
 def tune(mod: tvm.IRModule, target: tvm.target.Target, n_trials: int, log_file: str,
-         settings: Optional[TuneSettings] = None) -> TuningSummary:
+         settings: Optional[TuneSettings] = None,
+         kernel_ms: Optional[Dict[str, float]] = None) -> TuningSummary:
     """Tune the kernels of a prepared Relax module, recording into ``log_file``.
 
     Parameters
@@ -227,6 +246,9 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, n_trials: int, log_file: 
         The tuning log (see the module docstring).
     settings : TuneSettings, optional
         MetaSchedule's other knobs, ``tuning_rpc`` and ``tuning_builders``.
+    kernel_ms : dict of str to float, optional
+        A profile of the program (TVM kernel name -> ms per call): only the
+        :func:`heavy_kernels` among the kernels to tune are tuned (``tuning_kernels="heavy"``).
 
     Returns
     -------
@@ -245,8 +267,13 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, n_trials: int, log_file: 
     started = time.perf_counter()
     database = open_database(log_file)
     missing, reused = _tasks(mod, target, database)
+    light = 0
+    if kernel_ms is not None:
+        heavy = set(heavy_kernels(kernel_ms))
+        light = sum(1 for task in missing if str(task.task_name) not in heavy)
+        missing = [task for task in missing if str(task.task_name) in heavy]
     if not missing:
-        summary = TuningSummary([], reused, time.perf_counter() - started)
+        summary = TuningSummary([], reused, time.perf_counter() - started, light=light)
         logger.info("%s (the log %s covers every kernel)", summary.text(), log_file)
         return summary
     logger.info("tuning %d kernel(s) with %d trials", len(missing), n_trials)
@@ -284,6 +311,6 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, n_trials: int, log_file: 
             if progress.error is not None and err is not progress.error:
                 raise progress.error from err
             raise
-    summary = TuningSummary(tasks, reused, time.perf_counter() - started, measured_on)
+    summary = TuningSummary(tasks, reused, time.perf_counter() - started, measured_on, light)
     logger.info("%s", summary.text())
     return summary

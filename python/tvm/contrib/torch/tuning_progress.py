@@ -65,12 +65,16 @@ class TuningSummary:
         Seconds the run took.
     measured_on : str
         ``"this machine"`` or the tracker's servers.
+    light : int
+        Kernels left untuned because the profile showed them light
+        (``tuning_kernels="heavy"``).
     """
 
     tasks: List[TaskTuning]
     reused: int
     wall_s: float
     measured_on: str = "this machine"
+    light: int = 0
 
     @property
     def trials(self) -> int:
@@ -97,12 +101,13 @@ class TuningSummary:
 
     def text(self) -> str:
         """One paragraph for the log."""
+        light = f", {self.light} light one(s) left untuned" if self.light else ""
         if not self.tasks:
-            return (f"tuning: 0 kernel(s) tuned ({self.reused} taken from the log), 0 trial(s) "
-                    f"in {self.wall_s:.1f} s: nothing to measure")
+            return (f"tuning: 0 kernel(s) tuned ({self.reused} taken from the log{light}), 0 "
+                    f"trial(s) in {self.wall_s:.1f} s: nothing to measure")
         speedup = self.estimated_speedup
         lines = [f"tuning: {len(self.tasks)} kernel(s) tuned ({self.reused} taken from the "
-                 f"log), {self.trials} trial(s) ({self.failed} failed) measured on "
+                 f"log{light}), {self.trials} trial(s) ({self.failed} failed) measured on "
                  f"{self.measured_on} in {self.wall_s:.1f} s"
                  + (f"; estimated speed-up {speedup:.2f}x over the first candidates"
                     if speedup is not None else "")]

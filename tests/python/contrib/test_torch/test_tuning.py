@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from tvm.contrib.torch import compile
@@ -80,3 +81,43 @@ def test_a_kernel_tuned_for_one_model_is_reused_by_another(tmp_path):
     assert second_run.trials > 0  # its own last layer was tuned
     tuned_names = {t.name for t in second_run.tasks}
     assert not tuned_names & {t.name for t in first_run.tasks}, tuned_names
+
+
+def test_heavy_kernels_only_are_tuned_when_asked(tmp_path):
+    """``tuning_kernels="heavy"``: a profile of the untuned program picks the kernels to
+    tune; a light kernel is left to the default schedule and counted as left untuned."""
+    from tvm.contrib.torch import PyTorchTVMModule
+    from tvm.contrib.torch.tuning import heavy_kernels
+
+    class HeavyAndLight(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.big = torch.nn.Linear(256, 256)
+
+        def forward(self, x, small):
+            return torch.relu(self.big(x)), small * 2.0 + 1.0
+
+    torch.manual_seed(0)
+    model = HeavyAndLight().eval()
+    x, small = torch.randn(256, 256), torch.randn(2, 3)
+    ptm = PyTorchTVMModule()
+    ptm.vendor_kernels = False  # the linear layer is a TVM kernel: the heavy one
+    ptm.from_pytorch(torch.jit.trace(model, (x, small)), [("x", (256, 256)), ("small", (2, 3))])
+    profile = ptm._tvm_kernel_times()[0]  # pylint: disable=protected-access
+    assert len(profile) >= 2, profile
+    heavy = heavy_kernels(profile)
+    assert len(heavy) == 1 and "matmul" in heavy[0], profile
+
+    summary = ptm.tune_tvm(str(tmp_path / "t.log"), n_trial=2, kernels="heavy")[0]
+    assert [t.name for t in summary.tasks] == heavy
+    assert summary.light >= 1 and "light one(s) left untuned" in summary.text()
+    with pytest.raises(ValueError, match=r"tuning_kernels must be one of \['all', 'heavy'\]"):
+        ptm.tune_tvm(str(tmp_path / "t.log"), n_trial=2, kernels="some")
+
+
+def test_heavy_kernels_cover_the_share_heaviest_first():
+    from tvm.contrib.torch.tuning import heavy_kernels
+
+    assert heavy_kernels({"a": 1.0, "b": 8.0, "c": 1.0}) == ["b", "a"]  # 80% < 90%: one more
+    assert heavy_kernels({"a": 1.0, "b": 9.0}) == ["b"]
+    assert heavy_kernels({}) == []

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tvm
 from tvm import relax, tirx
+from tvm.relax.dpl import is_const, is_op, is_tuple_get_item, rewrite_call, wildcard
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .nan_semantics import propagate_nan
@@ -78,13 +79,78 @@ def bind_params(mod: tvm.IRModule, params: Sequence[tvm.runtime.Tensor]) -> tvm.
     return mod
 
 
+@tvm.transform.module_pass(opt_level=0, name="TvmTorchBiasPastBatchNorm")
+def _bias_past_batch_norm(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """``batch_norm(conv2d(x, w) + b)`` -> ``batch_norm(conv2d(x, w)) + b * gamma / sqrt(var +
+    eps)``, so that FoldBatchnormToConv2D (which takes a batch norm right on a convolution)
+    folds the batch norms of convolutions that have a bias too (``nn.Conv2d``'s default)."""
+    conv = is_op("relax.nn.conv2d")(wildcard(), is_const())
+    bias = is_const()
+    gamma, var = is_const(), is_const()
+    norm = is_op("relax.nn.batch_norm")(is_op("relax.add")(conv, bias), gamma, is_const(),
+                                         is_const(), var)
+    root = is_tuple_get_item(norm, 0)
+
+    def rewrite(call, matched):
+        bn = matched[norm]
+        attrs = bn.attrs
+        channels = _const_value(matched[var]).size
+        b = _const_value(matched[bias])
+        conv_ty = matched[conv].ty
+        # The bias must be per channel of the (NCHW) convolution: [1, C, 1, 1] or [C, 1, 1].
+        per_channel = tuple(b.shape) in ((1, channels, 1, 1), (channels, 1, 1))
+        if int(attrs.axis) != 1 or attrs.training or b.size != channels or not per_channel or \
+                len(conv_ty.shape) != 4:
+            return call
+        scale = 1.0 / np.sqrt(_const_value(matched[var]).astype("float64") + float(attrs.epsilon))
+        if attrs.scale:
+            scale = scale * _const_value(matched[gamma]).astype("float64")
+        folded = relax.op.nn.batch_norm(matched[conv], *bn.args[1:], axis=1,
+                                        epsilon=float(attrs.epsilon), center=bool(attrs.center),
+                                        scale=bool(attrs.scale),
+                                        momentum=float(attrs.momentum), training=False)
+        shift = (b.reshape(-1) * scale).astype(b.dtype).reshape(b.shape)
+        return relax.op.add(relax.TupleGetItem(folded, 0), relax.const(shift))
+
+    func = rewrite_call(root, rewrite, mod["main"])
+    mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+    mod["main"] = func
+    return mod
+
+
+@tvm.transform.module_pass(opt_level=0, name="TvmTorchMergeConstantAdds")
+def _merge_constant_adds(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """``(x + c1) + c2`` -> ``x + (c1 + c2)`` for constants of one shape (a convolution's bias
+    and its folded batch norm's shift: one bias for the vendor kernel)."""
+    source, first, second = wildcard(), is_const(), is_const()
+    root = is_op("relax.add")(is_op("relax.add")(source, first), second)
+
+    def rewrite(call, matched):
+        a, b = _const_value(matched[first]), _const_value(matched[second])
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return call
+        return relax.op.add(matched[source], relax.const(a + b))
+
+    func = rewrite_call(root, rewrite, mod["main"])
+    mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+    mod["main"] = func
+    return mod
+
+
+def _const_value(expr: relax.Expr) -> np.ndarray:
+    return expr.value.numpy()
+
+
 def simplify(mod: tvm.IRModule) -> tvm.IRModule:
-    """Fold batch norm into convolutions and fold constants."""
+    """Fold batch norm into convolutions (with a bias too) and fold constants."""
     seq = tvm.transform.Sequential([
+        relax.transform.FoldConstant(),  # a reshaped bias becomes a constant
+        _bias_past_batch_norm,
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
+        _merge_constant_adds,
         relax.transform.EliminateCommonSubexpr(),
         relax.transform.DeadCodeElimination(["main"]),
     ])

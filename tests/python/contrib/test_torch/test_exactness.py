@@ -286,3 +286,46 @@ def test_sigmoid_products_become_silu_only_when_the_operands_match(tmp_path):
     assert targets.count(torch.ops.aten.silu.default) == 2
     assert targets.count(torch.ops.aten.sigmoid.default) == 1  # x * sigmoid(y) stays
     _assert_same(_compile(SwishWrittenOut(), [x, y], tmp_path)([x, y]), SwishWrittenOut()(x, y))
+
+
+class BiasedConvBatchNorm(torch.nn.Module):
+    """Convolutions with a bias (``nn.Conv2d``'s default) before batch norm: with affine and
+    non-affine batch norm, a non-default eps, and ReLU after one of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(8, eps=1e-3, affine=False)
+        for bn in (self.bn1, self.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+        torch.nn.init.uniform_(self.bn1.weight, 0.5, 1.5)
+        torch.nn.init.uniform_(self.bn1.bias, -0.5, 0.5)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+def test_batch_norm_after_a_biased_convolution_is_folded(tmp_path):
+    """Folded into the convolution (one bias, the ReLU as its epilogue): no elementwise
+    batch-norm arithmetic is left for TVM, and the result is the model's."""
+    from tvm.contrib.torch import frontend, passes  # pylint: disable=import-outside-toplevel
+
+    torch.manual_seed(0)
+    model = BiasedConvBatchNorm().eval()
+    x = torch.randn(1, 3, 12, 12)
+    ep = frontend.decompose(frontend.to_exported_program(model, [x]))
+    mod, params = frontend.to_relax(ep)
+    text = passes.simplify(passes.bind_params(mod, params)).script(show_meta=False)
+    assert "R.nn.batch_norm" not in text and "R.subtract" not in text
+    assert "R.divide" not in text and "R.multiply" not in text
+    assert text.count("R.add(") == 2  # one bias per convolution
+    module = _compile(model, [x], tmp_path)
+    for bad in (None, float("nan"), float("inf")):
+        y = x.clone()
+        if bad is not None:
+            y[0, 1, 5, 5] = bad
+        with torch.no_grad():
+            torch.testing.assert_close(module([y])[0], model(y), rtol=1e-5, atol=1e-5,
+                                       equal_nan=True)

@@ -421,6 +421,9 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool,
         # On CPU, the residual add, GELU and SiLU run in oneDNN's GEMM epilogue.
         (is_op("relax.add")(mm_bias, res) | is_op("relax.add")(res, mm_bias),
          linear("none", True, res)),
+        # A linear layer without a bias (T5's, Llama's) and a residual add.
+        (is_op("relax.add")(mm_const, res) | is_op("relax.add")(res, mm_const),
+         linear("none", False, res)),
         (is_op("relax.nn.gelu")(mm_bias), linear("gelu", True)),
         (is_op("relax.nn.gelu_tanh")(mm_bias), linear("gelu_tanh", True)),
         (is_op("relax.nn.gelu")(mm_const), linear("gelu", False)),
@@ -431,6 +434,7 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool,
     for pattern, fn in epilogues + [
         (is_op("relax.nn.relu")(reshaped), relu_through_reshape),
         (is_op("relax.nn.relu")(mm_bias), linear("relu", True)),
+        (is_op("relax.nn.relu")(mm_const), linear("relu", False)),
         (mm_bias, linear("none", True)),
         (mm_const, linear("none", False)),
         (mm_any, generic),

@@ -78,20 +78,23 @@ def test_nan_through_elementwise_max_min_and_reductions(tmp_path):
 
 class _FusedLinears(torch.nn.Module):
     """Linear layers with every epilogue the CPU linear kernel fuses: GELU (erf and tanh), SiLU
-    (also written as ``x * sigmoid(x)``), a residual add, and ReLU."""
+    (also written as ``x * sigmoid(x)``), a residual add, and ReLU; with and without a bias."""
 
     def __init__(self):
         super().__init__()
         self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
         self.fc3, self.fc4 = torch.nn.Linear(16, 16), torch.nn.Linear(16, 8)
+        self.wi = torch.nn.Linear(16, 32, bias=False)
+        self.wo = torch.nn.Linear(32, 16, bias=False)
 
     def forward(self, x):
         y = x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
         z = torch.relu(self.fc3(y))
         gate = self.fc3(z)
         swish = gate * torch.sigmoid(gate)  # SiLU written out
+        t5 = z + self.wo(torch.relu(self.wi(z)))  # T5's feed-forward block
         return torch.nn.functional.gelu(self.fc4(z), approximate="tanh"), y, \
-            torch.nn.functional.silu(self.fc4(swish))
+            torch.nn.functional.silu(self.fc4(swish)), t5
 
 
 @pytest.mark.parametrize("vendor_kernels", [True, False], ids=["vendor", "tvm"])

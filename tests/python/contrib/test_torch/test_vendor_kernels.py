@@ -221,6 +221,19 @@ def test_linear_residual_add_is_fused_on_cpu_unless_it_broadcasts():
     assert packed == ["tvm_torch.linear_prepack", "tvm_torch.linear"] and ops == ["relax.add"]
 
 
+def test_linear_without_bias_fuses_relu_and_the_residual_add_on_cpu():
+    """T5's and Llama's linear layers have no bias."""
+    def body(bb, p):
+        hidden = bb.emit(relax.op.nn.relu(bb.emit(relax.op.matmul(p[0], _const((16, 32))))))
+        out = bb.emit(relax.op.matmul(hidden, _const((32, 16), seed=1)))
+        return bb.emit(relax.op.add(p[0], out))
+
+    packed, ops, text = _offload([((4, 16), "float32")], body)
+    assert packed == ["tvm_torch.linear_prepack", "tvm_torch.linear",
+                      "tvm_torch.linear_prepack", "tvm_torch.linear_add"], packed
+    assert not ops and 'R.str("relu")' in text
+
+
 def test_matmul_with_transposed_constant_weight():
     """nn.Linear's ``x @ weight.T``: the pipeline folds the transpose first (passes.simplify)."""
     def body(bb, p):

@@ -96,11 +96,9 @@ def _bias_past_batch_norm(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         attrs = bn.attrs
         channels = _const_value(matched[var]).size
         b = _const_value(matched[bias])
-        conv_ty = matched[conv].ty
         # The bias must be per channel of the (NCHW) convolution: [1, C, 1, 1] or [C, 1, 1].
         per_channel = tuple(b.shape) in ((1, channels, 1, 1), (channels, 1, 1))
-        if int(attrs.axis) != 1 or attrs.training or b.size != channels or not per_channel or \
-                len(conv_ty.shape) != 4:
+        if int(attrs.axis) != 1 or attrs.training or not per_channel:
             return call
         scale = 1.0 / np.sqrt(_const_value(matched[var]).astype("float64") + float(attrs.epsilon))
         if attrs.scale:
@@ -112,10 +110,7 @@ def _bias_past_batch_norm(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         shift = (b.reshape(-1) * scale).astype(b.dtype).reshape(b.shape)
         return relax.op.add(relax.TupleGetItem(folded, 0), relax.const(shift))
 
-    func = rewrite_call(root, rewrite, mod["main"])
-    mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-    mod["main"] = func
-    return mod
+    return _rewrite_main(mod, root, rewrite)
 
 
 @tvm.transform.module_pass(opt_level=0, name="TvmTorchMergeConstantAdds")
@@ -131,7 +126,12 @@ def _merge_constant_adds(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
             return call
         return relax.op.add(matched[source], relax.const(a + b))
 
-    func = rewrite_call(root, rewrite, mod["main"])
+    return _rewrite_main(mod, root, rewrite)
+
+
+def _rewrite_main(mod: tvm.IRModule, pattern, rewrite) -> tvm.IRModule:
+    """``mod`` with ``rewrite_call(pattern, rewrite)`` applied to its ``main``."""
+    func = rewrite_call(pattern, rewrite, mod["main"])
     mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
     mod["main"] = func
     return mod

@@ -133,13 +133,11 @@ class _ConvRewriter:
     @staticmethod
     def _is_gemv(conv: relax.Call, args: dict) -> bool:
         """Whether a CPU (NHWC) convolution is a matrix product of a 1x1 image: 1x1 kernel,
-        no padding, one group, in float32. MKL runs those in microseconds; oneDNN's per-call
-        set-up alone takes ~25 us."""
+        no padding, one group. MKL runs those in microseconds; oneDNN's per-call set-up alone
+        takes ~25 us."""
         dims, weight = _dims(args["x"]), _static_shape(args["weight"])
         return dims is not None and dims[1:3] == [1, 1] and weight[2:] == [1, 1] and \
-            [int(p) for p in conv.attrs.padding] == [0, 0, 0, 0] and \
-            int(conv.attrs.groups) == 1 and args["dtype"] == "float32" and \
-            isinstance(args["weight"], tvm.ir.GenericConst)
+            [int(p) for p in conv.attrs.padding] == [0, 0, 0, 0] and int(conv.attrs.groups) == 1
 
     def build(self, conv: relax.Call, bias: Optional[relax.Expr], residual: Optional[relax.Expr],
               unary: str, out_ty) -> Optional[relax.Expr]:

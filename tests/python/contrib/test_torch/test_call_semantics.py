@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tvm.contrib.torch import compile, partition
+from conftest import exact_fp32
 
 
 def _mlp():
@@ -47,19 +48,20 @@ def test_negative_view_input(tmp_path):
 
 
 @pytest.mark.parametrize("vendor_kernels", [True, False], ids=["vendor", "tvm"])
-def test_nan_and_inf_propagate_as_in_pytorch(vendor_kernels, tmp_path):
+def test_nan_and_inf_propagate_as_in_pytorch(vendor_kernels, device, tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
                                 torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Hardtanh(),
                                 torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 4),
-                                torch.nn.ReLU6()).eval()
-    x = torch.randn(1, 3, 8, 8)
+                                torch.nn.ReLU6()).eval().to(device)
+    x = torch.randn(1, 3, 8, 8, device=device)
     module = compile(model, {"input_infos": [("x", (1, 3, 8, 8))], "export_dir": str(tmp_path),
                              "vendor_kernels": vendor_kernels})
     for bad in (float("nan"), float("inf"), float("-inf")):
         y = x.clone()
         y[0, 0, 2, 2] = bad
-        torch.testing.assert_close(module([y])[0], model(y), equal_nan=True)
+        with torch.no_grad(), exact_fp32():
+            torch.testing.assert_close(module([y])[0], model(y), equal_nan=True)
 
 
 def test_nan_through_elementwise_max_min_and_reductions(tmp_path):
@@ -98,17 +100,17 @@ class _FusedLinears(torch.nn.Module):
 
 
 @pytest.mark.parametrize("vendor_kernels", [True, False], ids=["vendor", "tvm"])
-def test_linear_epilogues_match_pytorch_with_nan_and_inf(vendor_kernels, tmp_path):
+def test_linear_epilogues_match_pytorch_with_nan_and_inf(vendor_kernels, device, tmp_path):
     torch.manual_seed(0)
-    model = _FusedLinears().eval()
-    x = torch.randn(2, 5, 16)
+    model = _FusedLinears().eval().to(device)
+    x = torch.randn(2, 5, 16, device=device)
     module = compile(model, {"input_infos": [("x", (2, 5, 16))], "export_dir": str(tmp_path),
                              "vendor_kernels": vendor_kernels})
     for bad in (None, float("nan"), float("inf"), float("-inf")):
         y = x.clone()
         if bad is not None:
             y[1, 3, 4] = bad
-        with torch.no_grad():
+        with torch.no_grad(), exact_fp32():
             for actual, expected in zip(module([y]), model(y)):
                 torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4,
                                            equal_nan=True)
@@ -135,17 +137,17 @@ class _ConvEpilogues(torch.nn.Module):
 
 
 @pytest.mark.parametrize("vendor_kernels", [True, False], ids=["vendor", "tvm"])
-def test_conv_epilogues_match_pytorch_with_nan_and_inf(vendor_kernels, tmp_path):
+def test_conv_epilogues_match_pytorch_with_nan_and_inf(vendor_kernels, device, tmp_path):
     torch.manual_seed(0)
-    model = _ConvEpilogues().eval()
-    x = torch.randn(1, 4, 32, 32)  # 4096 elements: the gate's mean runs on ATen
+    model = _ConvEpilogues().eval().to(device)
+    x = torch.randn(1, 4, 32, 32, device=device)  # 4096 elements: the gate's mean runs on ATen
     module = compile(model, {"input_infos": [("x", (1, 4, 32, 32))], "export_dir": str(tmp_path),
                              "vendor_kernels": vendor_kernels})
     for bad in (None, float("nan"), float("inf"), float("-inf")):
         y = x.clone()
         if bad is not None:
             y[0, 1, 2, 3] = bad
-        with torch.no_grad():
+        with torch.no_grad(), exact_fp32():
             for actual, expected in zip(module([y]), model(y)):
                 torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4,
                                            equal_nan=True)

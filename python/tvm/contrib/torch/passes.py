@@ -163,9 +163,33 @@ def to_float16(mod: tvm.IRModule) -> tvm.IRModule:
     ``ToMixedPrecision`` keeps float32 accumulation where it matters (softmax, norms); the
     program's floating inputs and outputs are float16 so that callers pass and get half tensors.
     """
-    mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
+    mod = relax.transform.ToMixedPrecision(out_dtype="float16")(_clips_as_max_min(mod))
     mod = _cast_float_io(mod, "float16")
     return relax.transform.FoldConstant()(mod)
+
+
+def _clips_as_max_min(mod: tvm.IRModule) -> tvm.IRModule:
+    """``clip(x, lo, hi)`` -> ``minimum(maximum(x, lo), hi)`` with tensor constants (an infinite
+    bound dropped), for ToMixedPrecision: it expects every argument of an operator to be a
+    tensor, and clip's bounds (relu6, hardswish, clamp) are PrimValues."""
+    x, low, high = wildcard(), wildcard(), wildcard()
+    root = is_op("relax.clip")(x, low, high)
+
+    def rewrite(call, matched):
+        bounds = []
+        for bound in (matched[low], matched[high]):
+            number = getattr(bound, "value", None)  # a PrimValue's IntImm/FloatImm (or number)
+            number = getattr(number, "value", number)
+            if not isinstance(number, (int, float)):
+                return call  # a symbolic bound
+            bounds.append(float(number))
+        value, dtype = matched[x], str(call.ty.dtype)
+        for number, combine in zip(bounds, (relax.op.maximum, relax.op.minimum)):
+            if not np.isinf(number):
+                value = combine(value, relax.const(np.array(number, dtype)))
+        return value
+
+    return _rewrite_main(mod, root, rewrite)
 
 
 def _cast_float_io(mod: tvm.IRModule, dtype: str) -> tvm.IRModule:

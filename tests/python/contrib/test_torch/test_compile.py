@@ -67,6 +67,32 @@ def test_compile_float16(name, weights, device, tmp_path):
         compiled(inputs)
 
 
+class _Clamps(torch.nn.Module):
+    """Every clamp-based activation (their bounds are scalars, not tensors, in Relax)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.nn.functional.hardswish(self.conv(x))
+        z = torch.nn.functional.relu6(y) + torch.nn.functional.hardsigmoid(y)
+        return torch.clamp(z, min=-0.5) * torch.nn.functional.hardtanh(x.mean(1, keepdim=True))
+
+
+def test_float16_clamps_match_torch_with_nan(device, tmp_path):
+    torch.manual_seed(0)
+    model, x = _Clamps().eval().to(device), 4 * torch.randn(1, 3, 16, 16, device=device)
+    compiled = compile(model, {"input_infos": [("x", (1, 3, 16, 16))],
+                               "default_dtype": "float16", "export_dir": str(tmp_path)})
+    x[0, 1, 2, 3] = float("nan")
+    with torch.no_grad():
+        expected = model(x)
+    actual = compiled([x.half()])[0]
+    assert actual.dtype == torch.float16
+    torch.testing.assert_close(actual.float(), expected, rtol=2e-2, atol=2e-2, equal_nan=True)
+
+
 def test_half_model_with_another_default_dtype_is_refused(tmp_path):
     model, inputs, infos = models.make("cnn")
     with pytest.raises(ConversionError, match=r"computes in float16 but default_dtype is "

@@ -38,7 +38,8 @@ GPU_CASES = [pytest.param(name, attn, id=f"{name}-{attn}" if attn else name)
                                 ("t5_encoder", "eager"), ("whisper_encoder", "sdpa"),
                                 ("llama", "sdpa"), ("timm_resnet", None),
                                 ("timm_efficientnet", None), ("timm_regnet", None),
-                                ("timm_swin", None)]]
+                                ("timm_swin", None), ("timm_mobilenetv3", None),
+                                ("torchvision_mobilenet_v2", None)]]
 
 
 def _assert_matches(actual, expected, tol: float = 1e-4):

@@ -21,7 +21,7 @@ runner and the machine's CPU and flags.
         [--runners eager,ts_frozen,inductor,onnxruntime,openvino,tvm,tvm_partition,
                    tvm_dynamo,relax_dynamo]
         [--attn sdpa|eager] [--dtype float32|bfloat16]
-        [--tuning-log tuning.log [--trials N] [--tuning-kernels heavy|all]
+        [--tuning-log tuning.log [--trials N] [--tuning-kernels heavy|all] [--compare-vendor]
                                  [--tuning-rpc HOST:PORT --tuning-key KEY]]
         [--json results.json] [--markdown table.md]
 
@@ -198,7 +198,7 @@ def build_runner(key: str, model: torch.nn.Module, inputs: tuple, dtype: torch.d
     """Prepare one runner; returns the call to time. Raises :class:`Skip` when unavailable.
 
     ``tuning`` holds the tuned row's compile options (``tuning_log_file``,
-    ``tuning_n_trials``, ``tuning_kernels``, ``tuning_rpc``)."""
+    ``tuning_n_trials``, ``tuning_kernels``, ``tuning_compare_vendor``, ``tuning_rpc``)."""
     threads = torch.get_num_threads()
     if key == "eager":
         def eager():
@@ -412,6 +412,9 @@ def main() -> None:
     parser.add_argument("--tuning-kernels", default="heavy", choices=["heavy", "all"],
                         help="tune only the TVM kernels a profile shows as heavy (default), "
                              "or all of them")
+    parser.add_argument("--compare-vendor", action="store_true",
+                        help="tuned row: also race tuned TVM kernels against oneDNN per "
+                             "convolution and keep the faster (tuning_compare_vendor)")
     parser.add_argument("--tuning-rpc", metavar="HOST:PORT",
                         help="measure the tuned row's candidates on this RPC tracker's servers")
     parser.add_argument("--tuning-key", default="tvm-torch",
@@ -437,7 +440,8 @@ def main() -> None:
         return
     dtype = getattr(torch, args.dtype)
     tuning: Dict[str, Any] = {"tuning_log_file": args.tuning_log, "tuning_n_trials": args.trials,
-                              "tuning_kernels": args.tuning_kernels}
+                              "tuning_kernels": args.tuning_kernels,
+                              "tuning_compare_vendor": args.compare_vendor}
     if args.tuning_rpc:
         tuning["tuning_rpc"] = {"tracker": args.tuning_rpc, "key": args.tuning_key}
     print(header, flush=True)

@@ -3,6 +3,7 @@
 The pipeline, one module per step: :mod:`.options` (the option table, parsed once),
 :mod:`.frontend` (model -> Relax), :mod:`.passes` (Relax optimisations),
 :mod:`.vendor_kernels` (oneDNN/MKL/cuDNN/cuBLAS/ATen offload), :mod:`.tuning` (MetaSchedule),
+:mod:`.vendor_choice` (a tuned TVM kernel or oneDNN's, per CPU convolution, measured),
 :mod:`.build` (targets, schedules, compilation), :mod:`.export` (files), :mod:`.module`
 (``nn.Module`` wrappers of the ``torch.classes.tvm_class`` runtime classes),
 :mod:`.pipeline` (``PyTorchTVMModule`` and ``compile_program``: the steps in order) and

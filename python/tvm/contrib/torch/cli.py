@@ -218,10 +218,13 @@ def compile_command(args: argparse.Namespace) -> None:
     if args.tuning_builders is not None:
         option["tuning_builders"] = args.tuning_builders
     option["tuning_kernels"] = args.tuning_kernels
-    if args.trials > 0:  # the tuning summary (trials, time, speed-up) is part of the report
-        summary = logging.getLogger("tvm.contrib.torch.tuning")
-        summary.setLevel(logging.INFO)
-        summary.addHandler(logging.StreamHandler(sys.stdout))
+    option["tuning_compare_vendor"] = args.tuning_compare_vendor
+    if args.trials > 0:  # the tuning summary (trials, time, speed-up) is part of the report,
+        # and so are the convolutions' races (oneDNN against tuned TVM kernels)
+        for name in ("tvm.contrib.torch.tuning", "tvm.contrib.torch.vendor_choice"):
+            summary = logging.getLogger(name)
+            summary.setLevel(logging.INFO)
+            summary.addHandler(logging.StreamHandler(sys.stdout))
     with tempfile.TemporaryDirectory(prefix="tvm_torch_cli_") as workdir:
         option["export_dir"] = os.path.join(workdir, "export")
         opts = parse_options(option, require_input_infos=False)
@@ -276,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=cli_help("tuning_builders"))
     comp.add_argument("--tuning-kernels", choices=("all", "heavy"), default="all",
                       help=cli_help("tuning_kernels"))
+    comp.add_argument("--tuning-compare-vendor", action="store_true",
+                      help=cli_help("tuning_compare_vendor"))
     comp.add_argument("--import-module", action="append", metavar="MODULE",
                       help="a Python module to import first, e.g. one registering the model's "
                            "custom operators with torch.library (repeatable)")

@@ -76,6 +76,7 @@ class CompileOptions:
     tuning_rpc: Optional[TuningRPC] = None
     tuning_builders: Optional[int] = None
     tuning_kernels: str = "all"
+    tuning_compare_vendor: bool = False
     target: Any = None
     device: Optional[str] = None
     dim_ranges: Dict[str, Tuple[int, int]] = dataclasses.field(default_factory=dict)
@@ -403,6 +404,10 @@ OPTIONS: Tuple[OptionSpec, ...] = (
                '`"all"`: tune every TVM kernel of the program; `"heavy"`: profile the untuned '
                "program first and tune only the TVM kernels that take 90% of its TVM-kernel "
                "time (docs/tuning.md)"),
+    OptionSpec("tuning_compare_vendor", _bool, False,
+               "CPU: also tune TVM kernels for the convolutions that run on oneDNN, time both "
+               "per convolution, and keep the faster (recorded next to the tuning log, applied "
+               "by later compiles with it; docs/tuning.md)"),
     OptionSpec("target", lambda key, value: value, None,
                'TVM target (`dict`, `Target`, `"llvm"`, `"cuda"`)',
                default_doc="this CPU (its model, features and cores), or the GPU when `device` "

@@ -22,7 +22,7 @@ from tvm import relax
 
 from . import build as build_mod
 from . import export as export_mod
-from . import frontend, passes, profiler, tuning, vendor_kernels, verify
+from . import frontend, passes, profiler, tuning, vendor_choice, vendor_kernels, verify
 from .built_program import BuiltProgram
 from .module import GraphModule, VMModule
 from .options import (OPTIONS_BY_NAME, CompileOptions, InputInfo, device_name,
@@ -239,8 +239,8 @@ class PyTorchTVMModule:
 
     def tune_tvm(self, log_file: str = "tuning.log", n_trial: int = 1000,
                  settings: Optional[tuning.TuneSettings] = None, rpc: Any = None,
-                 builders: Optional[int] = None,
-                 kernels: str = "all") -> List[tuning.TuningSummary]:
+                 builders: Optional[int] = None, kernels: str = "all",
+                 compare_vendor: bool = False) -> List[tuning.TuningSummary]:
         """Tune every bucket's kernels with MetaSchedule, recording into ``log_file``.
 
         Records already in ``log_file`` are re-used: a second call measures nothing new.
@@ -248,7 +248,9 @@ class PyTorchTVMModule:
         ``rpc``, ``builders`` and ``kernels`` are the ``tuning_rpc``, ``tuning_builders`` and
         ``tuning_kernels`` options (measure on a tracker's RPC servers; local build
         processes; ``"heavy"``: tune only the kernels a profile of the untuned program shows
-        to take 90% of its TVM-kernel time).
+        to take 90% of its TVM-kernel time). ``compare_vendor`` (``tuning_compare_vendor``)
+        first races tuned TVM kernels against oneDNN for the CPU convolutions
+        (:mod:`.vendor_choice`), with the same trial budget.
 
         Returns
         -------
@@ -264,12 +266,22 @@ class PyTorchTVMModule:
         rpc = OPTIONS_BY_NAME["tuning_rpc"].parse("tuning_rpc", rpc)
         builders = OPTIONS_BY_NAME["tuning_builders"].parse("tuning_builders", builders)
         kernels = OPTIONS_BY_NAME["tuning_kernels"].parse("tuning_kernels", kernels)
+        compare_vendor = OPTIONS_BY_NAME["tuning_compare_vendor"].parse(
+            "tuning_compare_vendor", compare_vendor)
         settings = settings or tuning.TuneSettings()
         if rpc is not None or builders is not None:
             settings = dataclasses.replace(settings, rpc=rpc or settings.rpc,
                                            builders=builders or settings.builders)
         self.tuning_log_file = os.path.abspath(log_file)
         self.tuning_summaries = []
+        for bucket in self.buckets:
+            bucket.prepared = None  # prepared again with the log's convolution choices
+        if compare_vendor and self.vendor_kernels:
+            sites: List[vendor_kernels.ConvSite] = []
+            for bucket in self.buckets:
+                self._prepare(bucket, sites)
+                bucket.prepared = None
+            vendor_choice.race(sites, self.target, self.tuning_log_file, n_trial, settings)
         profiles = self._tvm_kernel_times() if kernels == "heavy" else [None] * len(self.buckets)
         for bucket, kernel_ms in zip(self.buckets, profiles):
             prepared = self._prepare(bucket)[0]
@@ -300,7 +312,10 @@ class PyTorchTVMModule:
                 bucket.files = old
         return times
 
-    def _prepare(self, bucket: _Bucket):
+    def _prepare(self, bucket: _Bucket,
+                 sites: Optional[List[vendor_kernels.ConvSite]] = None):
+        """The bucket's module through :func:`passes.prepare_for_build` (cached), with the
+        vendor offload; ``sites`` collects its oneDNN convolutions."""
         if bucket.prepared is not None:
             return bucket.prepared
         extra = []
@@ -311,7 +326,10 @@ class PyTorchTVMModule:
                 logger.warning("this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX): "
                                "the bfloat16 program computes in float32, at float32 speed")
                 bfloat16 = False
-            extra.append(vendor_kernels.offload_pass(gpu=gpu, bfloat16=bfloat16))
+            keep_tvm = frozenset() if gpu else vendor_choice.kept_tvm(self.tuning_log_file,
+                                                                       self.target)
+            extra.append(vendor_kernels.offload_pass(gpu=gpu, bfloat16=bfloat16,
+                                                     keep_tvm=keep_tvm, sites=sites))
         bucket.prepared = passes.prepare_for_build(bucket.mod, bucket.params,
                                                    shapes_of(bucket.infos), self.default_dtype,
                                                    extra)
@@ -431,9 +449,12 @@ def _apply_tuning(ptm: PyTorchTVMModule, options: CompileOptions,
     if options.tuning_n_trials > 0:
         ptm.tune_tvm(options.tuning_log_file, options.tuning_n_trials, settings,
                      rpc=options.tuning_rpc, builders=options.tuning_builders,
-                     kernels=options.tuning_kernels)
+                     kernels=options.tuning_kernels,
+                     compare_vendor=options.tuning_compare_vendor)
     elif options.tuning_log_explicit and os.path.exists(options.tuning_log_file):
         ptm.tuning_log_file = os.path.abspath(options.tuning_log_file)
+        # A bad race record next to it fails here with its own error, not as a build error.
+        vendor_choice.load(ptm.tuning_log_file, ptm.target)
 
 
 def _low_precision_model(module: Any, options: CompileOptions):

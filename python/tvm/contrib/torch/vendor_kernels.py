@@ -12,7 +12,9 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   (squeeze-excite gates), ``tvm_torch.matmul_bias`` (MKL). The weight goes through
   ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves into
   ``main_transform_params``: the runtime prepacks every weight once, at the first call. CPU
-  ``conv1d`` (Whisper's, Wav2Vec's) becomes such a conv2d of height 1 first.
+  ``conv1d`` (Whisper's, Wav2Vec's) becomes such a conv2d of height 1 first. Convolutions
+  whose tuned TVM kernel was measured faster (``keep_tvm``: :mod:`.vendor_choice`) stay TVM
+  code.
 * ``layer_norm`` (trailing axes) and ``softmax`` -> ``tvm_torch.layer_norm`` /
   ``tvm_torch.softmax`` (ATen's kernels), on CPU and CUDA.
 * ``mean`` over leading axes only (global pooling in NHWC; CPU, float32, 4096+ elements) ->
@@ -46,8 +48,9 @@ Everything else stays TVM code.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Optional, Tuple
+from typing import AbstractSet, List, Optional, Tuple
 
 import numpy as np
 import tvm
@@ -84,16 +87,62 @@ def _shape(values) -> relax.ShapeExpr:
     return relax.ShapeExpr([int(v) for v in values])
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvSite:
+    """A CPU convolution the offload runs on oneDNN, which a tuned TVM kernel could run instead
+    (see :mod:`.vendor_choice`).
+
+    Attributes
+    ----------
+    key : str
+        Its geometry (input shape and dtype, weight shape, strides, padding, dilation, groups,
+        compute dtype): convolutions with one key share one choice.
+    conv : relax.Call
+        The NHWC ``conv2d`` (its input's type, weight constant and attributes).
+    bias : relax.Constant or None
+        Its bias.
+    residual : relax.TensorType or None
+        The type of the residual added after it, if any.
+    unary : str
+        The epilogue applied after the bias (after the residual add, if any).
+    compute_dtype : str
+        ``"float32"``, or ``"bfloat16"`` for oneDNN's bfloat16 kernels.
+    """
+
+    key: str
+    conv: relax.Call
+    bias: Optional[relax.Constant]
+    residual: Optional[relax.TensorType]
+    unary: str
+    compute_dtype: str
+
+
+def conv_key(conv: relax.Call, compute_dtype: str) -> str:
+    """The geometry of an NHWC conv2d, as a :class:`ConvSite` key."""
+    attrs = conv.attrs
+    ints = lambda values: ",".join(str(int(v)) for v in values)  # noqa: E731
+    return (f"conv2d x={ints(_static_shape(conv.args[0]) or [])}:{conv.args[0].ty.dtype} "
+            f"w={ints(_static_shape(conv.args[1]) or [])} s={ints(attrs.strides)} "
+            f"p={ints(attrs.padding)} d={ints(attrs.dilation)} g={int(attrs.groups)} "
+            f"{compute_dtype}")
+
+
 class _ConvRewriter:
     """Builds the vendor call for one matched conv2d chain.
 
     ``gpu=False``: oneDNN in NHWC with prepacked weights (float32). ``gpu=True``: ATen's
-    convolution (cuDNN) in NCHW, float32 or float16.
+    convolution (cuDNN) in NCHW, float32 or float16. On CPU, convolutions whose
+    :func:`conv_key` is in ``keep_tvm`` stay TVM code, and ``sites`` (if given) collects a
+    :class:`ConvSite` for each one offloaded to oneDNN.
     """
 
-    def __init__(self, gpu: bool, compute_dtype: str = "float32"):
+    def __init__(self, gpu: bool, compute_dtype: str = "float32",
+                 keep_tvm: AbstractSet[str] = frozenset(),
+                 sites: Optional[List[ConvSite]] = None):
         self.gpu = gpu
         self.compute_dtype = compute_dtype
+        self.keep_tvm = keep_tvm
+        self.sites = sites
         self.count = 0
 
     def conv_args(self, conv: relax.Call):
@@ -157,6 +206,16 @@ class _ConvRewriter:
             return None
         geometry = [args["padding"], args["stride"], args["dilation"], args["groups"]]
         unary_imm = tvm.ir.StringImm(unary)
+        gemv = not self.gpu and residual is None and self._is_gemv(conv, args)
+        if not self.gpu and not gemv:
+            key = conv_key(conv, self.compute_dtype)
+            if key in self.keep_tvm:
+                # A tuned TVM kernel was measured faster. Every pattern that matches this
+                # convolution (with or without its epilogue) comes here: it stays TVM code.
+                return None
+            if self.sites is not None and _static_shape(args["x"]) is not None:
+                self.sites.append(ConvSite(key, conv, bias, None if residual is None
+                                           else residual.ty, unary, self.compute_dtype))
         self.count += 1
         if self.gpu:
             if residual is not None:
@@ -165,7 +224,7 @@ class _ConvRewriter:
                                               ty_args=out_ty)
             return relax.call_pure_packed("tvm_torch.conv2d_nchw", args["x"], args["weight"],
                                           bias_const, *geometry, unary_imm, ty_args=out_ty)
-        if residual is None and self._is_gemv(conv, args):
+        if gemv:
             # [N, 1, 1, C_in] @ [C_in, C_out]: a squeeze-excite gate's 1x1 convolution.
             weight = _const_array(args["weight"]).reshape(channels, -1)
             return relax.call_pure_packed(
@@ -235,9 +294,10 @@ def _hard_activations(x):
     return swish + sigmoid + relu6s
 
 
-def _rewrite_convs(func: relax.Function, gpu: bool,
-                   compute_dtype: str = "float32") -> relax.Function:
-    rewriter = _ConvRewriter(gpu, compute_dtype)
+def _rewrite_convs(func: relax.Function, gpu: bool, compute_dtype: str = "float32",
+                   keep_tvm: AbstractSet[str] = frozenset(),
+                   sites: Optional[List[ConvSite]] = None) -> relax.Function:
+    rewriter = _ConvRewriter(gpu, compute_dtype, keep_tvm, sites)
     x, res = wildcard(), wildcard()
     conv = is_op("relax.nn.conv2d")(x, is_const())
     bias = is_const()
@@ -729,7 +789,9 @@ def _conv1d_as_conv2d(func: relax.Function) -> relax.Function:
     return rewrite_call(is_op("relax.nn.conv1d")(wildcard(), is_const()), rewrite, func)
 
 
-def offload_pass(gpu: bool = False, bfloat16: bool = False) -> tvm.transform.Pass:
+def offload_pass(gpu: bool = False, bfloat16: bool = False,
+                 keep_tvm: AbstractSet[str] = frozenset(),
+                 sites: Optional[List[ConvSite]] = None) -> tvm.transform.Pass:
     """The offload as a module pass over ``main`` (after params were bound as constants).
 
     Parameters
@@ -741,6 +803,11 @@ def offload_pass(gpu: bool = False, bfloat16: bool = False) -> tvm.transform.Pas
         On CPU, run the convolutions and linear layers on oneDNN's bfloat16 kernels (weights
         prepacked in bfloat16, float32 tensors converted around each call, as
         ``torch.autocast`` does); the rest of the program stays float32.
+    keep_tvm : set of str
+        CPU convolutions (by :func:`conv_key`) that stay TVM code (a tuned TVM kernel was
+        measured faster than oneDNN's: :mod:`.vendor_choice`).
+    sites : list of ConvSite, optional
+        Collects the CPU convolutions (static shapes, not squeeze-excite gates) put on oneDNN.
     """
     compute_dtype = "bfloat16" if bfloat16 and not gpu else "float32"
 
@@ -754,7 +821,7 @@ def offload_pass(gpu: bool = False, bfloat16: bool = False) -> tvm.transform.Pas
         func = mod["main"]
         if not gpu:
             func = _drop_permutes_around_elementwise(_conv1d_as_conv2d(func))
-        func = _rewrite_convs(func, gpu, compute_dtype)
+        func = _rewrite_convs(func, gpu, compute_dtype, keep_tvm, sites)
         func = _rewrite_matmuls(_unflatten_linears(func), gpu, compute_dtype)
         func = _rewrite_normalizations(func, gpu)
         func = _rewrite_pools(func, gpu)
@@ -769,4 +836,4 @@ def offload_pass(gpu: bool = False, bfloat16: bool = False) -> tvm.transform.Pas
     return _offload
 
 
-__all__ = ["offload_pass"]
+__all__ = ["ConvSite", "conv_key", "offload_pass"]

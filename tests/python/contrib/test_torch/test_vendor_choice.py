@@ -1,0 +1,104 @@
+"""``tuning_compare_vendor``: tuned TVM kernels raced against oneDNN per CPU convolution, the
+times recorded next to the tuning log and the choices applied by later compiles."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tvm.contrib.torch import PyTorchTVMModule, build, compile, passes, profile, vendor_choice
+from tvm.contrib.torch.vendor_kernels import offload_pass
+
+SHAPE = (1, 8, 16, 16)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                               torch.nn.Hardswish(), torch.nn.Conv2d(8, 16, 1),
+                               torch.nn.ReLU()).eval()
+
+
+def _offloaded(keep_tvm=frozenset()):
+    """The model's main after the offload, and the convolution sites put on oneDNN."""
+    ptm = PyTorchTVMModule()
+    ptm.from_pytorch(torch.jit.trace(_model(), torch.randn(SHAPE)), [("x", SHAPE)])
+    bucket, sites = ptm.buckets[0], []
+    mod = passes.prepare_for_build(bucket.mod, bucket.params, [list(SHAPE)], "float32",
+                                   [offload_pass(keep_tvm=keep_tvm, sites=sites)])[0]
+    return mod["main"].script(), sites
+
+
+def test_kept_convolution_stays_tvm_code():
+    text, sites = _offloaded()
+    assert [(s.key, s.unary) for s in sites] == [
+        ("conv2d x=1,16,16,8:float32 w=8,1,3,3 s=1,1 p=1,1,1,1 d=1,1 g=8 float32", "hardswish"),
+        ("conv2d x=1,16,16,8:float32 w=16,8,1,1 s=1,1 p=0,0,0,0 d=1,1 g=1 float32", "relu")]
+    assert text.count('"tvm_torch.conv2d_nhwc"') == 2 and "R.nn.conv2d" not in text
+    text, kept_sites = _offloaded(keep_tvm={sites[0].key})
+    assert text.count('"tvm_torch.conv2d_nhwc"') == 1 and text.count("R.nn.conv2d(") == 1
+    assert [s.key for s in kept_sites] == [sites[1].key]
+
+
+def _conv_calls(module, x) -> float:
+    """oneDNN convolution calls per model call, from the kernel profile."""
+    report = profile(module, [x], repeat=2, warmup=1)
+    return sum(row.calls for row in report.rows if row.name == "tvm_torch.conv2d_nhwc")
+
+
+def test_race_is_recorded_and_its_choices_applied(tmp_path):
+    model, x = _model(), torch.randn(SHAPE)
+    log = str(tmp_path / "tuning.log")
+    option = {"input_infos": [("x", SHAPE)], "export_dir": str(tmp_path / "e"),
+              "tuning_log_file": log, "tuning_n_trials": 2, "tuning_compare_vendor": True}
+    tuned = compile(model, option)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(tuned([x])[0], expected, rtol=1e-4, atol=1e-4)
+    path = vendor_choice.record_path(log)
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    races = vendor_choice.load(log, build.host_cpu_target())
+    _, sites = _offloaded()
+    assert sorted(races) == sorted(s.key for s in sites)
+    assert all(0 < r.vendor_us < 1e5 and 0 < r.tvm_us < 1e5 for r in races.values()), races
+
+    # Tuning again with the log measures nothing new.
+    stamp = os.stat(path).st_mtime_ns
+    compile(model, option)
+    assert os.stat(path).st_mtime_ns == stamp
+
+    # A compile with the log applies the recorded choices: here the depthwise convolution's
+    # TVM kernel is made the winner and the 1x1's the loser.
+    depthwise, pointwise = sites[0].key, sites[1].key
+    entries = next(iter(record["targets"].values()))
+    entries[depthwise] = {"vendor_us": 100.0, "tvm_us": 10.0}
+    entries[pointwise] = {"vendor_us": 10.0, "tvm_us": 100.0}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    applied = compile(model, dict(option, tuning_n_trials=0, tuning_compare_vendor=False))
+    torch.testing.assert_close(applied([x])[0], expected, rtol=1e-4, atol=1e-4)
+    assert _conv_calls(applied, x) == 1
+    # Without the log, both are oneDNN's.
+    plain = compile(model, {"input_infos": [("x", SHAPE)], "export_dir": str(tmp_path / "p")})
+    assert _conv_calls(plain, x) == 2
+
+
+def test_foreign_record_file_is_refused(tmp_path):
+    log = str(tmp_path / "tuning.log")
+    for path, text in ((log, ""), (log + ".workloads", ""),
+                       (vendor_choice.record_path(log), '{"something": "else"}')):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    with pytest.raises(ValueError, match=r"tuning.log.vendor.json is not a vendor-kernel race "
+                                         r"record \(ValueError: format None, expected 1\)"):
+        compile(_model(), {"input_infos": [("x", SHAPE)], "export_dir": str(tmp_path / "e"),
+                           "tuning_log_file": log})
+
+
+def test_race_is_for_cpu_targets(tmp_path):
+    with pytest.raises(ValueError, match="races CPU convolutions against oneDNN; the target "
+                                         "is CUDA"):
+        vendor_choice.race([], build.cuda_target("sm_80"), str(tmp_path / "t.log"), 4)

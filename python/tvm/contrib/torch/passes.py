@@ -94,15 +94,15 @@ def _bias_past_batch_norm(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     def rewrite(call, matched):
         bn = matched[norm]
         attrs = bn.attrs
-        channels = _const_value(matched[var]).size
-        b = _const_value(matched[bias])
+        channels = const_value(matched[var]).size
+        b = const_value(matched[bias])
         # The bias must be per channel of the (NCHW) convolution: [1, C, 1, 1] or [C, 1, 1].
         per_channel = tuple(b.shape) in ((1, channels, 1, 1), (channels, 1, 1))
         if int(attrs.axis) != 1 or attrs.training or not per_channel:
             return call
-        scale = 1.0 / np.sqrt(_const_value(matched[var]).astype("float64") + float(attrs.epsilon))
+        scale = 1.0 / np.sqrt(const_value(matched[var]).astype("float64") + float(attrs.epsilon))
         if attrs.scale:
-            scale = scale * _const_value(matched[gamma]).astype("float64")
+            scale = scale * const_value(matched[gamma]).astype("float64")
         folded = relax.op.nn.batch_norm(matched[conv], *bn.args[1:], axis=1,
                                         epsilon=float(attrs.epsilon), center=bool(attrs.center),
                                         scale=bool(attrs.scale),
@@ -121,7 +121,7 @@ def _merge_constant_adds(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     root = is_op("relax.add")(is_op("relax.add")(source, first), second)
 
     def rewrite(call, matched):
-        a, b = _const_value(matched[first]), _const_value(matched[second])
+        a, b = const_value(matched[first]), const_value(matched[second])
         if a.shape != b.shape or a.dtype != b.dtype:
             return call
         return relax.op.add(matched[source], relax.const(a + b))
@@ -137,8 +137,16 @@ def _rewrite_main(mod: tvm.IRModule, pattern, rewrite) -> tvm.IRModule:
     return mod
 
 
-def _const_value(expr: relax.Expr) -> np.ndarray:
+def const_value(expr: relax.Expr) -> np.ndarray:
+    """The value of a ``relax.Constant``."""
     return expr.value.numpy()
+
+
+def prim_number(expr: relax.Expr) -> Optional[float]:
+    """The number a ``relax.PrimValue`` holds (``clip``'s bounds), or None if symbolic."""
+    value = getattr(expr, "value", None)  # an IntImm/FloatImm (or a plain number)
+    value = getattr(value, "value", value)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def simplify(mod: tvm.IRModule) -> tvm.IRModule:
@@ -176,13 +184,9 @@ def _clips_as_max_min(mod: tvm.IRModule) -> tvm.IRModule:
     root = is_op("relax.clip")(x, low, high)
 
     def rewrite(call, matched):
-        bounds = []
-        for bound in (matched[low], matched[high]):
-            number = getattr(bound, "value", None)  # a PrimValue's IntImm/FloatImm (or number)
-            number = getattr(number, "value", number)
-            if not isinstance(number, (int, float)):
-                return call  # a symbolic bound
-            bounds.append(float(number))
+        bounds = [prim_number(matched[low]), prim_number(matched[high])]
+        if None in bounds:
+            return call  # a symbolic bound
         value, dtype = matched[x], str(call.ty.dtype)
         for number, combine in zip(bounds, (relax.op.maximum, relax.op.minimum)):
             if not np.isinf(number):

@@ -58,6 +58,8 @@ import tvm_ffi
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
+from .passes import const_value, prim_number
+
 logger = logging.getLogger(__name__)
 
 def _offloaded_dtypes(gpu: bool) -> Tuple[str, ...]:
@@ -77,10 +79,6 @@ def _static_shape(expr: relax.Expr) -> Optional[list]:
     """Dims of a tensor expression when all of them are static, else None."""
     dims = _dims(expr)
     return dims if dims is not None and None not in dims else None
-
-
-def _const_array(expr: relax.Expr) -> np.ndarray:
-    return expr.value.numpy()
 
 
 def _shape(values) -> relax.ShapeExpr:
@@ -197,7 +195,7 @@ class _ConvRewriter:
         if bias is None:
             bias_value = np.zeros((channels,), dtype="float32")
         else:
-            bias_value = _const_array(bias).reshape(-1)
+            bias_value = const_value(bias).reshape(-1)
             if bias_value.size != channels:
                 return None
         bias_const = relax.const(bias_value.astype(args["dtype"]))
@@ -226,7 +224,7 @@ class _ConvRewriter:
                                           bias_const, *geometry, unary_imm, ty_args=out_ty)
         if gemv:
             # [N, 1, 1, C_in] @ [C_in, C_out]: a squeeze-excite gate's 1x1 convolution.
-            weight = _const_array(args["weight"]).reshape(channels, -1)
+            weight = const_value(args["weight"]).reshape(channels, -1)
             return relax.call_pure_packed(
                 "tvm_torch.matmul_bias", args["x"], relax.const(np.ascontiguousarray(weight.T)),
                 bias_const, unary_imm, ty_args=out_ty)
@@ -246,7 +244,7 @@ def _scalar(expr: relax.Expr) -> Optional[float]:
     """The value of a one-element float constant, else None."""
     if not isinstance(expr, tvm.ir.GenericConst):
         return None
-    value = _const_array(expr)
+    value = const_value(expr)
     return float(value.reshape(-1)[0]) if value.size == 1 else None
 
 
@@ -261,15 +259,10 @@ def _hard_activations(x):
         outer = is_op("relax.clip")(inner, wildcard(), wildcard())
         return [(outer, (outer, inner)), (inner, (inner,))]
 
-    def bound(value: relax.Expr) -> Optional[float]:
-        value = getattr(value, "value", None)  # a PrimValue's IntImm/FloatImm (or number)
-        value = getattr(value, "value", value)
-        return float(value) if isinstance(value, (int, float)) else None
-
     def bounds_ok(matched, clips) -> bool:
         low, high = -np.inf, np.inf
         for clip in clips:
-            lo, hi = (bound(arg) for arg in matched[clip].args[1:])
+            lo, hi = (prim_number(arg) for arg in matched[clip].args[1:])
             if lo is None or hi is None:
                 return False
             low, high = max(low, lo), min(high, hi)
@@ -402,7 +395,7 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool,
         return None
 
     def transposed_const(const: relax.Expr) -> relax.Expr:
-        return relax.const(np.ascontiguousarray(_const_array(const).T))
+        return relax.const(np.ascontiguousarray(const_value(const).T))
 
     def linear(unary, has_bias, residual=None):
         def rewrite(call, matched):
@@ -415,7 +408,7 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool,
             rows, cols = _static_shape(const)
             out_features = rows if transposed else cols
             if has_bias:
-                bias_value = _const_array(matched[b]).reshape(-1)
+                bias_value = const_value(matched[b]).reshape(-1)
                 if bias_value.size != out_features:
                     return call
             else:
@@ -658,8 +651,8 @@ def _rewrite_attention(func: relax.Function, gpu: bool) -> relax.Function:
         extra = scalars(call)
         boolean = matched[mask]
         if extra is None or str(boolean.ty.dtype) != "bool" or \
-                float(_const_array(matched[zero])) != 0.0 or \
-                float(_const_array(matched[neg_inf])) != float("-inf"):
+                float(const_value(matched[zero])) != 0.0 or \
+                float(const_value(matched[neg_inf])) != float("-inf"):
             return call
         return relax.call_pure_packed("tvm_torch.attention_masked", *call.args[:3], boolean,
                                       *extra, ty_args=call.ty)
@@ -777,7 +770,7 @@ def _conv1d_as_conv2d(func: relax.Function) -> relax.Function:
                 or str(call.ty.dtype) != "float32" or str(x.ty.dtype) != "float32"):
             return call
         left, right = (int(p) for p in attrs.padding)
-        kernel = _const_array(weight)
+        kernel = const_value(weight)
         rows = relax.op.expand_dims(relax.op.permute_dims(x, [0, 2, 1]), 1)  # N, 1, W, C
         conv = relax.op.nn.conv2d(
             rows, relax.const(kernel[:, :, None, :]), strides=(1, int(attrs.strides[0])),

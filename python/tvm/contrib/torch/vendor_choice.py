@@ -197,9 +197,10 @@ def _time_us(prepared, target: tvm.target.Target, database, repeat: int = 7) -> 
     device = tvm.cpu()
     vm = relax.VirtualMachine(executable, device)
     rng = np.random.default_rng(0)
+    num_input = int(mod["main"].attrs["num_input"])
     inputs = [tvm.runtime.tensor(rng.standard_normal([int(d) for d in p.ty.shape.values])
                                  .astype(str(p.ty.dtype)), device)
-              for p in mod["main"].params[:len(mod["main"].params) - len(names)]]
+              for p in mod["main"].params[:num_input]]
     params = [values[name] for name in names]
     if transform is not None:
         params = list(vm[transform](params))

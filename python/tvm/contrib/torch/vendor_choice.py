@@ -235,6 +235,9 @@ def race(sites: Sequence[ConvSite], target: tvm.target.Target, log_file: str, n_
     if build_mod.is_cuda(target):
         raise ValueError("tvm.contrib.torch: tuning_compare_vendor races CPU convolutions "
                          "against oneDNN; the target is CUDA")
+    if settings is not None and settings.rpc is not None:
+        raise ValueError("tvm.contrib.torch: tuning_compare_vendor times both kernels on this "
+                         "machine; with tuning_rpc the candidates run on other machines")
     recorded = load(log_file, target)
     new: Dict[str, ConvSite] = {}
     for site in sites:

@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-from tvm.contrib.torch import PyTorchTVMModule, build, compile, passes, profile, vendor_choice
+from tvm.contrib.torch import (PyTorchTVMModule, build, compile, passes, profile, tuning,
+                               vendor_choice)
+from tvm.contrib.torch.options import TuningRPC
 from tvm.contrib.torch.vendor_kernels import offload_pass
 
 SHAPE = (1, 8, 16, 16)
@@ -98,7 +100,11 @@ def test_foreign_record_file_is_refused(tmp_path):
                            "tuning_log_file": log})
 
 
-def test_race_is_for_cpu_targets(tmp_path):
+def test_race_runs_on_this_cpu(tmp_path):
     with pytest.raises(ValueError, match="races CPU convolutions against oneDNN; the target "
                                          "is CUDA"):
         vendor_choice.race([], build.cuda_target("sm_80"), str(tmp_path / "t.log"), 4)
+    rpc = TuningRPC(host="127.0.0.1", port=9190, key="k")
+    with pytest.raises(ValueError, match="times both kernels on this machine; with tuning_rpc"):
+        vendor_choice.race([], build.host_cpu_target(), str(tmp_path / "t.log"), 4,
+                           tuning.TuneSettings(rpc=rpc))

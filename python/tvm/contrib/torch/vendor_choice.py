@@ -5,8 +5,9 @@ not the fastest for every shape (depthwise convolutions of small images, for one
 MetaSchedule can tune TVM's own kernel for each. With ``tuning_compare_vendor``, tuning
 races the two for each convolution geometry (:func:`race`):
 
-1. each convolution the offload puts on oneDNN, with its bias, epilogue and residual add, is
-   built alone twice, through the same passes as the model: once on oneDNN, once as TVM code;
+1. each convolution the offload puts on oneDNN, with its bias, epilogue and residual add as
+   the model has them, is built alone twice, through the model's passes: once on oneDNN, once
+   as TVM code (so the TVM kernel tuned here is the one the model's program has);
 2. MetaSchedule tunes the TVM versions, all in one module (one trial budget);
 3. both versions run on random inputs, timed by TVM's time evaluator, each on this machine;
 4. a TVM kernel that is :data:`MARGIN` faster replaces oneDNN's for every convolution of
@@ -126,56 +127,13 @@ def _target_key(target: tvm.target.Target) -> str:
     return str(target)
 
 
-def _epilogue(bb: relax.BlockBuilder, y: relax.Expr, unary: str) -> relax.Expr:
-    """``unary`` (a :class:`ConvSite`'s epilogue) as torch's decomposition imports it."""
-    def clip(value, low, high):
-        return bb.emit(relax.op.clip(value, low, high))
-
-    def const(value: float) -> relax.Expr:
-        return relax.const(value, str(y.ty.dtype))
-
-    if unary == "none":
-        return y
-    if unary in ("relu", "silu"):
-        return bb.emit(getattr(relax.op.nn, unary)(y))
-    if unary in ("sigmoid", "tanh"):
-        return bb.emit(getattr(relax.op, unary)(y))
-    if unary == "relu6":
-        return clip(y, 0, 6)
-    if unary in ("hardswish", "hardsigmoid"):
-        gate = bb.emit(relax.op.divide(clip(bb.emit(relax.op.add(y, const(3.0))), 0, 6),
-                                       const(6.0)))
-        return gate if unary == "hardsigmoid" else bb.emit(relax.op.multiply(y, gate))
-    raise ValueError(f"tvm.contrib.torch: unknown convolution epilogue {unary!r}")
-
-
-def _emit_site(bb: relax.BlockBuilder, site: ConvSite, x: relax.Var,
-               residual: Optional[relax.Var]) -> relax.Expr:
-    """The convolution of ``site`` with its bias, residual add and epilogue, on ``x``."""
-    y = bb.emit(relax.Call(site.conv.op, [x, site.conv.args[1]], site.conv.attrs))
-    if site.bias is not None:
-        y = bb.emit(relax.op.add(y, site.bias))
-    if residual is not None:
-        y = bb.emit(relax.op.add(y, residual))
-    return _epilogue(bb, y, site.unary)
-
-
-def _inputs(site: ConvSite, index: int = 0) -> List[relax.Var]:
-    params = [relax.Var(f"x{index}", site.conv.args[0].ty)]
-    if site.residual is not None:
-        params.append(relax.Var(f"r{index}", site.residual))
-    return params
-
-
 def _module(sites: Sequence[ConvSite]) -> Tuple[tvm.IRModule, List[List[int]]]:
-    """``main`` running each site's convolution on inputs of its own, and the input shapes."""
+    """``main`` running each site's chain on inputs of its own, and the input shapes."""
     bb = relax.BlockBuilder()
-    per_site = [_inputs(site, i) for i, site in enumerate(sites)]
-    params = [p for group in per_site for p in group]
+    params = [p for site in sites for p in site.inputs]
     with bb.function("main", params, attrs={"num_input": len(params)}):
         with bb.dataflow():
-            outputs = [_emit_site(bb, site, group[0], group[1] if len(group) > 1 else None)
-                       for site, group in zip(sites, per_site)]
+            outputs = [bb.emit(site.expr) for site in sites]
             result = bb.emit_output(outputs[0] if len(outputs) == 1 else relax.Tuple(outputs))
         bb.emit_func_output(result)
     shapes = [[int(d) for d in p.ty.shape.values] for p in params]

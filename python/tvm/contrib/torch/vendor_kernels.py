@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import AbstractSet, List, Optional, Tuple
+from typing import AbstractSet, Dict, List, Optional, Tuple
 
 import numpy as np
 import tvm
@@ -95,24 +95,38 @@ class ConvSite:
     key : str
         Its geometry (input shape and dtype, weight shape, strides, padding, dilation, groups,
         compute dtype): convolutions with one key share one choice.
-    conv : relax.Call
-        The NHWC ``conv2d`` (its input's type, weight constant and attributes).
-    bias : relax.Constant or None
-        Its bias.
-    residual : relax.TensorType or None
-        The type of the residual added after it, if any.
-    unary : str
-        The epilogue applied after the bias (after the residual add, if any).
+    inputs : list of relax.Var
+        Fresh variables for its input and, if it has one, the residual added to it.
+    expr : relax.Expr
+        The matched chain on ``inputs``, as the model has it: the NHWC ``conv2d`` (weight
+        constant) and its bias, epilogue and residual add.
     compute_dtype : str
         ``"float32"``, or ``"bfloat16"`` for oneDNN's bfloat16 kernels.
     """
 
     key: str
-    conv: relax.Call
-    bias: Optional[relax.Constant]
-    residual: Optional[relax.TensorType]
-    unary: str
+    inputs: List[relax.Var]
+    expr: relax.Expr
     compute_dtype: str
+
+
+def _bindings(func: relax.Function) -> Dict[relax.Var, relax.Expr]:
+    """Each variable bound in ``func``'s body, to its value."""
+    return {binding.var: binding.value for block in func.body.blocks
+            for binding in block.bindings}
+
+
+def _inline(expr: relax.Expr, bindings: Dict[relax.Var, relax.Expr],
+            leaves: Dict[relax.Var, relax.Var]) -> relax.Expr:
+    """``expr`` with its bound variables replaced by their values, down to ``leaves``."""
+    if isinstance(expr, relax.Var):
+        if expr in leaves:
+            return leaves[expr]
+        return _inline(bindings[expr], bindings, leaves)
+    if isinstance(expr, relax.Call):
+        return relax.Call(expr.op, [_inline(a, bindings, leaves) for a in expr.args],
+                          expr.attrs, expr.ty_args)
+    return expr
 
 
 def conv_key(conv: relax.Call, compute_dtype: str) -> str:
@@ -141,7 +155,17 @@ class _ConvRewriter:
         self.compute_dtype = compute_dtype
         self.keep_tvm = keep_tvm
         self.sites = sites
+        #: The bindings of the function being rewritten (for :attr:`sites`).
+        self.bindings: Dict[relax.Var, relax.Expr] = {}
         self.count = 0
+
+    def _site(self, key: str, root: relax.Expr, conv: relax.Call,
+              residual: Optional[relax.Expr]) -> ConvSite:
+        leaves = {conv.args[0]: relax.Var(f"x{len(self.sites)}", conv.args[0].ty)}
+        if residual is not None:
+            leaves[residual] = relax.Var(f"r{len(self.sites)}", residual.ty)
+        return ConvSite(key, list(leaves.values()), _inline(root, self.bindings, leaves),
+                        self.compute_dtype)
 
     def conv_args(self, conv: relax.Call):
         attrs = conv.attrs
@@ -186,8 +210,11 @@ class _ConvRewriter:
         return dims is not None and dims[1:3] == [1, 1] and weight[2:] == [1, 1] and \
             [int(p) for p in conv.attrs.padding] == [0, 0, 0, 0] and int(conv.attrs.groups) == 1
 
-    def build(self, conv: relax.Call, bias: Optional[relax.Expr], residual: Optional[relax.Expr],
-              unary: str, out_ty) -> Optional[relax.Expr]:
+    def build(self, root: relax.Call, conv: relax.Call, bias: Optional[relax.Expr],
+              residual: Optional[relax.Expr], unary: str) -> Optional[relax.Expr]:
+        """The vendor call for the chain ``root`` (``conv`` (+ ``bias``), then ``unary``
+        (after the ``residual`` add, if any)), or None to leave it as it is."""
+        out_ty = root.ty
         args = self.conv_args(conv)
         if args is None:
             return None
@@ -212,8 +239,7 @@ class _ConvRewriter:
                 # convolution (with or without its epilogue) comes here: it stays TVM code.
                 return None
             if self.sites is not None and _static_shape(args["x"]) is not None:
-                self.sites.append(ConvSite(key, conv, bias, None if residual is None
-                                           else residual.ty, unary, self.compute_dtype))
+                self.sites.append(self._site(key, root, conv, residual))
         self.count += 1
         if self.gpu:
             if residual is not None:
@@ -305,7 +331,7 @@ def _rewrite_convs(func: relax.Function, gpu: bool, compute_dtype: str = "float3
             r = matched[res] if has_res else None
             if has_res and isinstance(r, tvm.ir.GenericConst):
                 return call  # a constant "residual" is a bias: another pattern takes it
-            new = rewriter.build(conv_call, b, r, unary, call.ty)
+            new = rewriter.build(call, conv_call, b, r, unary)
             return call if new is None else new
         return rewrite
 
@@ -331,6 +357,7 @@ def _rewrite_convs(func: relax.Function, gpu: bool, compute_dtype: str = "float3
         (conv, make(False, False, "none")),
     ]
     for pattern, fn in patterns:
+        rewriter.bindings = _bindings(func) if sites is not None else {}
         func = rewrite_call(pattern, fn, func)
     logger.debug("offloaded %d convolutions to %s", rewriter.count, "cuDNN" if gpu else "oneDNN")
     return func

@@ -35,9 +35,13 @@ def _offloaded(keep_tvm=frozenset()):
 
 def test_kept_convolution_stays_tvm_code():
     text, sites = _offloaded()
-    assert [(s.key, s.unary) for s in sites] == [
-        ("conv2d x=1,16,16,8:float32 w=8,1,3,3 s=1,1 p=1,1,1,1 d=1,1 g=8 float32", "hardswish"),
-        ("conv2d x=1,16,16,8:float32 w=16,8,1,1 s=1,1 p=0,0,0,0 d=1,1 g=1 float32", "relu")]
+    assert [s.key for s in sites] == [
+        "conv2d x=1,16,16,8:float32 w=8,1,3,3 s=1,1 p=1,1,1,1 d=1,1 g=8 float32",
+        "conv2d x=1,16,16,8:float32 w=16,8,1,1 s=1,1 p=0,0,0,0 d=1,1 g=1 float32"]
+    # Each site is its chain as the model has it (hardswish: torch's clamps), on fresh inputs.
+    alone = [vendor_choice._module([site])[0]["main"].script() for site in sites]
+    assert "R.nn.conv2d" in alone[0] and alone[0].count("R.clip(") == 2, alone[0]
+    assert "R.nn.relu" in alone[1] and "R.clip(" not in alone[1], alone[1]
     assert text.count('"tvm_torch.conv2d_nhwc"') == 2 and "R.nn.conv2d" not in text
     text, kept_sites = _offloaded(keep_tvm={sites[0].key})
     assert text.count('"tvm_torch.conv2d_nhwc"') == 1 and text.count("R.nn.conv2d(") == 1

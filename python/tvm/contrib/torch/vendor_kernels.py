@@ -144,25 +144,31 @@ class _ConvRewriter:
 
     ``gpu=False``: oneDNN in NHWC with prepacked weights (float32). ``gpu=True``: ATen's
     convolution (cuDNN) in NCHW, float32 or float16. On CPU, convolutions whose
-    :func:`conv_key` is in ``keep_tvm`` stay TVM code, and ``sites`` (if given) collects a
-    :class:`ConvSite` for each one offloaded to oneDNN.
+    :func:`conv_key` is in ``keep_tvm`` stay TVM code. Given ``sites`` (and the function's
+    ``bindings``), it is a dry run: it rewrites nothing and collects a :class:`ConvSite` for
+    each convolution it would put on oneDNN, once, with its longest matched chain.
     """
 
     def __init__(self, gpu: bool, compute_dtype: str = "float32",
                  keep_tvm: AbstractSet[str] = frozenset(),
-                 sites: Optional[List[ConvSite]] = None):
+                 sites: Optional[List[ConvSite]] = None,
+                 bindings: Optional[Dict[relax.Var, relax.Expr]] = None):
         self.gpu = gpu
         self.compute_dtype = compute_dtype
         self.keep_tvm = keep_tvm
         self.sites = sites
-        #: The bindings of the function being rewritten (for :attr:`sites`).
-        self.bindings: Dict[relax.Var, relax.Expr] = {}
+        self.bindings = bindings or {}
+        self.seen: set = set()  # the convolutions collected (dry run)
         self.count = 0
 
     def _site(self, key: str, root: relax.Expr, conv: relax.Call,
               residual: Optional[relax.Expr]) -> ConvSite:
         leaves = {conv.args[0]: relax.Var(f"x{len(self.sites)}", conv.args[0].ty)}
         if residual is not None:
+            # A pattern's match is the residual's value; the chain uses the variable bound to it.
+            if not isinstance(residual, relax.Var):
+                residual = next(var for var, value in self.bindings.items()
+                                if value.same_as(residual))
             leaves[residual] = relax.Var(f"r{len(self.sites)}", residual.ty)
         return ConvSite(key, list(leaves.values()), _inline(root, self.bindings, leaves),
                         self.compute_dtype)
@@ -238,8 +244,11 @@ class _ConvRewriter:
                 # A tuned TVM kernel was measured faster. Every pattern that matches this
                 # convolution (with or without its epilogue) comes here: it stays TVM code.
                 return None
-            if self.sites is not None and _static_shape(args["x"]) is not None:
-                self.sites.append(self._site(key, root, conv, residual))
+            if self.sites is not None:
+                if conv not in self.seen and _static_shape(args["x"]) is not None:
+                    self.seen.add(conv)
+                    self.sites.append(self._site(key, root, conv, residual))
+                return None
         self.count += 1
         if self.gpu:
             if residual is not None:
@@ -316,7 +325,21 @@ def _hard_activations(x):
 def _rewrite_convs(func: relax.Function, gpu: bool, compute_dtype: str = "float32",
                    keep_tvm: AbstractSet[str] = frozenset(),
                    sites: Optional[List[ConvSite]] = None) -> relax.Function:
-    rewriter = _ConvRewriter(gpu, compute_dtype, keep_tvm, sites)
+    if sites is not None and not gpu:
+        # The sites are collected by a dry run over the function as it is: rewriting gives
+        # later matches new variables that its bindings do not know.
+        collector = _ConvRewriter(gpu, compute_dtype, keep_tvm, sites, _bindings(func))
+        for pattern, fn in _conv_patterns(collector):
+            rewrite_call(pattern, fn, func)
+    rewriter = _ConvRewriter(gpu, compute_dtype, keep_tvm)
+    for pattern, fn in _conv_patterns(rewriter):
+        func = rewrite_call(pattern, fn, func)
+    logger.debug("offloaded %d convolutions to %s", rewriter.count, "cuDNN" if gpu else "oneDNN")
+    return func
+
+
+def _conv_patterns(rewriter: _ConvRewriter) -> list:
+    """The (pattern, rewrite) pairs of the convolution offload, longest chains first."""
     x, res = wildcard(), wildcard()
     conv = is_op("relax.nn.conv2d")(x, is_const())
     bias = is_const()
@@ -356,11 +379,7 @@ def _rewrite_convs(func: relax.Function, gpu: bool, compute_dtype: str = "float3
         (is_op("relax.nn.relu")(conv), make(False, False, "relu")),
         (conv, make(False, False, "none")),
     ]
-    for pattern, fn in patterns:
-        rewriter.bindings = _bindings(func) if sites is not None else {}
-        func = rewrite_call(pattern, fn, func)
-    logger.debug("offloaded %d convolutions to %s", rewriter.count, "cuDNN" if gpu else "oneDNN")
-    return func
+    return patterns
 
 
 def _unflatten_linears(func: relax.Function) -> relax.Function:

@@ -16,11 +16,22 @@ from tvm.contrib.torch.vendor_kernels import offload_pass
 SHAPE = (1, 8, 16, 16)
 
 
+class _Block(torch.nn.Module):
+    """A depthwise convolution with hardswish, then a 1x1 one with a residual add and ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.depthwise = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pointwise = torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = torch.nn.functional.hardswish(self.depthwise(x))
+        return torch.relu(self.pointwise(y) + x)
+
+
 def _model():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
-                               torch.nn.Hardswish(), torch.nn.Conv2d(8, 16, 1),
-                               torch.nn.ReLU()).eval()
+    return _Block().eval()
 
 
 def _offloaded(keep_tvm=frozenset()):
@@ -33,25 +44,32 @@ def _offloaded(keep_tvm=frozenset()):
     return mod["main"].script(), sites
 
 
+def _onednn_convs(text: str) -> int:
+    return text.count('"tvm_torch.conv2d_nhwc"') + text.count('"tvm_torch.conv2d_add_nhwc"')
+
+
 def test_kept_convolution_stays_tvm_code():
     text, sites = _offloaded()
     assert [s.key for s in sites] == [
         "conv2d x=1,16,16,8:float32 w=8,1,3,3 s=1,1 p=1,1,1,1 d=1,1 g=8 float32",
-        "conv2d x=1,16,16,8:float32 w=16,8,1,1 s=1,1 p=0,0,0,0 d=1,1 g=1 float32"]
-    # Each site is its chain as the model has it (hardswish: torch's clamps), on fresh inputs.
+        "conv2d x=1,16,16,8:float32 w=8,8,1,1 s=1,1 p=0,0,0,0 d=1,1 g=1 float32"]
+    # Each site is its chain as the model has it (hardswish: torch's two clamps), on fresh
+    # inputs (the residual one on two).
+    assert [len(s.inputs) for s in sites] == [1, 2]
     alone = [vendor_choice._module([site])[0]["main"].script() for site in sites]
     assert "R.nn.conv2d" in alone[0] and alone[0].count("R.clip(") == 2, alone[0]
-    assert "R.nn.relu" in alone[1] and "R.clip(" not in alone[1], alone[1]
-    assert text.count('"tvm_torch.conv2d_nhwc"') == 2 and "R.nn.conv2d" not in text
+    assert "R.nn.relu" in alone[1] and alone[1].count("R.add(") == 2, alone[1]
+    assert _onednn_convs(text) == 2 and "R.nn.conv2d" not in text
     text, kept_sites = _offloaded(keep_tvm={sites[0].key})
-    assert text.count('"tvm_torch.conv2d_nhwc"') == 1 and text.count("R.nn.conv2d(") == 1
+    assert _onednn_convs(text) == 1 and text.count("R.nn.conv2d(") == 1
     assert [s.key for s in kept_sites] == [sites[1].key]
 
 
 def _conv_calls(module, x) -> float:
     """oneDNN convolution calls per model call, from the kernel profile."""
     report = profile(module, [x], repeat=2, warmup=1)
-    return sum(row.calls for row in report.rows if row.name == "tvm_torch.conv2d_nhwc")
+    return sum(row.calls for row in report.rows
+               if row.name in ("tvm_torch.conv2d_nhwc", "tvm_torch.conv2d_add_nhwc"))
 
 
 def test_race_is_recorded_and_its_choices_applied(tmp_path):

@@ -162,16 +162,22 @@ class _ConvRewriter:
         self.count = 0
 
     def _site(self, key: str, root: relax.Expr, conv: relax.Call,
-              residual: Optional[relax.Expr]) -> ConvSite:
+              residual: Optional[relax.Expr]) -> Optional[ConvSite]:
         leaves = {conv.args[0]: relax.Var(f"x{len(self.sites)}", conv.args[0].ty)}
         if residual is not None:
             # A pattern's match is the residual's value; the chain uses the variable bound to it.
             if not isinstance(residual, relax.Var):
-                residual = next(var for var, value in self.bindings.items()
-                                if value.same_as(residual))
+                residual = next((var for var, value in self.bindings.items()
+                                 if value.same_as(residual)), None)
+                if residual is None:
+                    return None
             leaves[residual] = relax.Var(f"r{len(self.sites)}", residual.ty)
-        return ConvSite(key, list(leaves.values()), _inline(root, self.bindings, leaves),
-                        self.compute_dtype)
+        try:
+            expr = _inline(root, self.bindings, leaves)
+        except KeyError:  # the chain reaches past its leaves: not raced (still offloaded)
+            logger.debug("convolution %s: chain not separable, not raced", key)
+            return None
+        return ConvSite(key, list(leaves.values()), expr, self.compute_dtype)
 
     def conv_args(self, conv: relax.Call):
         attrs = conv.attrs
@@ -245,9 +251,12 @@ class _ConvRewriter:
                 # convolution (with or without its epilogue) comes here: it stays TVM code.
                 return None
             if self.sites is not None:
+                site = None
                 if conv not in self.seen and _static_shape(args["x"]) is not None:
                     self.seen.add(conv)
-                    self.sites.append(self._site(key, root, conv, residual))
+                    site = self._site(key, root, conv, residual)
+                if site is not None:
+                    self.sites.append(site)
                 return None
         self.count += 1
         if self.gpu:

@@ -326,10 +326,9 @@ class PyTorchTVMModule:
                 logger.warning("this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX): "
                                "the bfloat16 program computes in float32, at float32 speed")
                 bfloat16 = False
-            keep_tvm = frozenset() if gpu else vendor_choice.kept_tvm(self.tuning_log_file,
-                                                                       self.target)
+            wins = {} if gpu else vendor_choice.tvm_wins(self.tuning_log_file, self.target)
             extra.append(vendor_kernels.offload_pass(gpu=gpu, bfloat16=bfloat16,
-                                                     keep_tvm=keep_tvm, sites=sites))
+                                                     tvm_wins=wins, sites=sites))
         bucket.prepared = passes.prepare_for_build(bucket.mod, bucket.params,
                                                    shapes_of(bucket.infos), self.default_dtype,
                                                    extra)

@@ -3,18 +3,19 @@
 The offload (:mod:`.vendor_kernels`) puts every CPU convolution on oneDNN, whose kernels are
 not the fastest for every shape (depthwise convolutions of small images, for one), and
 MetaSchedule can tune TVM's own kernel for each. With ``tuning_compare_vendor``, tuning
-races the two for each convolution geometry (:func:`race`):
+races the two for each convolution (:func:`race`):
 
 1. each convolution the offload puts on oneDNN, with its bias, epilogue and residual add as
    the model has them, is built alone twice, through the model's passes: once on oneDNN, once
-   as TVM code (so the TVM kernel tuned here is the one the model's program has);
+   as TVM code (so the TVM kernel tuned here is the one the model's program has); one of each
+   variant (geometry and chain) is raced;
 2. MetaSchedule tunes the TVM versions, all in one module (one trial budget);
 3. both versions run on random inputs, timed by TVM's time evaluator, each on this machine;
-4. a TVM kernel that is :data:`MARGIN` faster replaces oneDNN's for every convolution of
-   that geometry in the program.
+4. where every variant of a geometry in the program has a TVM kernel that is :data:`MARGIN`
+   faster, TVM code replaces oneDNN for every convolution of that geometry.
 
 The times are recorded next to the tuning log (``tuning_log_file + ".vendor.json"``), per
-target: a later compile with the log applies the same choices (:func:`kept_tvm`) without
+target: a later compile with the log applies the same choices (:func:`tvm_wins`) without
 measuring again, as it applies the log's tuning records.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Race:
     Attributes
     ----------
     key : str
-        The geometry.
+        The convolution's :attr:`ConvSite.variant` (geometry and chain).
     vendor_us, tvm_us : float
         Median microseconds per call of the vendor kernel and of the tuned TVM kernel (each
         with the convolution's bias, epilogue and residual add).
@@ -96,10 +97,10 @@ def load(log_file: Optional[str], target: tvm.target.Target) -> Dict[str, Race]:
                          f"({type(err).__name__}: {err}); delete it to measure again") from err
 
 
-def kept_tvm(log_file: Optional[str], target: tvm.target.Target) -> FrozenSet[str]:
-    """The convolution geometries whose tuned TVM kernel won its race (``keep_tvm`` of
+def tvm_wins(log_file: Optional[str], target: tvm.target.Target) -> Dict[str, bool]:
+    """Per recorded convolution variant, whether its tuned TVM kernel won (``tvm_wins`` of
     :func:`~tvm.contrib.torch.vendor_kernels.offload_pass`)."""
-    return frozenset(key for key, r in load(log_file, target).items() if r.tvm_wins)
+    return {key: r.tvm_wins for key, r in load(log_file, target).items()}
 
 
 def _save(log_file: str, target: tvm.target.Target, races: Dict[str, Race]) -> None:
@@ -188,7 +189,7 @@ def race(sites: Sequence[ConvSite], target: tvm.target.Target, log_file: str, n_
     Returns
     -------
     dict of str to Race
-        Every geometry of ``sites``, measured now or recorded before.
+        Per :attr:`ConvSite.variant` of ``sites``, measured now or recorded before.
     """
     if build_mod.is_cuda(target):
         raise ValueError("tvm.contrib.torch: tuning_compare_vendor races CPU convolutions "
@@ -199,11 +200,11 @@ def race(sites: Sequence[ConvSite], target: tvm.target.Target, log_file: str, n_
     recorded = load(log_file, target)
     new: Dict[str, ConvSite] = {}
     for site in sites:
-        if site.key not in recorded:
-            new.setdefault(site.key, site)
+        if site.variant not in recorded:
+            new.setdefault(site.variant, site)
     if not new:
-        return {site.key: recorded[site.key] for site in sites}
-    logger.info("racing %d convolution geometries: oneDNN against tuned TVM kernels", len(new))
+        return {site.variant: recorded[site.variant] for site in sites}
+    logger.info("racing %d convolutions: oneDNN against tuned TVM kernels", len(new))
     tuning.tune(_prepare(list(new.values()), vendor=False)[0], target, n_trials, log_file,
                 settings)
     database = tuning.open_database(log_file)
@@ -211,11 +212,11 @@ def race(sites: Sequence[ConvSite], target: tvm.target.Target, log_file: str, n_
     for key, site in new.items():
         races[key] = Race(key, vendor_us=_time_us(_prepare([site], True), target, None),
                           tvm_us=_time_us(_prepare([site], False), target, database))
-        logger.info("%s: oneDNN %.1f us, tuned TVM %.1f us -> %s", key, races[key].vendor_us,
+        logger.info("%s: oneDNN %.1f us, tuned TVM %.1f us -> %s", site.key, races[key].vendor_us,
                     races[key].tvm_us, "TVM" if races[key].tvm_wins else "oneDNN")
     _save(log_file, target, races)
     recorded.update(races)
-    return {site.key: recorded[site.key] for site in sites}
+    return {site.variant: recorded[site.variant] for site in sites}
 
 
-__all__ = ["MARGIN", "Race", "kept_tvm", "load", "race", "record_path"]
+__all__ = ["MARGIN", "Race", "load", "race", "record_path", "tvm_wins"]

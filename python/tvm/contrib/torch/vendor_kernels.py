@@ -13,7 +13,7 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves into
   ``main_transform_params``: the runtime prepacks every weight once, at the first call. CPU
   ``conv1d`` (Whisper's, Wav2Vec's) becomes such a conv2d of height 1 first. Convolutions
-  whose tuned TVM kernel was measured faster (``keep_tvm``: :mod:`.vendor_choice`) stay TVM
+  whose tuned TVM kernel was measured faster (``tvm_wins``: :mod:`.vendor_choice`) stay TVM
   code.
 * ``layer_norm`` (trailing axes) and ``softmax`` -> ``tvm_torch.layer_norm`` /
   ``tvm_torch.softmax`` (ATen's kernels), on CPU and CUDA.
@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import AbstractSet, Dict, List, Optional, Tuple
+from typing import AbstractSet, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import tvm
@@ -95,6 +95,8 @@ class ConvSite:
     key : str
         Its geometry (input shape and dtype, weight shape, strides, padding, dilation, groups,
         compute dtype): convolutions with one key share one choice.
+    variant : str
+        The key and the structure of its chain (epilogue, residual add): one TVM kernel each.
     inputs : list of relax.Var
         Fresh variables for its input and, if it has one, the residual added to it.
     expr : relax.Expr
@@ -105,9 +107,22 @@ class ConvSite:
     """
 
     key: str
+    variant: str
     inputs: List[relax.Var]
     expr: relax.Expr
     compute_dtype: str
+
+
+def _signature(expr: relax.Expr) -> str:
+    """The structure of a chain: its operators, constants' shapes and scalar arguments."""
+    if isinstance(expr, relax.Call):
+        return f"{expr.op.name}({','.join(_signature(a) for a in expr.args)})"
+    if isinstance(expr, tvm.ir.GenericConst):
+        return f"c{list(expr.value.shape)}"
+    if isinstance(expr, relax.Var):
+        return "v"
+    number = prim_number(expr)  # clip's bounds
+    return type(expr).__name__ if number is None else str(number)
 
 
 def _bindings(func: relax.Function) -> Dict[relax.Var, relax.Expr]:
@@ -177,7 +192,8 @@ class _ConvRewriter:
         except KeyError:  # the chain reaches past its leaves: not raced (still offloaded)
             logger.debug("convolution %s: chain not separable, not raced", key)
             return None
-        return ConvSite(key, list(leaves.values()), expr, self.compute_dtype)
+        return ConvSite(key, f"{key} | {_signature(expr)}", list(leaves.values()), expr,
+                        self.compute_dtype)
 
     def conv_args(self, conv: relax.Call):
         attrs = conv.attrs
@@ -332,14 +348,23 @@ def _hard_activations(x):
 
 
 def _rewrite_convs(func: relax.Function, gpu: bool, compute_dtype: str = "float32",
-                   keep_tvm: AbstractSet[str] = frozenset(),
+                   tvm_wins: Optional[Mapping[str, bool]] = None,
                    sites: Optional[List[ConvSite]] = None) -> relax.Function:
-    if sites is not None and not gpu:
+    tvm_wins = tvm_wins or {}
+    keep_tvm: AbstractSet[str] = frozenset()
+    if not gpu and (sites is not None or tvm_wins):
         # The sites are collected by a dry run over the function as it is: rewriting gives
         # later matches new variables that its bindings do not know.
-        collector = _ConvRewriter(gpu, compute_dtype, keep_tvm, sites, _bindings(func))
+        found: List[ConvSite] = []
+        collector = _ConvRewriter(gpu, compute_dtype, sites=found, bindings=_bindings(func))
         for pattern, fn in _conv_patterns(collector):
             rewrite_call(pattern, fn, func)
+        if sites is not None:
+            sites.extend(found)
+        # A geometry stays TVM code only if every chain it has here won its race: a chain
+        # without a race has no tuned kernel.
+        keep_tvm = {site.key for site in found} - {site.key for site in found
+                                                   if not tvm_wins.get(site.variant, False)}
     rewriter = _ConvRewriter(gpu, compute_dtype, keep_tvm)
     for pattern, fn in _conv_patterns(rewriter):
         func = rewrite_call(pattern, fn, func)
@@ -838,7 +863,7 @@ def _conv1d_as_conv2d(func: relax.Function) -> relax.Function:
 
 
 def offload_pass(gpu: bool = False, bfloat16: bool = False,
-                 keep_tvm: AbstractSet[str] = frozenset(),
+                 tvm_wins: Optional[Mapping[str, bool]] = None,
                  sites: Optional[List[ConvSite]] = None) -> tvm.transform.Pass:
     """The offload as a module pass over ``main`` (after params were bound as constants).
 
@@ -851,9 +876,10 @@ def offload_pass(gpu: bool = False, bfloat16: bool = False,
         On CPU, run the convolutions and linear layers on oneDNN's bfloat16 kernels (weights
         prepacked in bfloat16, float32 tensors converted around each call, as
         ``torch.autocast`` does); the rest of the program stays float32.
-    keep_tvm : set of str
-        CPU convolutions (by :func:`conv_key`) that stay TVM code (a tuned TVM kernel was
-        measured faster than oneDNN's: :mod:`.vendor_choice`).
+    tvm_wins : mapping of str to bool, optional
+        Per :attr:`ConvSite.variant`, whether its tuned TVM kernel was measured faster than
+        oneDNN's (:mod:`.vendor_choice`): a CPU convolution geometry whose every chain here won
+        stays TVM code.
     sites : list of ConvSite, optional
         Collects the CPU convolutions (static shapes, not squeeze-excite gates) put on oneDNN.
     """
@@ -869,7 +895,7 @@ def offload_pass(gpu: bool = False, bfloat16: bool = False,
         func = mod["main"]
         if not gpu:
             func = _drop_permutes_around_elementwise(_conv1d_as_conv2d(func))
-        func = _rewrite_convs(func, gpu, compute_dtype, keep_tvm, sites)
+        func = _rewrite_convs(func, gpu, compute_dtype, tvm_wins, sites)
         func = _rewrite_matmuls(_unflatten_linears(func), gpu, compute_dtype)
         func = _rewrite_normalizations(func, gpu)
         func = _rewrite_pools(func, gpu)

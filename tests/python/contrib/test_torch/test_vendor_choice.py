@@ -34,13 +34,13 @@ def _model():
     return _Block().eval()
 
 
-def _offloaded(keep_tvm=frozenset()):
+def _offloaded(tvm_wins=None):
     """The model's main after the offload, and the convolution sites put on oneDNN."""
     ptm = PyTorchTVMModule()
     ptm.from_pytorch(torch.jit.trace(_model(), torch.randn(SHAPE)), [("x", SHAPE)])
     bucket, sites = ptm.buckets[0], []
     mod = passes.prepare_for_build(bucket.mod, bucket.params, [list(SHAPE)], "float32",
-                                   [offload_pass(keep_tvm=keep_tvm, sites=sites)])[0]
+                                   [offload_pass(tvm_wins=tvm_wins, sites=sites)])[0]
     return mod["main"].script(), sites
 
 
@@ -60,9 +60,12 @@ def test_kept_convolution_stays_tvm_code():
     assert "R.nn.conv2d" in alone[0] and alone[0].count("R.clip(") == 2, alone[0]
     assert "R.nn.relu" in alone[1] and alone[1].count("R.add(") == 2, alone[1]
     assert _onednn_convs(text) == 2 and "R.nn.conv2d" not in text
-    text, kept_sites = _offloaded(keep_tvm={sites[0].key})
+    text, again = _offloaded(tvm_wins={sites[0].variant: True, sites[1].variant: False})
     assert _onednn_convs(text) == 1 and text.count("R.nn.conv2d(") == 1
-    assert [s.key for s in kept_sites] == [sites[1].key]
+    assert [s.variant for s in again] == [s.variant for s in sites]
+    # A chain without a race keeps oneDNN (it has no tuned kernel).
+    text, _ = _offloaded(tvm_wins={sites[0].key + " | another chain": True})
+    assert _onednn_convs(text) == 2
 
 
 def _conv_calls(module, x) -> float:
@@ -86,7 +89,7 @@ def test_race_is_recorded_and_its_choices_applied(tmp_path):
         record = json.load(f)
     races = vendor_choice.load(log, build.host_cpu_target())
     _, sites = _offloaded()
-    assert sorted(races) == sorted(s.key for s in sites)
+    assert sorted(races) == sorted(s.variant for s in sites)
     assert all(0 < r.vendor_us < 1e5 and 0 < r.tvm_us < 1e5 for r in races.values()), races
 
     # Tuning again with the log measures nothing new.
@@ -96,7 +99,7 @@ def test_race_is_recorded_and_its_choices_applied(tmp_path):
 
     # A compile with the log applies the recorded choices: here the depthwise convolution's
     # TVM kernel is made the winner and the 1x1's the loser.
-    depthwise, pointwise = sites[0].key, sites[1].key
+    depthwise, pointwise = sites[0].variant, sites[1].variant
     entries = next(iter(record["targets"].values()))
     entries[depthwise] = {"vendor_us": 100.0, "tvm_us": 10.0}
     entries[pointwise] = {"vendor_us": 10.0, "tvm_us": 100.0}

@@ -405,9 +405,9 @@ OPTIONS: Tuple[OptionSpec, ...] = (
                "program first and tune only the TVM kernels that take 90% of its TVM-kernel "
                "time (docs/tuning.md)"),
     OptionSpec("tuning_compare_vendor", _bool, False,
-               "CPU: also tune TVM kernels for the convolutions that run on oneDNN, time both "
-               "per convolution, and keep the faster (recorded next to the tuning log, applied "
-               "by later compiles with it; docs/tuning.md)"),
+               "CPU, experimental: also tune TVM kernels for the convolutions that run on "
+               "oneDNN, time both per convolution, and keep the faster (recorded next to the "
+               "tuning log, applied by later compiles with it; docs/tuning.md)"),
     OptionSpec("target", lambda key, value: value, None,
                'TVM target (`dict`, `Target`, `"llvm"`, `"cuda"`)',
                default_doc="this CPU (its model, features and cores), or the GPU when `device` "

@@ -263,7 +263,7 @@ class _ConvRewriter:
         if not self.gpu and not gemv:
             key = conv_key(conv, self.compute_dtype)
             if key in self.keep_tvm:
-                # A tuned TVM kernel was measured faster. Every pattern that matches this
+                # Its tuned TVM kernels were measured faster. Every pattern that matches this
                 # convolution (with or without its epilogue) comes here: it stays TVM code.
                 return None
             if self.sites is not None:

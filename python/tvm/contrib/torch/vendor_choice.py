@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,6 +31,7 @@ import tvm
 from tvm import relax
 
 from . import build as build_mod
+from . import export as export_mod
 from . import passes, tuning, vendor_kernels
 from .vendor_kernels import ConvSite
 
@@ -73,6 +73,23 @@ def record_path(log_file: str) -> str:
     return os.path.abspath(log_file) + ".vendor.json"
 
 
+def _foreign(path: str, err: Exception) -> ValueError:
+    return ValueError(f"tvm.contrib.torch: {path} is not a vendor-kernel race record "
+                      f"({type(err).__name__}: {err}); delete it to measure again")
+
+
+def _read(path: str) -> dict:
+    """The record file at ``path``, checked to be one this module wrote."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
+        return data
+    except (OSError, ValueError, AttributeError) as err:
+        raise _foreign(path, err) from err
+
+
 def load(log_file: Optional[str], target: tvm.target.Target) -> Dict[str, Race]:
     """The races recorded next to ``log_file`` for ``target`` (none if there is no record).
 
@@ -84,17 +101,13 @@ def load(log_file: Optional[str], target: tvm.target.Target) -> Dict[str, Race]:
     if not log_file or not os.path.exists(record_path(log_file)):
         return {}
     path = record_path(log_file)
+    data = _read(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if data.get("format") != FORMAT:
-            raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
         races = data["targets"].get(_target_key(target), {})
         return {key: Race(key, float(r["vendor_us"]), float(r["tvm_us"]))
                 for key, r in races.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"tvm.contrib.torch: {path} is not a vendor-kernel race record "
-                         f"({type(err).__name__}: {err}); delete it to measure again") from err
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise _foreign(path, err) from err
 
 
 def tvm_wins(log_file: Optional[str], target: tvm.target.Target) -> Dict[str, bool]:
@@ -104,24 +117,17 @@ def tvm_wins(log_file: Optional[str], target: tvm.target.Target) -> Dict[str, bo
 
 
 def _save(log_file: str, target: tvm.target.Target, races: Dict[str, Race]) -> None:
-    """Add ``races`` to the record file (written whole to a temporary file, then renamed)."""
+    """Add ``races`` to the record file (refused if the file there is not a record; the new
+    file is complete or absent)."""
     path = record_path(log_file)
     data = {"format": FORMAT, "targets": {}}
     if os.path.exists(path):
         load(log_file, target)  # refuses a foreign file before it is overwritten
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = _read(path)
     entries = data["targets"].setdefault(_target_key(target), {})
     for key, r in races.items():
         entries[key] = {"vendor_us": r.vendor_us, "tvm_us": r.tvm_us}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".vendor.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    export_mod.atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
 
 
 def _target_key(target: tvm.target.Target) -> str:

@@ -790,10 +790,7 @@ def _drop_permutes_around_elementwise(func: relax.Function, depth: int = 4) -> r
     elementwise kernel, make it walk memory with a stride. Without them the activation can
     become a convolution epilogue (:func:`_rewrite_convs`).
     """
-    bound = {}
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            bound[binding.var] = binding.value
+    bound = _bindings(func)
 
     def elementwise(expr) -> bool:
         if not isinstance(expr, relax.Call) or not isinstance(expr.op, tvm.ir.Op):

@@ -9,7 +9,8 @@
  * convolutions (in NHWC: a contiguous NHWC tensor is a channels-last NCHW torch tensor, which
  * is what oneDNN's convolution produces) and linear layers run on oneDNN with weights
  * prepacked once, at the program's first call, into its blocked format (in bfloat16 for
- * bfloat16 programs), and with the epilogues that oneDNN computes exactly as PyTorch does
+ * bfloat16 programs; float32 convolutions as compiled oneDNN Graph partitions, see
+ * onednn_graph_conv.h), and with the epilogues that oneDNN computes exactly as PyTorch does
  * (bias, residual add, SiLU, sigmoid, tanh, hardswish, GELU for linear layers) fused into the
  * primitive; ReLU, ReLU6 and hardsigmoid are applied by ATen after it (oneDNN's map NaN to a
  * number). All tensors cross the boundary through DLPack without copies.
@@ -23,9 +24,15 @@
 #include <tvm/ffi/reflection/registry.h>
 #include <tvm/ffi/string.h>
 
+#include <atomic>
+#include <memory>
+#include <mutex>
 #include <optional>
+#include <string>
+#include <utility>
 #include <vector>
 
+#include "onednn_graph_conv.h"
 #include "tensor_bridge.h"
 
 namespace tvm_torch {
@@ -111,19 +118,109 @@ at::Tensor AsFloat(const at::Tensor& y) {
 }
 
 /*!
- * \brief Prepack an OIHW weight for the given conv geometry and NCHW input size, in the
+ * \brief Whether float32 CPU convolutions run as oneDNN Graph partitions (else on the pointwise
+ *        op); switched by tvm_torch.set_onednn_graph_convs, for A/B runs and as a way out.
+ */
+std::atomic<bool> g_graph_convs{true};
+
+/*! \brief Partitions kept per weight (per input size and epilogue); more run on the pointwise op. */
+constexpr size_t kMaxGraphsPerWeight = 8;
+
+/*!
+ * \brief A convolution's weight, prepared at load: in float32, the OIHW weight, from which each
+ *        call site's oneDNN Graph partition is built at its first call; in bfloat16 (or where
+ *        the fuser does not take a chain), oneDNN's blocked weight for the pointwise op.
+ */
+class ConvWeightObj : public ffi::Object {
+ public:
+  /*! \brief float32 OIHW; undefined in bfloat16. */
+  at::Tensor plain;
+  ConvGeometry geometry;
+  std::vector<int64_t> input_size;
+
+  /*!
+   * \brief The partition for (post_op, residual) and NCHW input size `x_size`, built at its
+   *        first use; null in bfloat16, when switched off, past kMaxGraphsPerWeight, or when
+   *        the fuser did not take the whole chain.
+   */
+  const OneDnnGraphConv* Graph(const std::string& post_op, bool residual,
+                               at::IntArrayRef x_size) {
+    if (!plain.defined() || !g_graph_convs.load(std::memory_order_relaxed)) return nullptr;
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& entry : graphs_) {
+      if (entry.post_op == post_op && entry.residual == residual &&
+          at::IntArrayRef(entry.x_size) == x_size) {
+        return entry.conv.get();
+      }
+    }
+    if (graphs_.size() >= kMaxGraphsPerWeight) return nullptr;
+    auto conv =
+        std::make_unique<OneDnnGraphConv>(plain, geometry, x_size.vec(), post_op, residual);
+    if (!conv->ok()) conv.reset();
+    graphs_.push_back({post_op, residual, x_size.vec(), std::move(conv)});
+    return graphs_.back().conv.get();
+  }
+
+  /*! \brief oneDNN's blocked weight for the pointwise op, made at its first use. */
+  at::Tensor Packed() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!packed_.defined()) {
+      packed_ = ReorderConvWeightOp().call(plain, geometry.padding, geometry.stride,
+                                           geometry.dilation, geometry.groups, input_size);
+    }
+    return packed_;
+  }
+
+  /*! \brief Set the blocked weight (bfloat16 programs prepack it at load). */
+  void SetPacked(at::Tensor packed) { packed_ = std::move(packed); }
+
+  TVM_FFI_DECLARE_OBJECT_INFO_FINAL("tvm_torch.ConvWeight", ConvWeightObj, ffi::Object);
+
+ private:
+  struct Entry {
+    std::string post_op;
+    bool residual;
+    std::vector<int64_t> x_size;
+    std::unique_ptr<OneDnnGraphConv> conv;  // null: the fuser did not take the chain
+  };
+  std::mutex mutex_;
+  at::Tensor packed_;
+  std::vector<Entry> graphs_;
+};
+
+class ConvWeight : public ffi::ObjectRef {
+ public:
+  TVM_FFI_DEFINE_OBJECT_REF_METHODS_NULLABLE(ConvWeight, ffi::ObjectRef, ConvWeightObj);
+};
+
+/*!
+ * \brief Prepare an OIHW weight for the given conv geometry and NCHW input size, in the
  *        compute dtype.
  */
-TorchTensorHolder Conv2dPrepack(ffi::Tensor weight, ffi::Shape padding, ffi::Shape stride,
-                                ffi::Shape dilation, int64_t groups, ffi::Shape input_size,
-                                ffi::String compute_dtype) {
+ConvWeight Conv2dPrepack(ffi::Tensor weight, ffi::Shape padding, ffi::Shape stride,
+                         ffi::Shape dilation, int64_t groups, ffi::Shape input_size,
+                         ffi::String compute_dtype) {
+  auto node = ffi::make_object<ConvWeightObj>();
+  node->geometry = ConvGeometry{ToVector(padding), ToVector(stride), ToVector(dilation), groups};
+  node->input_size = ToVector(input_size);
   // A copy: the params blob may be freed after load.
   at::Tensor w = ToTorchTensor(weight).to(ComputeDtype(compute_dtype), /*non_blocking=*/false,
                                           /*copy=*/true);
-  std::vector<int64_t> in = ToVector(input_size);
-  at::Tensor packed = ReorderConvWeightOp().call(w, ToVector(padding), ToVector(stride),
-                                                 ToVector(dilation), groups, in);
-  return TorchTensorHolder(packed);
+  if (w.scalar_type() == at::kFloat) {
+    node->plain = w;
+  } else {
+    node->SetPacked(ReorderConvWeightOp().call(w, node->geometry.padding, node->geometry.stride,
+                                               node->geometry.dilation, groups,
+                                               node->input_size));
+  }
+  return ConvWeight(std::move(node));
+}
+
+ConvWeightObj* UnwrapConv(const ffi::ObjectRef& holder) {
+  auto* node = const_cast<ConvWeightObj*>(holder.as<ConvWeightObj>());
+  TORCH_CHECK(node != nullptr, "tvm_torch: expected a prepared convolution weight, got ",
+              holder.defined() ? holder->GetTypeKey() : "None");
+  return node;
 }
 
 at::Tensor Unwrap(const ffi::ObjectRef& holder) {
@@ -172,9 +269,10 @@ void ApplyEpilogue(at::Tensor& y, const std::string& epilogue, bool fused) {
 }
 
 /*!
- * \brief conv2d(x NHWC) with a prepacked weight and bias, then an epilogue: "none", "relu",
- *        "relu6", "silu", "sigmoid", "tanh", "hardswish" or "hardsigmoid" (see
- *        FusedConvEpilogue).
+ * \brief conv2d(x NHWC) with a prepared weight (ConvWeightObj) and bias, then an epilogue:
+ *        "none", "relu", "relu6", "silu", "sigmoid", "tanh", "hardswish" or "hardsigmoid" (see
+ *        FusedConvEpilogue). float32 runs as a oneDNN Graph partition where the fuser takes
+ *        the chain, else (and in bfloat16) on the pointwise op.
  */
 ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
                        ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
@@ -184,12 +282,21 @@ ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
                        .typed<ConvPointwiseFn>();
   const std::string epilogue(attr);
   const char* post_op = FusedConvEpilogue(epilogue);
-  at::Tensor w = Unwrap(packed);
-  at::Tensor y = op.call(AsComputeDtype(NhwcAsNchw(x), w), w,
-                         AsComputeDtype(ToTorchTensor(bias), w), ToVector(padding),
-                         ToVector(stride), ToVector(dilation), groups, post_op,
-                         c10::List<std::optional<c10::Scalar>>(), std::nullopt);
-  y = AsFloat(y);
+  ConvWeightObj* weight = UnwrapConv(packed);
+  at::Tensor input = NhwcAsNchw(x);
+  at::Tensor y;
+  // The partition takes the fused epilogue by its PyTorch name ("silu", not oneDNN's "swish").
+  const OneDnnGraphConv* graph = weight->Graph(
+      std::string(post_op) == "none" ? "none" : epilogue, /*residual=*/false, input.sizes());
+  if (graph != nullptr) {
+    y = graph->Run(input, ToTorchTensor(bias), std::nullopt);
+  } else {
+    at::Tensor w = weight->Packed();
+    y = AsFloat(op.call(AsComputeDtype(input, w), w,
+                        AsComputeDtype(ToTorchTensor(bias), w), ToVector(padding),
+                        ToVector(stride), ToVector(dilation), groups, post_op,
+                        c10::List<std::optional<c10::Scalar>>(), std::nullopt));
+  }
   ApplyEpilogue(y, epilogue, std::string(post_op) != "none");
   return NchwAsNhwc(y);
 }
@@ -198,14 +305,19 @@ ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
 ffi::Tensor Conv2dAddNhwc(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packed,
                           ffi::Tensor bias, ffi::Shape padding, ffi::Shape stride,
                           ffi::Shape dilation, int64_t groups, ffi::String unary_attr) {
-  at::Tensor w = Unwrap(packed);
+  ConvWeightObj* weight = UnwrapConv(packed);
+  at::Tensor input = NhwcAsNchw(x);
   at::Tensor y;
-  if (w.scalar_type() != at::kFloat) {
+  const OneDnnGraphConv* graph = weight->Graph("none", /*residual=*/true, input.sizes());
+  if (graph != nullptr) {
+    y = graph->Run(input, ToTorchTensor(bias), NhwcAsNchw(other));
+  } else if (!weight->plain.defined()) {
     // In bfloat16, the residual is added in float32 (as torch.autocast promotes the sum).
+    at::Tensor w = weight->Packed();
     static auto conv = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
                            .typed<ConvPointwiseFn>();
-    y = AsFloat(conv.call(AsComputeDtype(NhwcAsNchw(x), w), w,
+    y = AsFloat(conv.call(AsComputeDtype(input, w), w,
                           AsComputeDtype(ToTorchTensor(bias), w), ToVector(padding),
                           ToVector(stride), ToVector(dilation), groups, "none",
                           c10::List<std::optional<c10::Scalar>>(), std::nullopt));
@@ -214,9 +326,10 @@ ffi::Tensor Conv2dAddNhwc(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packe
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary")
                          .typed<ConvBinaryFn>();
-    y = op.call(NhwcAsNchw(x), NhwcAsNchw(other), w, ToTorchTensor(bias), ToVector(padding),
-                ToVector(stride), ToVector(dilation), groups, "add", std::nullopt,
-                std::nullopt, c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+    y = op.call(input, NhwcAsNchw(other), weight->Packed(), ToTorchTensor(bias),
+                ToVector(padding), ToVector(stride), ToVector(dilation), groups, "add",
+                std::nullopt, std::nullopt, c10::List<std::optional<c10::Scalar>>(),
+                std::nullopt);
   }
   if (std::string(unary_attr) == "relu") y.relu_();
   return NchwAsNhwc(y);
@@ -426,12 +539,19 @@ ffi::Tensor Matmul(ffi::Tensor a, ffi::Tensor b) {
   return ToTvmTensor(at::matmul(ToTorchTensor(a), ToTorchTensor(b)));
 }
 
+/*!
+ * \brief Switch float32 CPU convolutions between oneDNN Graph partitions (the default) and
+ *        the pointwise op, for every loaded program. \return The previous setting.
+ */
+bool SetOneDnnGraphConvs(bool enabled) { return g_graph_convs.exchange(enabled); }
+
 }  // namespace
 }  // namespace tvm_torch
 
 TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
   refl::ObjectDef<tvm_torch::TorchTensorHolderObj>();
+  refl::ObjectDef<tvm_torch::ConvWeightObj>();
   refl::GlobalDef()
       .def("tvm_torch.conv2d_nhwc_prepack", tvm_torch::Conv2dPrepack)
       .def("tvm_torch.conv2d_nhwc", tvm_torch::Conv2dNhwc)
@@ -450,5 +570,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.mean", tvm_torch::Mean)
       .def("tvm_torch.max_pool2d_nhwc", tvm_torch::MaxPool2dNhwc)
       .def("tvm_torch.avg_pool2d_nhwc", tvm_torch::AvgPool2dNhwc)
-      .def("tvm_torch.unary", tvm_torch::Unary);
+      .def("tvm_torch.unary", tvm_torch::Unary)
+      .def("tvm_torch.set_onednn_graph_convs", tvm_torch::SetOneDnnGraphConvs);
 }

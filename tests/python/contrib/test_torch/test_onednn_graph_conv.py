@@ -1,0 +1,126 @@
+"""float32 CPU convolutions as compiled oneDNN Graph partitions (src/contrib/torch/
+onednn_graph_conv.cc): each call site's chain (convolution, bias, fused epilogue, residual add)
+is built once per input size, and must compute what PyTorch computes, as the pointwise op it
+replaces does, for every epilogue, every batch size and concurrent first calls."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import tvm
+
+from tvm.contrib.torch import compile
+from conftest import exact_fp32
+
+
+def set_graph_convs(enabled: bool) -> bool:
+    """Switch the runtime between partitions and the pointwise op; returns the old setting."""
+    return bool(tvm.get_global_func("tvm_torch.set_onednn_graph_convs")(enabled))
+
+
+@pytest.fixture
+def graph_convs(request):
+    previous = set_graph_convs(request.param)
+    yield request.param
+    set_graph_convs(previous)
+
+
+class _Chains(torch.nn.Module):
+    """One convolution per chain the CPU kernel takes: each fused epilogue, the ones ATen
+    applies after it, a residual add (+ ReLU), a strided, a grouped and a depthwise one."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(8))
+        self.strided = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.grouped = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.depthwise = torch.nn.Conv2d(16, 16, 5, padding=2, groups=16)
+
+    def forward(self, x):
+        f = torch.nn.functional
+        a = f.silu(self.convs[0](x))
+        b = torch.sigmoid(self.convs[1](a))
+        c = torch.tanh(self.convs[2](b))
+        d = f.hardswish(self.convs[3](c))
+        e = f.relu6(self.convs[4](d)) + f.hardsigmoid(self.convs[5](d))
+        g = torch.relu(self.convs[6](e) + a)
+        h = self.convs[7](g) + b
+        s = self.depthwise(self.grouped(self.strided(h)))
+        return g, h, s
+
+
+def _compile(model, shape, tmp_path, **extra):
+    return compile(model, {"input_infos": [("x", shape)], "export_dir": str(tmp_path), **extra})
+
+
+@pytest.mark.parametrize("graph_convs", [True, False], ids=["partition", "pointwise"],
+                         indirect=True)
+def test_convolution_chains_match_pytorch(graph_convs, tmp_path):
+    torch.manual_seed(0)
+    model = _Chains().eval()
+    module = _compile(model, (2, 8, 16, 16), tmp_path)
+    x = torch.randn(2, 8, 16, 16)
+    for bad in (None, float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        if bad is not None:
+            y[1, 2, 3, 4] = bad
+        with torch.no_grad(), exact_fp32():
+            for actual, expected in zip(module([y]), model(y)):
+                torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4,
+                                           equal_nan=True)
+
+
+def test_every_batch_size_of_a_dynamic_batch(tmp_path):
+    """A partition is built per input size, up to a bound per weight; sizes past it run on the
+    pointwise op. Ten sizes cross the bound, and sizes seen before reuse their partition."""
+    torch.manual_seed(0)
+    model = _Chains().eval()
+    module = _compile(model, ("batch", 8, 12, 12), tmp_path, dim_ranges={"batch": (1, 16)})
+    for n in list(range(1, 11)) + [3, 1]:
+        x = torch.randn(n, 8, 12, 12)
+        with torch.no_grad(), exact_fp32():
+            for actual, expected in zip(module([x]), model(x)):
+                torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_concurrent_first_calls(tmp_path):
+    """Threads calling a freshly loaded module at once build each partition once and all get
+    PyTorch's result."""
+    torch.manual_seed(0)
+    model = _Chains().eval()
+    saved = str(tmp_path / "model.pt")
+    torch.jit.script(_compile(model, (1, 8, 16, 16), tmp_path / "export")).save(saved)
+    module = torch.jit.load(saved)  # its weights are prepared, and partitions built, at a call
+    inputs = [torch.randn(1, 8, 16, 16) for _ in range(4)]
+    with torch.no_grad(), exact_fp32():
+        expected = [model(x) for x in inputs]
+    results, errors = [None] * 4, []
+    start = threading.Barrier(4)
+
+    def call(i):
+        try:
+            start.wait()
+            with torch.no_grad():
+                results[i] = module([inputs[i]])
+        except Exception as err:  # pylint: disable=broad-except
+            errors.append(err)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        for actual, reference in zip(got, want):
+            torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_switch_returns_the_previous_setting():
+    first = set_graph_convs(False)
+    try:
+        assert set_graph_convs(True) is False
+        assert set_graph_convs(True) is True
+    finally:
+        set_graph_convs(first)

@@ -111,11 +111,27 @@ OneDnnGraphConv::OneDnnGraphConv(const at::Tensor& weight, const ConvGeometry& g
   g.registerOutput(y);
   const size_t expected = ComputeNodes(graph_);
 
+  // The fuser and the partition's compilation may refuse what they cannot take (an error
+  // from libtorch): the call site then runs on the pointwise op instead.
+  try {
+    Fuse(x, bias, other, expected);
+    if (!ok()) return;
+    // Compile the partition now, on zeros, rather than in a caller's first Run.
+    at::Tensor zeros_x = at::empty(input_size_, at::MemoryFormat::ChannelsLast).zero_();
+    std::optional<at::Tensor> zeros_other;
+    if (residual) zeros_other = at::empty(output_size_, at::MemoryFormat::ChannelsLast).zero_();
+    Run(zeros_x, at::zeros({weight.size(0)}), zeros_other);
+  } catch (const std::exception&) {
+    operation_.reset();
+  }
+}
+
+void OneDnnGraphConv::Fuse(torch::jit::Value* x, torch::jit::Value* bias,
+                           torch::jit::Value* other, size_t expected) {
   torch::jit::fuser::onednn::fuseGraph(graph_);
   jit::Node* group = OnlyFusionGroup(graph_);
   if (group == nullptr) return;
-  // SiLU is split into sigmoid and mul by the fuser, so the group may hold more nodes than
-  // the chain had ops, but never fewer when it took all of it.
+  // Fewer nodes in the group than in the chain: the fuser left part of it outside.
   if (ComputeNodes(group->g(c10::attr::Subgraph)) < expected) return;
   static const c10::Symbol kGuard = c10::Symbol::fromQualString("prim::oneDNNFusionGuard");
   for (jit::Value* input : group->inputs()) {

@@ -24,6 +24,7 @@
 namespace torch {
 namespace jit {
 struct Graph;
+struct Value;
 }  // namespace jit
 }  // namespace torch
 
@@ -45,7 +46,8 @@ struct ConvGeometry {
 class OneDnnGraphConv {
  public:
   /*!
-   * \brief Build and fuse the graph. \ref ok says whether oneDNN Graph took all of it.
+   * \brief Build and fuse the graph, and compile its partition. \ref ok says whether oneDNN
+   *        Graph took all of it (and compiled it).
    * \param weight The float32 OIHW weight (kept as a graph constant).
    * \param input_size The NCHW size of x.
    */
@@ -65,6 +67,10 @@ class OneDnnGraphConv {
                  const std::optional<at::Tensor>& other) const;
 
  private:
+  /*! \brief Run the fuser; set operation_ when it made one group of `expected`+ nodes. */
+  void Fuse(torch::jit::Value* x, torch::jit::Value* bias, torch::jit::Value* other,
+            size_t expected);
+
   std::shared_ptr<torch::jit::Graph> graph_;
   /*! \brief The fusion group's kernel; null when the fuser left part of the chain out. */
   std::unique_ptr<std::function<void(torch::jit::Stack&)>> operation_;

@@ -123,6 +123,9 @@ at::Tensor AsFloat(const at::Tensor& y) {
  */
 std::atomic<bool> g_graph_convs{true};
 
+/*! \brief Partitions built so far in this process (tvm_torch.onednn_graph_convs_built). */
+std::atomic<int64_t> g_graphs_built{0};
+
 /*! \brief Partitions kept per weight (per input size and epilogue); more run on the pointwise op. */
 constexpr size_t kMaxGraphsPerWeight = 8;
 
@@ -156,7 +159,11 @@ class ConvWeightObj : public ffi::Object {
     if (graphs_.size() >= kMaxGraphsPerWeight) return nullptr;
     auto conv =
         std::make_unique<OneDnnGraphConv>(plain, geometry, x_size.vec(), post_op, residual);
-    if (!conv->ok()) conv.reset();
+    if (conv->ok()) {
+      ++g_graphs_built;
+    } else {
+      conv.reset();
+    }
     graphs_.push_back({post_op, residual, x_size.vec(), std::move(conv)});
     return graphs_.back().conv.get();
   }
@@ -545,6 +552,9 @@ ffi::Tensor Matmul(ffi::Tensor a, ffi::Tensor b) {
  */
 bool SetOneDnnGraphConvs(bool enabled) { return g_graph_convs.exchange(enabled); }
 
+/*! \brief How many convolution partitions this process has built (for diagnostics and tests). */
+int64_t OneDnnGraphConvsBuilt() { return g_graphs_built.load(); }
+
 }  // namespace
 }  // namespace tvm_torch
 
@@ -571,5 +581,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.max_pool2d_nhwc", tvm_torch::MaxPool2dNhwc)
       .def("tvm_torch.avg_pool2d_nhwc", tvm_torch::AvgPool2dNhwc)
       .def("tvm_torch.unary", tvm_torch::Unary)
-      .def("tvm_torch.set_onednn_graph_convs", tvm_torch::SetOneDnnGraphConvs);
+      .def("tvm_torch.set_onednn_graph_convs", tvm_torch::SetOneDnnGraphConvs)
+      .def("tvm_torch.onednn_graph_convs_built", tvm_torch::OneDnnGraphConvsBuilt);
 }

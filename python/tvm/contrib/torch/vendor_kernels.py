@@ -11,7 +11,9 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   NHWC first; elementwise ops and pooling follow), or, for the 1x1 convolution of a 1x1 image
   (squeeze-excite gates), ``tvm_torch.matmul_bias`` (MKL). The weight goes through
   ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves into
-  ``main_transform_params``: the runtime prepacks every weight once, at the first call. CPU
+  ``main_transform_params``: the runtime prepares every weight once, at the first call, and
+  runs each float32 chain as one compiled oneDNN Graph partition
+  (``src/contrib/torch/onednn_graph_conv.cc``; bfloat16 ones on prepacked weights). CPU
   ``conv1d`` (Whisper's, Wav2Vec's) becomes such a conv2d of height 1 first. Convolutions
   whose tuned TVM kernel was measured faster (``tvm_wins``: :mod:`.vendor_choice`) stay TVM
   code.

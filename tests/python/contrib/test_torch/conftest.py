@@ -116,6 +116,22 @@ def run_fresh_python(code: str, cwd: str, timeout: int = 300) -> str:
     return proc.stdout
 
 
+def assert_matches_with_nan_and_inf(module, model, x, index):
+    """module([y]) matches model(y) output by output (NaN where model has NaN), for y = x and
+    for x with NaN, +inf and -inf at ``index``."""
+    for bad in (None, float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        if bad is not None:
+            y[index] = bad
+        with torch.no_grad(), exact_fp32():
+            expected = model(y)
+            expected = expected if isinstance(expected, (tuple, list)) else [expected]
+            actual = module([y])
+            assert len(actual) == len(expected)
+            for a, e in zip(actual, expected):
+                torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
 def assert_outputs_close(actual, expected, **kwargs):
     """Compare lists of tensors pairwise on CPU."""
     assert len(actual) == len(expected)

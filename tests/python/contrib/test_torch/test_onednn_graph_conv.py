@@ -11,12 +11,20 @@ import torch
 import tvm
 
 from tvm.contrib.torch import compile
-from conftest import exact_fp32
+from conftest import assert_matches_with_nan_and_inf, exact_fp32
 
 
 def set_graph_convs(enabled: bool) -> bool:
     """Switch the runtime between partitions and the pointwise op; returns the old setting."""
     return bool(tvm.get_global_func("tvm_torch.set_onednn_graph_convs")(enabled))
+
+
+def partitions_built() -> int:
+    return int(tvm.get_global_func("tvm_torch.onednn_graph_convs_built")())
+
+
+#: Convolution call sites of _Chains: 8 + strided + grouped + depthwise.
+CHAINS = 11
 
 
 @pytest.fixture
@@ -59,16 +67,11 @@ def _compile(model, shape, tmp_path, **extra):
 def test_convolution_chains_match_pytorch(graph_convs, tmp_path):
     torch.manual_seed(0)
     model = _Chains().eval()
+    built = partitions_built()
     module = _compile(model, (2, 8, 16, 16), tmp_path)
-    x = torch.randn(2, 8, 16, 16)
-    for bad in (None, float("nan"), float("inf"), float("-inf")):
-        y = x.clone()
-        if bad is not None:
-            y[1, 2, 3, 4] = bad
-        with torch.no_grad(), exact_fp32():
-            for actual, expected in zip(module([y]), model(y)):
-                torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4,
-                                           equal_nan=True)
+    assert_matches_with_nan_and_inf(module, model, torch.randn(2, 8, 16, 16), (1, 2, 3, 4))
+    # Every chain is one partition, built once (at compile's check of the module).
+    assert partitions_built() - built == (CHAINS if graph_convs else 0)
 
 
 def test_every_batch_size_of_a_dynamic_batch(tmp_path):
@@ -76,12 +79,15 @@ def test_every_batch_size_of_a_dynamic_batch(tmp_path):
     pointwise op. Ten sizes cross the bound, and sizes seen before reuse their partition."""
     torch.manual_seed(0)
     model = _Chains().eval()
+    built = partitions_built()
     module = _compile(model, ("batch", 8, 12, 12), tmp_path, dim_ranges={"batch": (1, 16)})
     for n in list(range(1, 11)) + [3, 1]:
         x = torch.randn(n, 8, 12, 12)
         with torch.no_grad(), exact_fp32():
             for actual, expected in zip(module([x]), model(x)):
                 torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    # The first 8 sizes each weight sees (compile's check included) get a partition.
+    assert partitions_built() - built == 8 * CHAINS
 
 
 def test_concurrent_first_calls(tmp_path):
@@ -92,6 +98,7 @@ def test_concurrent_first_calls(tmp_path):
     saved = str(tmp_path / "model.pt")
     torch.jit.script(_compile(model, (1, 8, 16, 16), tmp_path / "export")).save(saved)
     module = torch.jit.load(saved)  # its weights are prepared, and partitions built, at a call
+    built = partitions_built()
     inputs = [torch.randn(1, 8, 16, 16) for _ in range(4)]
     with torch.no_grad(), exact_fp32():
         expected = [model(x) for x in inputs]
@@ -112,6 +119,7 @@ def test_concurrent_first_calls(tmp_path):
     for t in threads:
         t.join(timeout=120)
     assert not errors, errors
+    assert partitions_built() - built == CHAINS
     for got, want in zip(results, expected):
         for actual, reference in zip(got, want):
             torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-4)

@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/stack.h>
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>

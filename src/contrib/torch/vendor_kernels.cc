@@ -126,7 +126,7 @@ std::atomic<bool> g_graph_convs{true};
 /*! \brief Partitions built so far in this process (tvm_torch.onednn_graph_convs_built). */
 std::atomic<int64_t> g_graphs_built{0};
 
-/*! \brief Partitions kept per weight (per input size and epilogue); more run on the pointwise op. */
+/*! \brief Partitions kept per weight (one per input size and epilogue); past it, pointwise. */
 constexpr size_t kMaxGraphsPerWeight = 8;
 
 /*!

@@ -49,6 +49,16 @@ jit::Node* OnlyFusionGroup(const std::shared_ptr<jit::Graph>& g) {
   return count == 1 ? found : nullptr;
 }
 
+/*! \brief Whether `t` has these sizes and, along every dim longer than 1, these strides. */
+bool HasLayout(const at::Tensor& t, const std::vector<int64_t>& sizes,
+               const std::vector<int64_t>& strides) {
+  if (t.sizes() != at::IntArrayRef(sizes)) return false;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (sizes[i] > 1 && t.stride(i) != strides[i]) return false;
+  }
+  return true;
+}
+
 /*! \brief The number of nodes of `g` other than constants. */
 size_t ComputeNodes(const std::shared_ptr<jit::Graph>& g) {
   size_t n = 0;
@@ -158,9 +168,8 @@ at::Tensor OneDnnGraphConv::Run(const at::Tensor& x, const at::Tensor& bias,
   TORCH_CHECK(ok(), "tvm_torch: this convolution has no oneDNN Graph partition");
   // The partition was compiled for these sizes and strides: check them (the fuser's own type
   // guard is bypassed by calling the group's kernel directly).
-  TORCH_CHECK(x.sizes() == at::IntArrayRef(input_size_) &&
-                  x.strides() == at::IntArrayRef(input_strides_) &&
-                  x.scalar_type() == at::kFloat && x.is_cpu(),
+  TORCH_CHECK(HasLayout(x, input_size_, input_strides_) && x.scalar_type() == at::kFloat &&
+                  x.is_cpu(),
               "tvm_torch: oneDNN Graph convolution compiled for float32 CPU input of size ",
               input_size_, " and strides ", input_strides_, ", got ", x.sizes(), " / ",
               x.strides());
@@ -168,8 +177,7 @@ at::Tensor OneDnnGraphConv::Run(const at::Tensor& x, const at::Tensor& bias,
               "tvm_torch: oneDNN Graph convolution expects a contiguous float32 bias");
   const at::Tensor* args[3] = {&x, &bias, nullptr};
   if (other.has_value()) {
-    TORCH_CHECK(other->sizes() == at::IntArrayRef(output_size_) &&
-                    other->strides() == at::IntArrayRef(output_strides_) &&
+    TORCH_CHECK(HasLayout(*other, output_size_, output_strides_) &&
                     other->scalar_type() == at::kFloat,
                 "tvm_torch: oneDNN Graph convolution's residual must be float32 of size ",
                 output_size_, " and strides ", output_strides_, ", got ", other->sizes(),

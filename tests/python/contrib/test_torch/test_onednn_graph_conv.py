@@ -90,6 +90,28 @@ def test_every_batch_size_of_a_dynamic_batch(tmp_path):
     assert partitions_built() - built == 8 * CHAINS
 
 
+class _OnePixel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + x)
+
+
+def test_one_pixel_image(tmp_path):
+    """A 3x3 convolution (with a residual add) of a 1x1 image: strides of size-1 dims may
+    differ between the tensors the program passes and the ones the partition was built for."""
+    torch.manual_seed(0)
+    model = _OnePixel().eval()
+    built = partitions_built()
+    module = _compile(model, (3, 8, 1, 1), tmp_path)
+    x = torch.randn(3, 8, 1, 1)
+    with torch.no_grad(), exact_fp32():
+        torch.testing.assert_close(module([x])[0], model(x), rtol=1e-4, atol=1e-4)
+    assert partitions_built() - built == 1
+
+
 def test_concurrent_first_calls(tmp_path):
     """Threads calling a freshly loaded module at once build each partition once and all get
     PyTorch's result."""

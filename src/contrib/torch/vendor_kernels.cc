@@ -526,6 +526,35 @@ ffi::Tensor Attention(ffi::Tensor q, ffi::Tensor k, ffi::Tensor v, double scale,
 }
 
 /*!
+ * \brief Attention whose q, k and v are strided views of contiguous tensors (e.g. the three
+ *        thirds of a fused QKV projection): `views` holds, for q, k and v in turn, the view's
+ *        4 sizes (relax.nn.attention's layout), 4 strides and storage offset.
+ */
+ffi::Tensor AttentionViews(ffi::Tensor q, ffi::Tensor k, ffi::Tensor v, ffi::Shape views,
+                           double scale, bool causal) {
+  TORCH_CHECK(views.size() == 27, "tvm_torch.attention_views: expected 27 view numbers, got ",
+              views.size());
+  auto view = [&](const ffi::Tensor& base, size_t which) {
+    at::Tensor t = ToTorchTensor(base);
+    const int64_t* v = views.data() + 9 * which;
+    const std::vector<int64_t> sizes(v, v + 4);
+    const std::vector<int64_t> strides(v + 4, v + 8);
+    int64_t last = v[8];
+    for (size_t i = 0; i < 4; ++i) last += (sizes[i] - 1) * strides[i];
+    // The view was computed at compile time for a contiguous tensor of this size.
+    TORCH_CHECK(t.is_contiguous() && v[8] >= 0 && last < t.numel(),
+                "tvm_torch.attention_views: view ", sizes, " / ", strides, " + ", v[8],
+                " does not fit a contiguous tensor of ", t.numel(), " elements");
+    return t.as_strided(sizes, strides, v[8]).transpose(1, 2);
+  };
+  std::optional<double> softmax_scale;
+  if (scale > 0) softmax_scale = scale;
+  at::Tensor out = at::scaled_dot_product_attention(view(q, 0), view(k, 1), view(v, 2),
+                                                    std::nullopt, 0.0, causal, softmax_scale);
+  return ToTvmTensor(out.transpose(1, 2).contiguous());
+}
+
+/*!
  * \brief Attention as Attention, with a mask in PyTorch's (batch, heads, query, key) layout,
  * broadcast as scaled_dot_product_attention broadcasts it: boolean (true = attend) or
  * additive, in the queries' dtype.
@@ -577,6 +606,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.softmax", tvm_torch::Softmax)
       .def("tvm_torch.attention", tvm_torch::Attention)
       .def("tvm_torch.attention_masked", tvm_torch::AttentionMasked)
+      .def("tvm_torch.attention_views", tvm_torch::AttentionViews)
       .def("tvm_torch.mean", tvm_torch::Mean)
       .def("tvm_torch.max_pool2d_nhwc", tvm_torch::MaxPool2dNhwc)
       .def("tvm_torch.avg_pool2d_nhwc", tvm_torch::AvgPool2dNhwc)

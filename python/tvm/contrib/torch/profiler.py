@@ -35,6 +35,7 @@ _VENDOR_LIBRARY = {
     "tvm_torch.matmul": "ATen matmul (MKL / cuBLAS)",
     "tvm_torch.attention": "ATen scaled_dot_product_attention",
     "tvm_torch.attention_masked": "ATen scaled_dot_product_attention",
+    "tvm_torch.attention_views": "ATen scaled_dot_product_attention",
 }
 
 #: Rows that are not kernels.

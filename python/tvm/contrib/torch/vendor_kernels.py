@@ -35,7 +35,9 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   Other ``matmul`` -> ``tvm_torch.matmul`` (MKL on CPU, cuBLAS on CUDA).
 * ``nn.attention`` (no window) -> ``tvm_torch.attention`` / ``tvm_torch.attention_masked``:
   ATen's fused ``scaled_dot_product_attention`` (flash attention), on CPU and CUDA; a mask
-  made from a boolean one reaches ATen as the boolean mask.
+  made from a boolean one reaches ATen as the boolean mask. Where q, k and v are reshaped,
+  transposed and sliced out of contiguous tensors (timm's fused QKV projection),
+  ``tvm_torch.attention_views`` reads them there as strided views instead.
 * ``permute_dims(permute_dims(x))`` -> one permutation, or ``x`` when they cancel (the
   importer's layout changes around attention undo the model's own); on CPU, the transposes
   ConvertLayout puts around clips (relu6, hardswish, hardsigmoid) are dropped first.
@@ -55,10 +57,12 @@ import logging
 from typing import AbstractSet, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
+import torch
 import tvm
 import tvm_ffi
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .passes import const_value, prim_number
 
@@ -770,6 +774,96 @@ def _fold_permutes(func: relax.Function) -> relax.Function:
     return rewrite_call(outer, rewrite, func)
 
 
+#: Relax ops that only change how a tensor is indexed (a torch view when they apply to a
+#: contiguous tensor and ``view`` accepts the reshape).
+_VIEW_OPS = ("relax.permute_dims", "relax.reshape", "relax.squeeze", "relax.strided_slice")
+
+
+def _ints(expr) -> Optional[list]:
+    """A tuple of ints / a ShapeExpr / an Array of ints, as a list; None if symbolic."""
+    fields = expr.fields if isinstance(expr, relax.Tuple) else \
+        expr.values if isinstance(expr, relax.ShapeExpr) else expr
+    out = []
+    for field in fields:
+        while hasattr(field, "value"):  # PrimValue -> IntImm -> int
+            field = field.value
+        if not isinstance(field, int):
+            return None
+        out.append(field)
+    return out
+
+
+def _as_view(expr: relax.Expr, bound) -> Optional[Tuple[relax.Expr, List[int]]]:
+    """``(root, view)`` when ``expr`` is a chain of :data:`_VIEW_OPS` over ``root`` (static
+    shapes), with ``view`` its 4 sizes, 4 strides and storage offset into the contiguous
+    ``root``; None otherwise (one op, or a reshape no view can express, breaks it)."""
+    chain = []
+    while isinstance(expr, relax.Var) and isinstance(bound.get(expr), relax.Call) and \
+            isinstance(bound[expr].op, tvm.ir.Op) and bound[expr].op.name in _VIEW_OPS:
+        chain.append(bound[expr])
+        expr = bound[expr].args[0]
+    root_dims = _dims(expr)
+    if not chain or root_dims is None or None in root_dims:
+        return None
+    t = torch.empty(root_dims, device="meta")
+    try:
+        for call in reversed(chain):
+            name = call.op.name
+            if name == "relax.permute_dims":
+                t = t.permute(_permutation(call))
+            elif name == "relax.squeeze":
+                axes = _ints(call.attrs.axis) if call.attrs.axis is not None else None
+                t = t.squeeze(tuple(axes)) if axes is not None else t.squeeze()
+            elif name == "relax.strided_slice":
+                axes, begin, end = (_ints(a) for a in call.args[1:4])
+                steps = _ints(call.args[4]) if len(call.args) > 4 else [1] * len(axes)
+                if None in (axes, begin, end, steps) or any(step != 1 for step in steps):
+                    return None
+                for axis, b, e in zip(axes, begin, end):
+                    size = t.shape[axis]
+                    b, e = (min(max(i + size if i < 0 else i, 0), size) for i in (b, e))
+                    t = t.narrow(axis, b, e - b)
+            else:  # reshape: torch's view raises where strides cannot express it
+                t = t.view(_dims(call))
+            if list(t.shape) != _dims(call):
+                return None
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return None
+    if t.dim() != 4:
+        return None
+    return expr, list(t.shape) + list(t.stride()) + [t.storage_offset()]
+
+
+@mutator
+class _AttentionOnViews(PyExprMutator):  # pylint: disable=abstract-method
+    """See :func:`_attention_on_views`."""
+
+    def __init__(self, bound: Dict[relax.Var, relax.Expr]):
+        super().__init__()
+        self.bound = bound
+
+    def visit_call_(self, call):  # pylint: disable=arguments-renamed
+        call = super().visit_call_(call)
+        if call.op != tvm.ir.Op.get("relax.call_pure_packed") or \
+                str(call.args[0].global_symbol) != "tvm_torch.attention":
+            return call
+        views = [_as_view(arg, self.bound) for arg in call.args[1:4]]
+        if None in views:
+            return call
+        return relax.call_pure_packed(
+            "tvm_torch.attention_views", *(root for root, _ in views),
+            relax.ShapeExpr([i for _, view in views for i in view]), *call.args[4:],
+            ty_args=call.ty)
+
+
+def _attention_on_views(func: relax.Function) -> relax.Function:
+    """``tvm_torch.attention(q, k, v)`` where q, k and v are transposed, sliced and reshaped
+    from contiguous tensors (timm's fused QKV projection: reshape, permute, unbind) ->
+    ``tvm_torch.attention_views`` on those tensors, which ATen reads as strided views, instead
+    of TVM kernels copying each of q, k and v twice."""
+    return _AttentionOnViews(_bindings(func)).visit_expr(func)
+
+
 _SCALAR_BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide")
 
 
@@ -901,7 +995,7 @@ def offload_pass(gpu: bool = False, bfloat16: bool = False,
         func = _rewrite_means(func, gpu)
         func = _rewrite_unary(func, gpu)
         func = _rewrite_attention(func, gpu)
-        func = _fold_permutes(func)
+        func = _attention_on_views(_fold_permutes(func))
         mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
         mod["main"] = func
         return relax.transform.DeadCodeElimination(["main"])(mod)

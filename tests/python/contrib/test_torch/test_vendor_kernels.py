@@ -322,6 +322,36 @@ def test_attention():
     assert packed == ["tvm_torch.attention"] and "relax.nn.attention" not in ops
 
 
+def _fused_qkv_attention(bb, p, q_from_add=False):
+    """timm's attention: one [B, N, 3*H*D] projection, reshaped to [B, N, 3, H, D], permuted to
+    [3, B, H, N, D] and unbound (strided slices, squeezes), then in relax.nn.attention's
+    [B, N, H, D] layout."""
+    qkv = bb.emit(relax.op.reshape(p[0], (2, 5, 3, 4, 8)))
+    qkv = bb.emit(relax.op.permute_dims(qkv, [2, 0, 3, 1, 4]))
+    parts = []
+    for i in range(3):
+        part = bb.emit(relax.op.strided_slice(qkv, [0], [i], [i + 1]))
+        part = bb.emit(relax.op.squeeze(part, [0]))
+        parts.append(bb.emit(relax.op.permute_dims(part, [0, 2, 1, 3])))
+    if q_from_add:
+        parts[0] = bb.emit(relax.op.add(parts[0], parts[0]))
+    return bb.emit(relax.op.nn.attention(*parts))
+
+
+def test_attention_reads_a_fused_qkv_projection_through_views():
+    packed, ops, text = _offload([((2, 5, 96), "float32")], _fused_qkv_attention)
+    assert packed == ["tvm_torch.attention_views"]
+    assert not {"relax.permute_dims", "relax.strided_slice", "relax.squeeze"} & set(ops)
+    # q, k and v: [B, N, H, D] = [2, 5, 4, 8] inside [2, 5, 3, 4, 8], a third (32) apart.
+    assert "R.shape([2, 5, 4, 8, 480, 96, 8, 1, 0, 2, 5, 4, 8, 480, 96, 8, 1, 32," in text
+
+
+def test_attention_on_a_computed_query_keeps_its_copies():
+    packed, ops, _ = _offload([((2, 5, 96), "float32")],
+                              lambda bb, p: _fused_qkv_attention(bb, p, q_from_add=True))
+    assert packed == ["tvm_torch.attention"] and "relax.strided_slice" in ops
+
+
 def test_attention_with_a_boolean_mask_passes_the_mask():
     qkv = ((2, 6, 4, 8), "float32")
 

@@ -35,8 +35,8 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   Other ``matmul`` -> ``tvm_torch.matmul`` (MKL on CPU, cuBLAS on CUDA).
 * ``nn.attention`` (no window) -> ``tvm_torch.attention`` / ``tvm_torch.attention_masked``:
   ATen's fused ``scaled_dot_product_attention`` (flash attention), on CPU and CUDA; a mask
-  made from a boolean one reaches ATen as the boolean mask. Where q, k and v are reshaped,
-  transposed and sliced out of contiguous tensors (timm's fused QKV projection),
+  made from a boolean one reaches ATen as the boolean mask. On CPU, where q, k and v are
+  reshaped, transposed and sliced out of contiguous tensors (timm's fused QKV projection),
   ``tvm_torch.attention_views`` reads them there as strided views instead.
 * ``permute_dims(permute_dims(x))`` -> one permutation, or ``x`` when they cancel (the
   importer's layout changes around attention undo the model's own); on CPU, the transposes
@@ -995,7 +995,9 @@ def offload_pass(gpu: bool = False, bfloat16: bool = False,
         func = _rewrite_means(func, gpu)
         func = _rewrite_unary(func, gpu)
         func = _rewrite_attention(func, gpu)
-        func = _attention_on_views(_fold_permutes(func))
+        func = _fold_permutes(func)
+        if not gpu:  # not yet checked on a GPU
+            func = _attention_on_views(func)
         mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
         mod["main"] = func
         return relax.transform.DeadCodeElimination(["main"])(mod)

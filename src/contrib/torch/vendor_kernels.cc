@@ -510,19 +510,27 @@ ffi::Tensor Softmax(ffi::Tensor x, int64_t axis) {
 }
 
 /*!
- * \brief Attention in relax.nn.attention's layout (batch, seq, heads, head_dim) on ATen's
- * fused scaled_dot_product_attention (flash attention on CPU and CUDA).
+ * \brief ATen's fused scaled_dot_product_attention (flash attention on CPU and CUDA) on q, k
+ *        and v in relax.nn.attention's layout (batch, seq, heads, head_dim), with an optional
+ *        mask; the result in that layout, contiguous.
  * \param scale The softmax scale; <= 0 means 1/sqrt(head_dim).
  * \param causal Whether to apply a top-left causal mask.
  */
-ffi::Tensor Attention(ffi::Tensor q, ffi::Tensor k, ffi::Tensor v, double scale, bool causal) {
-  auto heads_first = [](const ffi::Tensor& t) { return ToTorchTensor(t).transpose(1, 2); };
+ffi::Tensor SeqFirstAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const std::optional<at::Tensor>& mask, double scale,
+                              bool causal) {
   std::optional<double> softmax_scale;
   if (scale > 0) softmax_scale = scale;
-  at::Tensor out = at::scaled_dot_product_attention(heads_first(q), heads_first(k),
-                                                    heads_first(v), std::nullopt, 0.0, causal,
+  at::Tensor out = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                    v.transpose(1, 2), mask, 0.0, causal,
                                                     softmax_scale);
   return ToTvmTensor(out.transpose(1, 2).contiguous());
+}
+
+/*! \brief Attention (SeqFirstAttention) on TVM tensors. */
+ffi::Tensor Attention(ffi::Tensor q, ffi::Tensor k, ffi::Tensor v, double scale, bool causal) {
+  return SeqFirstAttention(ToTorchTensor(q), ToTorchTensor(k), ToTorchTensor(v), std::nullopt,
+                           scale, causal);
 }
 
 /*!
@@ -545,29 +553,20 @@ ffi::Tensor AttentionViews(ffi::Tensor q, ffi::Tensor k, ffi::Tensor v, ffi::Sha
     TORCH_CHECK(t.is_contiguous() && v[8] >= 0 && last < t.numel(),
                 "tvm_torch.attention_views: view ", sizes, " / ", strides, " + ", v[8],
                 " does not fit a contiguous tensor of ", t.numel(), " elements");
-    return t.as_strided(sizes, strides, v[8]).transpose(1, 2);
+    return t.as_strided(sizes, strides, v[8]);
   };
-  std::optional<double> softmax_scale;
-  if (scale > 0) softmax_scale = scale;
-  at::Tensor out = at::scaled_dot_product_attention(view(q, 0), view(k, 1), view(v, 2),
-                                                    std::nullopt, 0.0, causal, softmax_scale);
-  return ToTvmTensor(out.transpose(1, 2).contiguous());
+  return SeqFirstAttention(view(q, 0), view(k, 1), view(v, 2), std::nullopt, scale, causal);
 }
 
 /*!
- * \brief Attention as Attention, with a mask in PyTorch's (batch, heads, query, key) layout,
- * broadcast as scaled_dot_product_attention broadcasts it: boolean (true = attend) or
- * additive, in the queries' dtype.
+ * \brief Attention with a mask in PyTorch's (batch, heads, query, key) layout, broadcast as
+ * scaled_dot_product_attention broadcasts it: boolean (true = attend) or additive, in the
+ * queries' dtype.
  */
 ffi::Tensor AttentionMasked(ffi::Tensor q, ffi::Tensor k, ffi::Tensor v, ffi::Tensor mask,
                             double scale, bool causal) {
-  auto heads_first = [](const ffi::Tensor& t) { return ToTorchTensor(t).transpose(1, 2); };
-  std::optional<double> softmax_scale;
-  if (scale > 0) softmax_scale = scale;
-  at::Tensor out = at::scaled_dot_product_attention(heads_first(q), heads_first(k),
-                                                    heads_first(v), ToTorchTensor(mask), 0.0,
-                                                    causal, softmax_scale);
-  return ToTvmTensor(out.transpose(1, 2).contiguous());
+  return SeqFirstAttention(ToTorchTensor(q), ToTorchTensor(k), ToTorchTensor(v),
+                           ToTorchTensor(mask), scale, causal);
 }
 
 /*! \brief Batched a @ b (numpy broadcasting semantics, as relax.matmul) on MKL. */

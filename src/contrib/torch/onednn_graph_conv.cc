@@ -16,9 +16,10 @@ namespace {
 
 namespace jit = torch::jit;
 
-/*! \brief A complete (sizes and strides) float32 CPU tensor type, channels-last. */
-c10::TypePtr ChannelsLastType(const std::vector<int64_t>& sizes) {
-  return c10::TensorType::create(at::empty(sizes, at::MemoryFormat::ChannelsLast));
+/*! \brief A complete (sizes and strides) CPU tensor type, channels-last. */
+c10::TypePtr ChannelsLastType(const std::vector<int64_t>& sizes, at::ScalarType dtype) {
+  return c10::TensorType::create(
+      at::empty(sizes, at::TensorOptions().dtype(dtype), at::MemoryFormat::ChannelsLast));
 }
 
 std::vector<int64_t> ConvOutputSize(const std::vector<int64_t>& input_size,
@@ -73,24 +74,28 @@ size_t ComputeNodes(const std::shared_ptr<jit::Graph>& g) {
 OneDnnGraphConv::OneDnnGraphConv(const at::Tensor& weight, const ConvGeometry& geometry,
                                  const std::vector<int64_t>& input_size,
                                  const std::string& post_op, bool residual)
-    : graph_(std::make_shared<jit::Graph>()), input_size_(input_size) {
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 4 && input_size.size() == 4,
-              "tvm_torch: oneDNN Graph convolutions take a float32 OIHW weight and NCHW sizes");
+    : graph_(std::make_shared<jit::Graph>()), dtype_(weight.scalar_type()),
+      input_size_(input_size) {
+  TORCH_CHECK((dtype_ == at::kFloat || dtype_ == at::kBFloat16) && weight.dim() == 4 &&
+                  input_size.size() == 4,
+              "tvm_torch: oneDNN Graph convolutions take a float32 or bfloat16 OIHW weight and "
+              "NCHW sizes");
+  const at::TensorOptions options = at::TensorOptions().dtype(dtype_);
   output_size_ = ConvOutputSize(input_size, weight.sizes(), geometry);
   input_strides_ = at::empty(input_size, at::MemoryFormat::ChannelsLast).strides().vec();
   output_strides_ = at::empty(output_size_, at::MemoryFormat::ChannelsLast).strides().vec();
 
   jit::Graph& g = *graph_;
   jit::Value* x = g.addInput("x");
-  x->setType(ChannelsLastType(input_size));
+  x->setType(ChannelsLastType(input_size, dtype_));
   jit::Value* bias = g.addInput("bias");
-  bias->setType(c10::TensorType::create(at::empty({weight.size(0)})));
+  bias->setType(c10::TensorType::create(at::empty({weight.size(0)}, options)));
   jit::Value* other = nullptr;
   if (residual) {
     other = g.addInput("other");
-    other->setType(ChannelsLastType(output_size_));
+    other->setType(ChannelsLastType(output_size_, dtype_));
   }
-  const c10::TypePtr out_type = ChannelsLastType(output_size_);
+  const c10::TypePtr out_type = ChannelsLastType(output_size_, dtype_);
   // The fuser needs complete types (sizes and strides) on every value it takes.
   auto typed = [&](jit::Value* v) {
     v->setType(out_type);
@@ -127,10 +132,12 @@ OneDnnGraphConv::OneDnnGraphConv(const at::Tensor& weight, const ConvGeometry& g
     Fuse(x, bias, other, expected);
     if (!ok()) return;
     // Compile the partition now, on zeros, rather than in a caller's first Run.
-    at::Tensor zeros_x = at::empty(input_size_, at::MemoryFormat::ChannelsLast).zero_();
+    at::Tensor zeros_x = at::empty(input_size_, options, at::MemoryFormat::ChannelsLast).zero_();
     std::optional<at::Tensor> zeros_other;
-    if (residual) zeros_other = at::empty(output_size_, at::MemoryFormat::ChannelsLast).zero_();
-    Run(zeros_x, at::zeros({weight.size(0)}), zeros_other);
+    if (residual) {
+      zeros_other = at::empty(output_size_, options, at::MemoryFormat::ChannelsLast).zero_();
+    }
+    Run(zeros_x, at::zeros({weight.size(0)}, options), zeros_other);
   } catch (const std::exception&) {
     operation_.reset();
   }
@@ -168,18 +175,19 @@ at::Tensor OneDnnGraphConv::Run(const at::Tensor& x, const at::Tensor& bias,
   TORCH_CHECK(ok(), "tvm_torch: this convolution has no oneDNN Graph partition");
   // The partition was compiled for these sizes and strides: check them (the fuser's own type
   // guard is bypassed by calling the group's kernel directly).
-  TORCH_CHECK(HasLayout(x, input_size_, input_strides_) && x.scalar_type() == at::kFloat &&
+  TORCH_CHECK(HasLayout(x, input_size_, input_strides_) && x.scalar_type() == dtype_ &&
                   x.is_cpu(),
-              "tvm_torch: oneDNN Graph convolution compiled for float32 CPU input of size ",
-              input_size_, " and strides ", input_strides_, ", got ", x.sizes(), " / ",
-              x.strides());
-  TORCH_CHECK(bias.dim() == 1 && bias.is_contiguous() && bias.scalar_type() == at::kFloat,
-              "tvm_torch: oneDNN Graph convolution expects a contiguous float32 bias");
+              "tvm_torch: oneDNN Graph convolution compiled for ", dtype_,
+              " CPU input of size ", input_size_, " and strides ", input_strides_, ", got ",
+              x.scalar_type(), " ", x.sizes(), " / ", x.strides());
+  TORCH_CHECK(bias.dim() == 1 && bias.is_contiguous() && bias.scalar_type() == dtype_,
+              "tvm_torch: oneDNN Graph convolution expects a contiguous ", dtype_, " bias, got ",
+              bias.scalar_type());
   const at::Tensor* args[3] = {&x, &bias, nullptr};
   if (other.has_value()) {
     TORCH_CHECK(HasLayout(*other, output_size_, output_strides_) &&
-                    other->scalar_type() == at::kFloat,
-                "tvm_torch: oneDNN Graph convolution's residual must be float32 of size ",
+                    other->scalar_type() == dtype_,
+                "tvm_torch: oneDNN Graph convolution's residual must be ", dtype_, " of size ",
                 output_size_, " and strides ", output_strides_, ", got ", other->sizes(),
                 " / ", other->strides());
     args[2] = &*other;

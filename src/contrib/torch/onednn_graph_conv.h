@@ -41,15 +41,16 @@ struct ConvGeometry {
 
 /*!
  * \brief conv2d(x, weight) + bias, then `post_op` ("none", "hardswish", "sigmoid", "tanh",
- *        "silu"), then + other when `residual`, float32, as one oneDNN Graph partition for
- *        channels-last inputs of one size.
+ *        "silu"), then + other when `residual`, in the weight's dtype (float32 or bfloat16), as
+ *        one oneDNN Graph partition for channels-last inputs of one size.
  */
 class OneDnnGraphConv {
  public:
   /*!
    * \brief Build and fuse the graph, and compile its partition. \ref ok says whether oneDNN
    *        Graph took all of it (and compiled it).
-   * \param weight The float32 OIHW weight (kept as a graph constant).
+   * \param weight The float32 or bfloat16 OIHW weight (kept as a graph constant); x, bias
+   *        and other come in its dtype.
    * \param input_size The NCHW size of x.
    */
   OneDnnGraphConv(const at::Tensor& weight, const ConvGeometry& geometry,
@@ -77,6 +78,7 @@ class OneDnnGraphConv {
   std::unique_ptr<std::function<void(torch::jit::Stack&)>> operation_;
   /*! \brief Which of (x, bias, other) feeds each input of the fusion group, in order. */
   std::vector<int> input_order_;
+  at::ScalarType dtype_;
   std::vector<int64_t> input_size_;
   std::vector<int64_t> input_strides_;
   std::vector<int64_t> output_size_;

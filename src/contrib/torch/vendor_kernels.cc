@@ -98,7 +98,7 @@ using ConvBinaryFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::
 
 /*!
  * \brief The dtype a vendor kernel computes in: "float32", or "bfloat16" (oneDNN's bf16
- *        kernels between float32 tensors, as torch.autocast runs them).
+ *        kernels, as torch.autocast runs them, on float32 or bfloat16 tensors).
  */
 at::ScalarType ComputeDtype(const ffi::String& name) {
   const std::string dtype(name);
@@ -112,9 +112,9 @@ at::Tensor AsComputeDtype(const at::Tensor& x, const at::Tensor& packed) {
   return x.scalar_type() == packed.scalar_type() ? x : x.to(packed.scalar_type());
 }
 
-/*! \brief A result back in float32 when the kernel computed in bfloat16. */
-at::Tensor AsFloat(const at::Tensor& y) {
-  return y.scalar_type() == at::kFloat ? y : y.to(at::kFloat);
+/*! \brief y in `dtype` (a no-op when it is): a result back in its input's dtype. */
+at::Tensor InDtype(const at::Tensor& y, at::ScalarType dtype) {
+  return y.scalar_type() == dtype ? y : y.to(dtype);
 }
 
 /*!
@@ -130,25 +130,25 @@ std::atomic<int64_t> g_graphs_built{0};
 constexpr size_t kMaxGraphsPerWeight = 8;
 
 /*!
- * \brief A convolution's weight, prepared at load: in float32, the OIHW weight, from which each
- *        call site's oneDNN Graph partition is built at its first call; in bfloat16 (or where
- *        the fuser does not take a chain), oneDNN's blocked weight for the pointwise op.
+ * \brief A convolution's weight, prepared at load: the OIHW weight in the compute dtype, from
+ *        which each call site's oneDNN Graph partition is built at its first call, and, where
+ *        the fuser does not take a chain, oneDNN's blocked weight for the pointwise op.
  */
 class ConvWeightObj : public ffi::Object {
  public:
-  /*! \brief float32 OIHW; undefined in bfloat16. */
+  /*! \brief OIHW, in the compute dtype (float32 or bfloat16). */
   at::Tensor plain;
   ConvGeometry geometry;
   std::vector<int64_t> input_size;
 
   /*!
    * \brief The partition for (post_op, residual) and NCHW input size `x_size`, built at its
-   *        first use; null in bfloat16, when switched off, past kMaxGraphsPerWeight, or when
-   *        the fuser did not take the whole chain.
+   *        first use; null when switched off, past kMaxGraphsPerWeight, or when the fuser
+   *        did not take the whole chain.
    */
   const OneDnnGraphConv* Graph(const std::string& post_op, bool residual,
                                at::IntArrayRef x_size) {
-    if (!plain.defined() || !g_graph_convs.load(std::memory_order_relaxed)) return nullptr;
+    if (!g_graph_convs.load(std::memory_order_relaxed)) return nullptr;
     std::lock_guard<std::mutex> lock(mutex_);
     for (const auto& entry : graphs_) {
       if (entry.post_op == post_op && entry.residual == residual &&
@@ -177,9 +177,6 @@ class ConvWeightObj : public ffi::Object {
     }
     return packed_;
   }
-
-  /*! \brief Set the blocked weight (bfloat16 programs prepack it at load). */
-  void SetPacked(at::Tensor packed) { packed_ = std::move(packed); }
 
   TVM_FFI_DECLARE_OBJECT_INFO_FINAL("tvm_torch.ConvWeight", ConvWeightObj, ffi::Object);
 
@@ -211,15 +208,8 @@ ConvWeight Conv2dPrepack(ffi::Tensor weight, ffi::Shape padding, ffi::Shape stri
   node->geometry = ConvGeometry{ToVector(padding), ToVector(stride), ToVector(dilation), groups};
   node->input_size = ToVector(input_size);
   // A copy: the params blob may be freed after load.
-  at::Tensor w = ToTorchTensor(weight).to(ComputeDtype(compute_dtype), /*non_blocking=*/false,
-                                          /*copy=*/true);
-  if (w.scalar_type() == at::kFloat) {
-    node->plain = w;
-  } else {
-    node->SetPacked(ReorderConvWeightOp().call(w, node->geometry.padding, node->geometry.stride,
-                                               node->geometry.dilation, groups,
-                                               node->input_size));
-  }
+  node->plain = ToTorchTensor(weight).to(ComputeDtype(compute_dtype), /*non_blocking=*/false,
+                                         /*copy=*/true);
   return ConvWeight(std::move(node));
 }
 
@@ -276,70 +266,82 @@ void ApplyEpilogue(at::Tensor& y, const std::string& epilogue, bool fused) {
 }
 
 /*!
+ * \brief conv2d(input NCHW, channels-last) + bias, then oneDNN's post-op `post_op` (or the
+ *        residual `other`, with "none"), in the weight's dtype: on the call site's oneDNN
+ *        Graph partition, or else on the pointwise op. `input`, `bias` and `other` come in
+ *        the weight's dtype.
+ */
+at::Tensor RunConv(ConvWeightObj* weight, const at::Tensor& input, const at::Tensor& bias,
+                   const std::string& epilogue, const char* post_op,
+                   const std::optional<at::Tensor>& other, const ffi::Shape& padding,
+                   const ffi::Shape& stride, const ffi::Shape& dilation, int64_t groups) {
+  // The partition takes the fused epilogue by its PyTorch name ("silu", not oneDNN's "swish").
+  const OneDnnGraphConv* graph = weight->Graph(
+      std::string(post_op) == "none" ? "none" : epilogue, other.has_value(), input.sizes());
+  if (graph != nullptr) return graph->Run(input, bias, other);
+  const at::Tensor w = weight->Packed();
+  if (!other.has_value()) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
+                         .typed<ConvPointwiseFn>();
+    return op.call(input, w, bias, ToVector(padding), ToVector(stride), ToVector(dilation),
+                   groups, post_op, c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary")
+                       .typed<ConvBinaryFn>();
+  return op.call(input, *other, w, bias, ToVector(padding), ToVector(stride),
+                 ToVector(dilation), groups, "add", std::nullopt, std::nullopt,
+                 c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+}
+
+/*!
  * \brief conv2d(x NHWC) with a prepared weight (ConvWeightObj) and bias, then an epilogue:
  *        "none", "relu", "relu6", "silu", "sigmoid", "tanh", "hardswish" or "hardsigmoid" (see
- *        FusedConvEpilogue). float32 runs as a oneDNN Graph partition where the fuser takes
- *        the chain, else (and in bfloat16) on the pointwise op.
+ *        FusedConvEpilogue). It computes in the weight's dtype and returns x's: in a bfloat16
+ *        program, bfloat16 in and out between oneDNN kernels, or float32 converted around it.
  */
 ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
                        ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
                        int64_t groups, ffi::String attr) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
-                       .typed<ConvPointwiseFn>();
   const std::string epilogue(attr);
   const char* post_op = FusedConvEpilogue(epilogue);
   ConvWeightObj* weight = UnwrapConv(packed);
-  at::Tensor input = NhwcAsNchw(x);
-  at::Tensor y;
-  // The partition takes the fused epilogue by its PyTorch name ("silu", not oneDNN's "swish").
-  const OneDnnGraphConv* graph = weight->Graph(
-      std::string(post_op) == "none" ? "none" : epilogue, /*residual=*/false, input.sizes());
-  if (graph != nullptr) {
-    y = graph->Run(input, ToTorchTensor(bias), std::nullopt);
-  } else {
-    at::Tensor w = weight->Packed();
-    y = AsFloat(op.call(AsComputeDtype(input, w), w,
-                        AsComputeDtype(ToTorchTensor(bias), w), ToVector(padding),
-                        ToVector(stride), ToVector(dilation), groups, post_op,
-                        c10::List<std::optional<c10::Scalar>>(), std::nullopt));
-  }
+  const at::Tensor input = NhwcAsNchw(x);
+  at::Tensor y = RunConv(weight, AsComputeDtype(input, weight->plain),
+                         AsComputeDtype(ToTorchTensor(bias), weight->plain), epilogue, post_op,
+                         std::nullopt, padding, stride, dilation, groups);
   ApplyEpilogue(y, epilogue, std::string(post_op) != "none");
-  return NchwAsNhwc(y);
+  return NchwAsNhwc(InDtype(y, input.scalar_type()));
 }
 
-/*! \brief conv2d(x NHWC) + other (NHWC), then "relu" or "none" (ATen's, as in Conv2dNhwc). */
+/*!
+ * \brief conv2d(x NHWC) + other (NHWC), then "relu" or "none" (ATen's, as in Conv2dNhwc). The
+ *        result has the dtype of x + other (bfloat16 when both are, as torch.autocast's type
+ *        promotion makes it); an other in another dtype than the weight's is added in that
+ *        promoted dtype after the convolution.
+ */
 ffi::Tensor Conv2dAddNhwc(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packed,
                           ffi::Tensor bias, ffi::Shape padding, ffi::Shape stride,
                           ffi::Shape dilation, int64_t groups, ffi::String unary_attr) {
   ConvWeightObj* weight = UnwrapConv(packed);
-  at::Tensor input = NhwcAsNchw(x);
+  const at::Tensor input = NhwcAsNchw(x);
+  const at::Tensor residual = NhwcAsNchw(other);
+  const at::ScalarType out_dtype = at::promote_types(input.scalar_type(), residual.scalar_type());
+  const at::Tensor compute_input = AsComputeDtype(input, weight->plain);
+  const at::Tensor compute_bias = AsComputeDtype(ToTorchTensor(bias), weight->plain);
   at::Tensor y;
-  const OneDnnGraphConv* graph = weight->Graph("none", /*residual=*/true, input.sizes());
-  if (graph != nullptr) {
-    y = graph->Run(input, ToTorchTensor(bias), NhwcAsNchw(other));
-  } else if (!weight->plain.defined()) {
-    // In bfloat16, the residual is added in float32 (as torch.autocast promotes the sum).
-    at::Tensor w = weight->Packed();
-    static auto conv = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
-                           .typed<ConvPointwiseFn>();
-    y = AsFloat(conv.call(AsComputeDtype(input, w), w,
-                          AsComputeDtype(ToTorchTensor(bias), w), ToVector(padding),
-                          ToVector(stride), ToVector(dilation), groups, "none",
-                          c10::List<std::optional<c10::Scalar>>(), std::nullopt));
-    y.add_(NhwcAsNchw(other));
+  if (residual.scalar_type() == weight->plain.scalar_type()) {
+    y = RunConv(weight, compute_input, compute_bias, "none", "none", residual, padding, stride,
+                dilation, groups);
   } else {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary")
-                         .typed<ConvBinaryFn>();
-    y = op.call(input, NhwcAsNchw(other), weight->Packed(), ToTorchTensor(bias),
-                ToVector(padding), ToVector(stride), ToVector(dilation), groups, "add",
-                std::nullopt, std::nullopt, c10::List<std::optional<c10::Scalar>>(),
-                std::nullopt);
+    y = InDtype(RunConv(weight, compute_input, compute_bias, "none", "none", std::nullopt,
+                        padding, stride, dilation, groups),
+                out_dtype);
+    y.add_(residual);
   }
   if (std::string(unary_attr) == "relu") y.relu_();
-  return NchwAsNhwc(y);
+  return NchwAsNhwc(InDtype(y, out_dtype));
 }
 
 /*!
@@ -469,16 +471,18 @@ ffi::Tensor LinearPacked(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
               "tvm_torch.linear: unknown epilogue '", name, "'");
   const char* post_op = gelu ? "gelu" : name == "silu" ? "swish" : "none";
   at::Tensor w = Unwrap(packed);
-  at::Tensor y = AsFloat(op.call(AsComputeDtype(ToTorchTensor(x), w), w, ToTorchTensor(bias),
-                                 post_op, c10::List<std::optional<c10::Scalar>>(),
-                                 name == "gelu_tanh" ? "tanh" : "none"));
+  const at::Tensor input = ToTorchTensor(x);
+  at::Tensor y = op.call(AsComputeDtype(input, w), w, ToTorchTensor(bias), post_op,
+                         c10::List<std::optional<c10::Scalar>>(),
+                         name == "gelu_tanh" ? "tanh" : "none");
   if (name == "relu") y.relu_();
-  return ToTvmTensor(y);
+  return ToTvmTensor(InDtype(y, input.scalar_type()));
 }
 
 /*!
  * \brief y = x @ W^T + bias + other on oneDNN (the residual add fused into the GEMM), with a
- *        prepacked weight; other has y's shape.
+ *        prepacked weight; other has y's shape. The result has the dtype of x + other, as in
+ *        Conv2dAddNhwc.
  */
 ffi::Tensor LinearAddPacked(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packed,
                             ffi::Tensor bias) {
@@ -488,14 +492,15 @@ ffi::Tensor LinearAddPacked(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef pac
                        .findSchemaOrThrow("mkldnn::_linear_pointwise", "binary")
                        .typed<Fn>();
   at::Tensor w = Unwrap(packed);
-  if (w.scalar_type() != at::kFloat) {
-    // In bfloat16, the residual is added in float32 (as torch.autocast promotes the sum).
-    ffi::Tensor y = LinearPacked(x, packed, bias, "none");
-    ToTorchTensor(y).add_(ToTorchTensor(other));
-    return y;
+  const at::Tensor input = ToTorchTensor(x);
+  const at::Tensor residual = ToTorchTensor(other);
+  if (input.scalar_type() == w.scalar_type() && residual.scalar_type() == w.scalar_type()) {
+    return ToTvmTensor(op.call(input, residual, w, ToTorchTensor(bias), "add"));
   }
-  return ToTvmTensor(op.call(ToTorchTensor(x), ToTorchTensor(other), w, ToTorchTensor(bias),
-                             "add"));
+  // Dtypes differ (a float32 residual in a bfloat16 program): the sum in the promoted dtype.
+  at::Tensor y = ToTorchTensor(LinearPacked(x, packed, bias, "none"));
+  const at::ScalarType out_dtype = at::promote_types(y.scalar_type(), residual.scalar_type());
+  return ToTvmTensor(y.scalar_type() == out_dtype ? y.add_(residual) : at::add(residual, y));
 }
 
 /*! \brief layer_norm over the trailing dims covered by gamma (ATen's vectorised kernel). */

@@ -64,6 +64,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from .bfloat16_activations import bfloat16_activations
 from .passes import const_value, prim_number
 
 logger = logging.getLogger(__name__)
@@ -967,8 +968,9 @@ def offload_pass(gpu: bool = False, bfloat16: bool = False,
         (oneDNN NHWC with prepacked weights and MKL, float32).
     bfloat16 : bool
         On CPU, run the convolutions and linear layers on oneDNN's bfloat16 kernels (weights
-        prepacked in bfloat16, float32 tensors converted around each call, as
-        ``torch.autocast`` does); the rest of the program stays float32.
+        prepacked in bfloat16, results in bfloat16 as under ``torch.autocast``, passed as
+        bfloat16 from one such kernel to the next: :mod:`.bfloat16_activations`); the TVM
+        kernels between them compute in float32.
     tvm_wins : mapping of str to bool, optional
         Per :attr:`ConvSite.variant`, whether its tuned TVM kernel was measured faster than
         oneDNN's (:mod:`.vendor_choice`): a CPU convolution geometry whose every chain here won
@@ -998,9 +1000,13 @@ def offload_pass(gpu: bool = False, bfloat16: bool = False,
         func = _fold_permutes(func)
         if not gpu:  # not yet checked on a GPU
             func = _attention_on_views(func)
+        if compute_dtype == "bfloat16":
+            func = bfloat16_activations(func)
         mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
         mod["main"] = func
-        return relax.transform.DeadCodeElimination(["main"])(mod)
+        mod = relax.transform.DeadCodeElimination(["main"])(mod)
+        # bfloat16_activations casts the convolutions' biases: once, here.
+        return relax.transform.FoldConstant()(mod) if compute_dtype == "bfloat16" else mod
 
     return _offload
 

@@ -116,20 +116,26 @@ def run_fresh_python(code: str, cwd: str, timeout: int = 300) -> str:
     return proc.stdout
 
 
-def assert_matches_with_nan_and_inf(module, model, x, index):
+def assert_matches_with_nan_and_inf(module, model, x, index, dtype=torch.float32):
     """module([y]) matches model(y) output by output (NaN where model has NaN), for y = x and
-    for x with NaN, +inf and -inf at ``index``."""
+    for x with NaN, +inf and -inf at ``index``. With ``dtype=torch.bfloat16``, y is given in
+    bfloat16 and model runs under ``torch.autocast("cpu", torch.bfloat16)``: the module of a
+    float32 model compiled with ``default_dtype="bfloat16"``."""
+    low = dtype == torch.bfloat16
+    tolerance = 4e-2 if low else 1e-4
     for bad in (None, float("nan"), float("inf"), float("-inf")):
         y = x.clone()
         if bad is not None:
             y[index] = bad
-        with torch.no_grad(), exact_fp32():
+        y = y.to(dtype)
+        with torch.no_grad(), exact_fp32(), torch.autocast("cpu", torch.bfloat16, enabled=low):
             expected = model(y)
-            expected = expected if isinstance(expected, (tuple, list)) else [expected]
+        expected = expected if isinstance(expected, (tuple, list)) else [expected]
+        with torch.no_grad():
             actual = module([y])
-            assert len(actual) == len(expected)
-            for a, e in zip(actual, expected):
-                torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, equal_nan=True)
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            torch.testing.assert_close(a, e, rtol=tolerance, atol=tolerance, equal_nan=True)
 
 
 def assert_outputs_close(actual, expected, **kwargs):

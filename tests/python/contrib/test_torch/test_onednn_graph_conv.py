@@ -11,6 +11,7 @@ import torch
 import tvm
 
 from tvm.contrib.torch import compile
+from tvm.contrib.torch.build import cpu_has_bfloat16
 from conftest import assert_matches_with_nan_and_inf, exact_fp32
 
 
@@ -71,6 +72,22 @@ def test_convolution_chains_match_pytorch(graph_convs, tmp_path):
     module = _compile(model, (2, 8, 16, 16), tmp_path)
     assert_matches_with_nan_and_inf(module, model, torch.randn(2, 8, 16, 16), (1, 2, 3, 4))
     # Every chain is one partition, built once (at compile's check of the module).
+    assert partitions_built() - built == (CHAINS if graph_convs else 0)
+
+
+@pytest.mark.skipif(not cpu_has_bfloat16(), reason="this CPU has no bfloat16 instructions "
+                    "(AVX-512 BF16 or AMX)")
+@pytest.mark.parametrize("graph_convs", [True, False], ids=["partition", "pointwise"],
+                         indirect=True)
+def test_bfloat16_chains_match_autocast(graph_convs, tmp_path):
+    """A bfloat16 program's chains compute in bfloat16 and pass bfloat16 results from one to the
+    next: as the float32 model under torch.autocast computes, NaN and Inf included."""
+    torch.manual_seed(0)
+    model = _Chains().eval()
+    built = partitions_built()
+    module = _compile(model, (2, 8, 16, 16), tmp_path, default_dtype="bfloat16")
+    assert_matches_with_nan_and_inf(module, model, torch.randn(2, 8, 16, 16), (1, 2, 3, 4),
+                                    dtype=torch.bfloat16)
     assert partitions_built() - built == (CHAINS if graph_convs else 0)
 
 

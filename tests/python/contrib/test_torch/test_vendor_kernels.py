@@ -431,3 +431,56 @@ def test_bfloat16_programs_prepack_for_onednn_bfloat16_kernels(bfloat16):
                       "tvm_torch.linear_prepack", "tvm_torch.linear"]
     dtype = "bfloat16" if bfloat16 else "float32"
     assert mod["main"].script().count(f'R.str("{dtype}")') == 2
+
+
+def _packed_calls(mod: tvm.IRModule) -> dict:
+    """Each packed call of ``main`` by its function name (in order), with its bound variable."""
+    found: dict = {}
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get(
+                    "relax.call_pure_packed"):
+                found.setdefault(str(value.args[0].global_symbol), []).append(binding)
+    return found
+
+
+def test_bfloat16_results_pass_from_one_vendor_kernel_to_the_next():
+    """In a bfloat16 program, convolutions return bfloat16 and the next convolution reads that
+    result itself (no float32 copy between them); a residual add of two bfloat16 values is
+    bfloat16; the mean and the linear layer after it read and return bfloat16."""
+    def body(bb, p):
+        a = bb.emit(relax.op.nn.relu(_conv(bb, p[0])))
+        conv = bb.emit(relax.op.add(_conv(bb, a, (8, 8, 3, 3)), _const((1, 8, 1, 1), seed=1)))
+        pooled = bb.emit(relax.op.mean(bb.emit(relax.op.add(conv, a)), [2, 3]))
+        return bb.emit(relax.op.matmul(pooled, _const((8, 4))))
+
+    mod = vendor_kernels.offload_pass(bfloat16=True)(_module([((1, 3, 32, 32), "float32")],
+                                                             body))
+    calls = _packed_calls(mod)
+    (first,), (second,) = calls["tvm_torch.conv2d_nhwc"], calls["tvm_torch.conv2d_add_nhwc"]
+    for binding in (first, second, *calls["tvm_torch.linear"]):
+        assert binding.var.ty.dtype == "bfloat16"
+    # The second convolution reads the first's bfloat16 result, as input and as residual.
+    assert second.value.args[1].same_as(first.var) and second.value.args[2].same_as(first.var)
+    # Biases are converted to bfloat16 at compile time, not at every call.
+    assert isinstance(second.value.args[4], tvm.ir.GenericConst)
+    assert second.value.args[4].ty.dtype == "bfloat16"
+    (mean,) = calls["tvm_torch.mean"]
+    assert mean.value.args[1].same_as(second.var) and mean.var.ty.dtype == "bfloat16"
+
+
+def test_bfloat16_program_keeps_a_float32_residual_stream_float32():
+    """x + linear(layer_norm(x)) as in a transformer block: the float32 residual makes the sum,
+    and so the stream, float32 (as torch.autocast's type promotion does); the linear layer
+    itself reads bfloat16."""
+    def body(bb, p):
+        normed = bb.emit(relax.op.nn.layer_norm(p[0], _const((16,)), _const((16,), seed=1),
+                                                axes=[-1]))
+        return bb.emit(relax.op.add(bb.emit(relax.op.matmul(normed, _const((16, 16)))), p[0]))
+
+    mod = vendor_kernels.offload_pass(bfloat16=True)(_module([((8, 16), "float32")], body))
+    (linear_add,) = _packed_calls(mod)["tvm_torch.linear_add"]
+    assert linear_add.var.ty.dtype == "float32"
+    assert linear_add.value.args[1].ty.dtype == "bfloat16"
+    assert linear_add.value.args[2].ty.dtype == "float32"

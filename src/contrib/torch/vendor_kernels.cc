@@ -517,7 +517,7 @@ ffi::Tensor Softmax(ffi::Tensor x, int64_t axis) {
 /*!
  * \brief ATen's fused scaled_dot_product_attention (flash attention on CPU and CUDA) on q, k
  *        and v in relax.nn.attention's layout (batch, seq, heads, head_dim), with an optional
- *        mask; the result in that layout, contiguous.
+ *        mask; the result in that layout, contiguous, in q's dtype.
  * \param scale The softmax scale; <= 0 means 1/sqrt(head_dim).
  * \param causal Whether to apply a top-left causal mask.
  */
@@ -526,8 +526,13 @@ ffi::Tensor SeqFirstAttention(const at::Tensor& q, const at::Tensor& k, const at
                               bool causal) {
   std::optional<double> softmax_scale;
   if (scale > 0) softmax_scale = scale;
+  std::optional<at::Tensor> attn_mask = mask;
+  if (mask.has_value() && mask->is_floating_point() && mask->scalar_type() != q.scalar_type()) {
+    // A float32 additive mask of a bfloat16 attention, cast as torch.autocast casts it.
+    attn_mask = mask->to(q.scalar_type());
+  }
   at::Tensor out = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                    v.transpose(1, 2), mask, 0.0, causal,
+                                                    v.transpose(1, 2), attn_mask, 0.0, causal,
                                                     softmax_scale);
   return ToTvmTensor(out.transpose(1, 2).contiguous());
 }

@@ -17,9 +17,12 @@ This pass (after the offload) lets them take and return bfloat16 tensors instead
   transformers' one, after float32 layer norms) stays float32;
 * ATen's mean, pooling and transcendental functions (``tvm_torch.mean``,
   ``tvm_torch.max_pool2d_nhwc``, ``tvm_torch.avg_pool2d_nhwc``, ``tvm_torch.unary``) of a
-  bfloat16 result read it and return bfloat16, as those ATen ops do for bfloat16 tensors.
+  bfloat16 result read it and return bfloat16, as those ATen ops do for bfloat16 tensors;
+* attention whose q, k and v are bfloat16 results computes in bfloat16, as
+  ``scaled_dot_product_attention`` does under torch.autocast;
+* reshapes, transposes and slices of a bfloat16 result are taken on the bfloat16 tensor.
 
-Layer norm, softmax, attention and the remaining matrix products keep float32.
+Layer norm, softmax and the remaining matrix products keep float32.
 """
 from __future__ import annotations
 
@@ -45,6 +48,16 @@ _CONV_BIAS = {"tvm_torch.conv2d_nhwc": 2, "tvm_torch.conv2d_add_nhwc": 3}
 #: ATen kernels that return their input's dtype; taken in bfloat16 when their input already is.
 _FOLLOW_INPUT = ("tvm_torch.mean", "tvm_torch.max_pool2d_nhwc", "tvm_torch.avg_pool2d_nhwc",
                  "tvm_torch.unary")
+
+#: ATen's scaled_dot_product_attention (bfloat16 under torch.autocast; a float mask is cast to
+#: bfloat16 as autocast casts it): in bfloat16 when q, k and v (its first three arguments) are.
+_ATTENTION = ("tvm_torch.attention", "tvm_torch.attention_masked", "tvm_torch.attention_views")
+
+#: Operators that only move or select elements: on a bfloat16 value they give, exactly, the
+#: bfloat16 value of their float32 result (its float32 twin is dropped when nothing else
+#: reads it).
+_LAYOUT_OPS = ("relax.reshape", "relax.permute_dims", "relax.strided_slice", "relax.squeeze",
+               "relax.expand_dims")
 
 _BF16 = "bfloat16"
 _F32 = "float32"
@@ -81,6 +94,16 @@ class _Bf16Flow(PyExprMutator):  # pylint: disable=abstract-method
             value = self._compute_in_bf16(binding.var, value, _COMPUTE_IN_BF16[name])
         elif name in _FOLLOW_INPUT and _dtype(value) == _F32 and value.args[1] in self.twin:
             value = self._returning_bf16(binding.var, value, {1: self.twin[value.args[1]]})
+        elif name in _ATTENTION and _dtype(value) == _F32 and \
+                all(a in self.twin for a in value.args[1:4]):
+            value = self._returning_bf16(binding.var, value,
+                                         {i: self.twin[value.args[i]] for i in (1, 2, 3)})
+        elif (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)
+              and value.op.name in _LAYOUT_OPS and _dtype(value) == _F32
+              and value.args[0] in self.twin):
+            self.twin[binding.var] = self.builder_.emit(
+                relax.Call(value.op, [self.twin[value.args[0]], *value.args[1:]], value.attrs,
+                           value.ty_args))
         elif isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.astype"):
             source = value.args[0]
             if _dtype(value) == _BF16 and source in self.twin:

@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from tvm.contrib.torch import ConversionError, compile, fx_passes
+from tvm.contrib.torch.build import cpu_has_bfloat16
+
+import zoo_models
 
 
 def _compile(model, inputs, tmp_path, **option):
@@ -157,6 +160,23 @@ def test_low_precision_model_compiles_in_its_dtype(dtype, tmp_path):
     out = compiled([x])[0]
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), model(x).float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(not cpu_has_bfloat16(), reason="this CPU has no bfloat16 instructions "
+                    "(AVX-512 BF16 or AMX)")
+def test_bfloat16_transformer_matches_autocast(tmp_path):
+    """A BERT with a padding mask compiled with default_dtype="bfloat16" (linear layers and
+    attention in bfloat16, passing bfloat16 results to one another) against the float32 model
+    under torch.autocast."""
+    model, inputs = zoo_models.bert("sdpa")
+    compiled = _compile(model, inputs, tmp_path, default_dtype="bfloat16")
+    actual = compiled(list(inputs))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        expected = model(*inputs)
+    expected = expected.to_tuple() if hasattr(expected, "to_tuple") else expected
+    assert len(actual) == len(expected) and actual[0].dtype == torch.bfloat16
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.float(), e.float(), rtol=5e-2, atol=5e-2)
 
 
 class IntDivision(torch.nn.Module):

@@ -484,3 +484,28 @@ def test_bfloat16_program_keeps_a_float32_residual_stream_float32():
     assert linear_add.var.ty.dtype == "float32"
     assert linear_add.value.args[1].ty.dtype == "bfloat16"
     assert linear_add.value.args[2].ty.dtype == "float32"
+
+
+def test_bfloat16_attention_reads_the_projections_bfloat16_results():
+    """q, k and v reshaped out of linear layers' bfloat16 results: attention computes in
+    bfloat16 on them (as scaled_dot_product_attention under torch.autocast), and the output
+    projection reads the bfloat16 reshape of its result."""
+    def body(bb, p):
+        def heads(weight_seed):
+            projected = bb.emit(relax.op.matmul(p[0], _const((16, 16), seed=weight_seed)))
+            return bb.emit(relax.op.reshape(projected, (1, 8, 2, 8)))
+
+        out = bb.emit(relax.op.nn.attention(heads(1), heads(2), heads(3)))
+        return bb.emit(relax.op.matmul(bb.emit(relax.op.reshape(out, (1, 8, 16))),
+                                       _const((16, 16), seed=4)))
+
+    mod = vendor_kernels.offload_pass(bfloat16=True)(_module([((1, 8, 16), "float32")], body))
+    calls = _packed_calls(mod)
+    # (Reshapes of contiguous tensors: attention reads them as views of the projections.)
+    (attention,) = calls["tvm_torch.attention_views"]
+    assert attention.var.ty.dtype == "bfloat16"
+    assert all(arg.ty.dtype == "bfloat16" for arg in attention.value.args[1:4])
+    bound = {b.var: b.value for block in mod["main"].body.blocks for b in block.bindings}
+    # The output projection's input is the reshape of attention's bfloat16 result.
+    reshaped = bound[calls["tvm_torch.linear"][-1].value.args[1]]
+    assert reshaped.op.name == "relax.reshape" and reshaped.args[0].same_as(attention.var)

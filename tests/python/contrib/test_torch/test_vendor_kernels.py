@@ -164,6 +164,21 @@ def test_squeeze_excite_convolution_runs_as_a_gemv():
     assert packed[-1] == "tvm_torch.conv2d_nhwc"
 
 
+@pytest.mark.parametrize("channels,bfloat16,expected", [
+    (255, False, "tvm_torch.matmul_bias"), (256, False, "tvm_torch.matmul_bias"),
+    (255, True, "tvm_torch.matmul_bias"), (256, True, "tvm_torch.conv2d_nhwc")])
+def test_bfloat16_squeeze_excite_gates_from_64k_weights_run_on_onednn(channels, bfloat16,
+                                                                       expected):
+    """In bfloat16, a gate of 64K weights or more runs as a oneDNN bfloat16 convolution (half
+    the bytes to read); smaller ones, and every float32 one, on MKL's GEMV."""
+    def body(bb, p):
+        return _conv(bb, p[0], (channels, channels, 1, 1), (0, 0))
+
+    mod = vendor_kernels.offload_pass(bfloat16=bfloat16)(
+        _module([((1, channels, 1, 1), "float32")], body))
+    assert _calls(mod)[0][-1] == expected
+
+
 def test_conv2d_on_gpu_is_nchw_without_prepacking():
     for dtype in ("float32", "float16"):
         packed, ops, _ = _offload([((1, 3, 8, 8), dtype)],

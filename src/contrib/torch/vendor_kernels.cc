@@ -9,7 +9,7 @@
  * convolutions (in NHWC: a contiguous NHWC tensor is a channels-last NCHW torch tensor, which
  * is what oneDNN's convolution produces) and linear layers run on oneDNN with weights
  * prepacked once, at the program's first call, into its blocked format (in bfloat16 for
- * bfloat16 programs; float32 convolutions as compiled oneDNN Graph partitions, see
+ * bfloat16 programs; convolutions as compiled oneDNN Graph partitions, see
  * onednn_graph_conv.h), and with the epilogues that oneDNN computes exactly as PyTorch does
  * (bias, residual add, SiLU, sigmoid, tanh, hardswish, GELU for linear layers) fused into the
  * primitive; ReLU, ReLU6 and hardsigmoid are applied by ATen after it (oneDNN's map NaN to a
@@ -118,7 +118,7 @@ at::Tensor InDtype(const at::Tensor& y, at::ScalarType dtype) {
 }
 
 /*!
- * \brief Whether float32 CPU convolutions run as oneDNN Graph partitions (else on the pointwise
+ * \brief Whether CPU convolutions run as oneDNN Graph partitions (else on the pointwise
  *        op); switched by tvm_torch.set_onednn_graph_convs, for A/B runs and as a way out.
  */
 std::atomic<bool> g_graph_convs{true};
@@ -585,7 +585,7 @@ ffi::Tensor Matmul(ffi::Tensor a, ffi::Tensor b) {
 }
 
 /*!
- * \brief Switch float32 CPU convolutions between oneDNN Graph partitions (the default) and
+ * \brief Switch CPU convolutions between oneDNN Graph partitions (the default) and
  *        the pointwise op, for every loaded program. \return The previous setting.
  */
 bool SetOneDnnGraphConvs(bool enabled) { return g_graph_convs.exchange(enabled); }

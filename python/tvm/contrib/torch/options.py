@@ -379,9 +379,9 @@ OPTIONS: Tuple[OptionSpec, ...] = (
     OptionSpec("default_dtype", _default_dtype, "float32",
                '`"float32"`, `"float16"` or `"bfloat16"`: the dtype the model computes in and '
                "its floating inputs/outputs use (default: float32, or the model's own for a "
-               "`.half()`/`.bfloat16()` model; bfloat16 runs convolutions and linear layers on "
-               "oneDNN's bfloat16 kernels on CPUs with AVX-512 BF16 or AMX, the rest in "
-               "float32)"),
+               "`.half()`/`.bfloat16()` model; bfloat16 runs convolutions, linear layers and "
+               "attention in bfloat16 on CPUs with AVX-512 BF16 or AMX, as torch.autocast "
+               "does, passing bfloat16 results between them, and TVM's kernels in float32)"),
     OptionSpec("export_dir", _path(allow_bytes=True), "pytorch_compiled",
                "where the compiled library, graph and params go"),
     OptionSpec("num_outputs", _int_at_least(1, allow_none=True), None,

@@ -330,8 +330,8 @@ def prepare_for_build(
         mod = to_float16(mod)
     elif dtype == "bfloat16":
         # ToMixedPrecision lowers to float16 only: bfloat16 programs compute in float32
-        # between bfloat16 inputs and outputs; the vendor offload runs their convolutions and
-        # linear layers on oneDNN's bfloat16 kernels where the CPU has them.
+        # between bfloat16 inputs and outputs; the vendor offload runs their convolutions,
+        # linear layers and attention in bfloat16 where the CPU has bfloat16 instructions.
         mod = relax.transform.FoldConstant()(_cast_float_io(mod, "bfloat16"))
     for p in extra_passes or []:
         mod = p(mod)

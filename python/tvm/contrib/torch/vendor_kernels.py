@@ -12,8 +12,8 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   (squeeze-excite gates), ``tvm_torch.matmul_bias`` (MKL). The weight goes through
   ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves into
   ``main_transform_params``: the runtime prepares every weight once, at the first call, and
-  runs each float32 chain as one compiled oneDNN Graph partition
-  (``src/contrib/torch/onednn_graph_conv.cc``; bfloat16 ones on prepacked weights). CPU
+  runs each float32 or bfloat16 chain as one compiled oneDNN Graph partition
+  (``src/contrib/torch/onednn_graph_conv.cc``). CPU
   ``conv1d`` (Whisper's, Wav2Vec's) becomes such a conv2d of height 1 first. Convolutions
   whose tuned TVM kernel was measured faster (``tvm_wins``: :mod:`.vendor_choice`) stay TVM
   code.
@@ -46,8 +46,8 @@ On CUDA, convolutions (in NCHW: ``tvm_torch.conv2d_nchw`` / ``tvm_torch.conv2d_a
 prepacking), matrix products, layer norm, softmax and attention go to ATen (cuDNN / cuBLAS) in
 float32 and float16, on the caller's current stream; pooling and the transcendental
 elementwise ops stay TVM code there. On CPU only float32 is offloaded; a bfloat16 program
-(which computes in float32 between bfloat16 inputs and outputs) runs its convolutions and
-linear layers on oneDNN's bfloat16 kernels when the CPU has bfloat16 instructions.
+runs its convolutions, linear layers and attention in bfloat16 when the CPU has bfloat16
+instructions, passing bfloat16 results between them (:mod:`.bfloat16_activations`).
 Everything else stays TVM code.
 """
 from __future__ import annotations

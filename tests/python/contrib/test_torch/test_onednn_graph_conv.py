@@ -1,7 +1,8 @@
-"""float32 CPU convolutions as compiled oneDNN Graph partitions (src/contrib/torch/
+"""CPU convolutions as compiled oneDNN Graph partitions (src/contrib/torch/
 onednn_graph_conv.cc): each call site's chain (convolution, bias, fused epilogue, residual add)
-is built once per input size, and must compute what PyTorch computes, as the pointwise op it
-replaces does, for every epilogue, every batch size and concurrent first calls."""
+is built once per input size, and must compute what PyTorch computes (in bfloat16, what it
+computes under torch.autocast), as the pointwise op it replaces does, for every epilogue,
+every batch size and concurrent first calls."""
 from __future__ import annotations
 
 import threading

@@ -92,10 +92,10 @@ def _shape(values) -> relax.ShapeExpr:
     return relax.ShapeExpr([int(v) for v in values])
 
 
-#: Weight elements from which a bfloat16 program's 1x1 convolution of a 1x1 image runs as a
-#: oneDNN bfloat16 partition rather than MKL's float32 GEMV (measured on MobileNetV3-L and
-#: EfficientNet-B0, see _ConvRewriter._is_gemv).
-_BF16_GEMV_ON_ONEDNN = 1 << 16
+#: Weight elements from which a 1x1 convolution of a 1x1 image runs as a compiled oneDNN
+#: partition rather than MKL's GEMV (measured on MobileNetV3-L, EfficientNet-B0 and
+#: RegNetY-016, see _ConvRewriter._is_gemv).
+_GEMV_ON_ONEDNN = 1 << 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,14 +243,16 @@ class _ConvRewriter:
         }
 
     @staticmethod
-    def _is_gemv(conv: relax.Call, args: dict, compute_dtype: str) -> bool:
+    def _is_gemv(conv: relax.Call, args: dict) -> bool:
         """Whether a CPU (NHWC) convolution is a matrix product of a 1x1 image (1x1 kernel, no
-        padding, one group) that MKL's float32 GEMV runs best. It takes microseconds where the
-        pointwise oneDNN op spends ~25 us setting up. In bfloat16, a compiled oneDNN Graph
-        partition reading half the bytes is faster from ~64K weights up (MobileNetV3-L's
-        larger gates and head) and slower below (EfficientNet-B0's gates)."""
+        padding, one group) that MKL's float32 GEMV runs best (squeeze-excite gates). MKL
+        takes microseconds where the pointwise oneDNN op spends ~25 us setting up. From ~64K
+        weights up (MobileNetV3-L's larger gates and head), the convolution's compiled oneDNN
+        Graph partition is faster (float32 MobileNetV3-L 10.0 -> 9.7 ms); in bfloat16, where it
+        reads half the bytes, more so (8.0 -> 6.9 ms). Below, it measured slower
+        (EfficientNet-B0's gates in bfloat16)."""
         dims, weight = _dims(args["x"]), _static_shape(args["weight"])
-        if compute_dtype == "bfloat16" and int(np.prod(weight)) >= _BF16_GEMV_ON_ONEDNN:
+        if int(np.prod(weight)) >= _GEMV_ON_ONEDNN:
             return False
         return dims is not None and dims[1:3] == [1, 1] and weight[2:] == [1, 1] and \
             [int(p) for p in conv.attrs.padding] == [0, 0, 0, 0] and int(conv.attrs.groups) == 1
@@ -276,7 +278,7 @@ class _ConvRewriter:
             return None
         geometry = [args["padding"], args["stride"], args["dilation"], args["groups"]]
         unary_imm = tvm.ir.StringImm(unary)
-        gemv = not self.gpu and residual is None and self._is_gemv(conv, args, self.compute_dtype)
+        gemv = not self.gpu and residual is None and self._is_gemv(conv, args)
         if not self.gpu and not gemv:
             key = conv_key(conv, self.compute_dtype)
             if key in self.keep_tvm:

@@ -130,6 +130,34 @@ def test_one_pixel_image(tmp_path):
     assert partitions_built() - built == 1
 
 
+class _LargeGate(torch.nn.Module):
+    """A squeeze-excite block whose two 1x1 convolutions of the pooled image have 64K weights
+    each: partitions of their own (smaller gates run on MKL's GEMV)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduce = torch.nn.Conv2d(256, 256, 1)
+        self.expand = torch.nn.Conv2d(256, 256, 1)
+
+    def forward(self, x):
+        gate = self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True))))
+        return x * torch.nn.functional.hardsigmoid(gate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_large_squeeze_excite_gates(dtype, tmp_path):
+    if dtype == torch.bfloat16 and not cpu_has_bfloat16():
+        pytest.skip("this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX)")
+    torch.manual_seed(0)
+    model = _LargeGate().eval()
+    built = partitions_built()
+    module = _compile(model, (1, 256, 4, 4), tmp_path,
+                      default_dtype=str(dtype).replace("torch.", ""))
+    assert_matches_with_nan_and_inf(module, model, torch.randn(1, 256, 4, 4), (0, 5, 1, 2),
+                                    dtype=dtype)
+    assert partitions_built() - built == 2
+
+
 def test_concurrent_first_calls(tmp_path):
     """Threads calling a freshly loaded module at once build each partition once and all get
     PyTorch's result."""

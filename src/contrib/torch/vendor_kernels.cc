@@ -495,7 +495,9 @@ ffi::Tensor LinearAddPacked(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef pac
   const at::Tensor input = ToTorchTensor(x);
   const at::Tensor residual = ToTorchTensor(other);
   if (input.scalar_type() == w.scalar_type() && residual.scalar_type() == w.scalar_type()) {
-    return ToTvmTensor(op.call(input, residual, w, ToTorchTensor(bias), "add"));
+    // (The binary op, unlike the unary one, takes a bias only in the weight's dtype.)
+    return ToTvmTensor(op.call(input, residual, w, AsComputeDtype(ToTorchTensor(bias), w),
+                               "add"));
   }
   // Dtypes differ (a float32 residual in a bfloat16 program): the sum in the promoted dtype.
   at::Tensor y = ToTorchTensor(LinearPacked(x, packed, bias, "none"));

@@ -179,6 +179,37 @@ def test_bfloat16_transformer_matches_autocast(tmp_path):
         torch.testing.assert_close(a.float(), e.float(), rtol=5e-2, atol=5e-2)
 
 
+class _LinearResidual(torch.nn.Module):
+    """Residual adds whose both sides are linear layers' results (bfloat16 sums in a bfloat16
+    program), and one onto the float32 input (a float32 sum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = (torch.nn.Linear(32, 32) for _ in range(3))
+
+    def forward(self, x):
+        y = self.fc1(x)
+        z = self.fc2(y) + y
+        return torch.relu(self.fc3(z) + x), z
+
+
+@pytest.mark.skipif(not cpu_has_bfloat16(), reason="this CPU has no bfloat16 instructions "
+                    "(AVX-512 BF16 or AMX)")
+def test_bfloat16_residual_adds_match_autocast(tmp_path):
+    torch.manual_seed(0)
+    model = _LinearResidual().eval()
+    x = torch.randn(4, 32)
+    x[0, 3] = float("nan")
+    compiled = compile(model, {"input_infos": [("x", (4, 32))], "default_dtype": "bfloat16",
+                               "export_dir": str(tmp_path)})
+    actual = compiled([x.bfloat16()])
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        expected = model(x.bfloat16())
+    for a, e in zip(actual, expected):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), e.float(), rtol=4e-2, atol=4e-2, equal_nan=True)
+
+
 class IntDivision(torch.nn.Module):
     def forward(self, x):
         return x / 2

@@ -84,7 +84,7 @@ class _Bf16Flow(PyExprMutator):  # pylint: disable=abstract-method
 
     def __init__(self):
         super().__init__()
-        # A float32 variable -> the bfloat16 variable whose exact value it holds.
+        # A float32 variable -> a bfloat16 variable of which it is the exact float32 copy.
         self.twin: Dict[relax.Var, relax.Var] = {}
 
     def visit_var_binding_(self, binding):  # pylint: disable=arguments-renamed
@@ -147,8 +147,8 @@ class _Bf16Flow(PyExprMutator):  # pylint: disable=abstract-method
 
 def bfloat16_activations(func: relax.Function) -> relax.Function:
     """Vendor kernels of a bfloat16 CPU program take and return bfloat16 tensors where the
-    value is bfloat16 already (see the module docstring); the program computes the same
-    values with fewer conversions."""
+    value is bfloat16 already, rounding where torch.autocast rounds (see the module
+    docstring)."""
     return _Bf16Flow().visit_expr(func)
 
 

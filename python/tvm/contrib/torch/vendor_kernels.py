@@ -9,7 +9,8 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   (+ residual add) (+ ReLU) -> ``tvm_torch.conv2d_nhwc`` /
   ``tvm_torch.conv2d_add_nhwc`` on oneDNN, in NHWC (the graph's convolutions are switched to
   NHWC first; elementwise ops and pooling follow), or, for the 1x1 convolution of a 1x1 image
-  (squeeze-excite gates), ``tvm_torch.matmul_bias`` (MKL). The weight goes through
+  with fewer than 64K weights (squeeze-excite gates), ``tvm_torch.matmul_bias`` (MKL). The
+  weight goes through
   ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves into
   ``main_transform_params``: the runtime prepares every weight once, at the first call, and
   runs each float32 or bfloat16 chain as one compiled oneDNN Graph partition
@@ -979,8 +980,9 @@ def offload_pass(gpu: bool = False, bfloat16: bool = False,
         Build for CUDA (cuDNN/cuBLAS through ATen, NCHW, float32/float16) instead of the CPU
         (oneDNN NHWC with prepacked weights and MKL, float32).
     bfloat16 : bool
-        On CPU, run the convolutions and linear layers on oneDNN's bfloat16 kernels (weights
-        prepacked in bfloat16, results in bfloat16 as under ``torch.autocast``, passed as
+        On CPU, run the convolutions, linear layers and attention in bfloat16 (oneDNN's and
+        ATen's kernels, weights in bfloat16, results in bfloat16 as under ``torch.autocast``,
+        passed as
         bfloat16 from one such kernel to the next: :mod:`.bfloat16_activations`); the TVM
         kernels between them compute in float32.
     tvm_wins : mapping of str to bool, optional

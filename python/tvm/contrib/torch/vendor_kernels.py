@@ -10,12 +10,11 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   ``tvm_torch.conv2d_add_nhwc`` on oneDNN, in NHWC (the graph's convolutions are switched to
   NHWC first; elementwise ops and pooling follow), or, for the 1x1 convolution of a 1x1 image
   with fewer than 64K weights (squeeze-excite gates), ``tvm_torch.matmul_bias`` (MKL). The
-  weight goes through
-  ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves into
-  ``main_transform_params``: the runtime prepares every weight once, at the first call, and
-  runs each float32 or bfloat16 chain as one compiled oneDNN Graph partition
-  (``src/contrib/torch/onednn_graph_conv.cc``). CPU
-  ``conv1d`` (Whisper's, Wav2Vec's) becomes such a conv2d of height 1 first. Convolutions
+  weight goes through ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves
+  into ``main_transform_params``: the runtime prepares every weight once, at the first call,
+  and runs each float32 or bfloat16 chain as one compiled oneDNN Graph partition
+  (``src/contrib/torch/onednn_graph_conv.cc``). CPU ``conv1d`` (Whisper's, Wav2Vec's)
+  becomes such a conv2d of height 1 first. Convolutions
   whose tuned TVM kernel was measured faster (``tvm_wins``: :mod:`.vendor_choice`) stay TVM
   code.
 * ``layer_norm`` (trailing axes) and ``softmax`` -> ``tvm_torch.layer_norm`` /

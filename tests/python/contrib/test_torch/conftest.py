@@ -128,11 +128,11 @@ def assert_matches_with_nan_and_inf(module, model, x, index, dtype=torch.float32
         if bad is not None:
             y[index] = bad
         y = y.to(dtype)
-        with torch.no_grad(), exact_fp32(), torch.autocast("cpu", torch.bfloat16, enabled=low):
-            expected = model(y)
-        expected = expected if isinstance(expected, (tuple, list)) else [expected]
-        with torch.no_grad():
+        with torch.no_grad(), exact_fp32():
+            with torch.autocast("cpu", torch.bfloat16, enabled=low):
+                expected = model(y)
             actual = module([y])
+        expected = expected if isinstance(expected, (tuple, list)) else [expected]
         assert len(actual) == len(expected)
         for a, e in zip(actual, expected):
             torch.testing.assert_close(a, e, rtol=tolerance, atol=tolerance, equal_nan=True)

@@ -107,14 +107,14 @@ at::ScalarType ComputeDtype(const ffi::String& name) {
   return dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
 }
 
-/*! \brief x in the prepacked weight's dtype (a no-op in float32). */
-at::Tensor AsComputeDtype(const at::Tensor& x, const at::Tensor& packed) {
-  return x.scalar_type() == packed.scalar_type() ? x : x.to(packed.scalar_type());
-}
-
 /*! \brief y in `dtype` (a no-op when it is): a result back in its input's dtype. */
 at::Tensor InDtype(const at::Tensor& y, at::ScalarType dtype) {
   return y.scalar_type() == dtype ? y : y.to(dtype);
+}
+
+/*! \brief x in the prepared weight's dtype (a no-op when it is). */
+at::Tensor AsComputeDtype(const at::Tensor& x, const at::Tensor& weight) {
+  return InDtype(x, weight.scalar_type());
 }
 
 /*!
@@ -327,7 +327,8 @@ ffi::Tensor Conv2dAddNhwc(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packe
   ConvWeightObj* weight = UnwrapConv(packed);
   const at::Tensor input = NhwcAsNchw(x);
   const at::Tensor residual = NhwcAsNchw(other);
-  const at::ScalarType out_dtype = at::promote_types(input.scalar_type(), residual.scalar_type());
+  const at::ScalarType out_dtype =
+      at::promote_types(input.scalar_type(), residual.scalar_type());
   const at::Tensor compute_input = AsComputeDtype(input, weight->plain);
   const at::Tensor compute_bias = AsComputeDtype(ToTorchTensor(bias), weight->plain);
   at::Tensor y;

@@ -32,6 +32,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from .passes import VIEW_OPS
+
 #: Vendor kernels computing in bfloat16 -> positions (in the packed call's arguments, after
 #: the function name) of their activations: the input, then a residual added to the result.
 _COMPUTE_IN_BF16 = {
@@ -56,8 +58,7 @@ _ATTENTION = ("tvm_torch.attention", "tvm_torch.attention_masked", "tvm_torch.at
 #: Operators that only move or select elements: on a bfloat16 value they give, exactly, the
 #: bfloat16 value of their float32 result (its float32 twin is dropped when nothing else
 #: reads it).
-_LAYOUT_OPS = ("relax.reshape", "relax.permute_dims", "relax.strided_slice", "relax.squeeze",
-               "relax.expand_dims")
+_LAYOUT_OPS = (*VIEW_OPS, "relax.expand_dims")
 
 _BF16 = "bfloat16"
 _F32 = "float32"
@@ -114,14 +115,14 @@ class _Bf16Flow(PyExprMutator):  # pylint: disable=abstract-method
             relax.VarBinding(binding.var, self.builder_.normalize(value)))
 
     def _compute_in_bf16(self, var: relax.Var, call: relax.Call, positions) -> relax.Expr:
+        if any(_dtype(call.args[1 + p]) != _F32 for p in positions):
+            return call
         args = {}
         bias = _CONV_BIAS.get(_packed_name(call))
         if bias is not None and _dtype(call.args[1 + bias]) == _F32:
             args[1 + bias] = self.builder_.emit(relax.op.astype(call.args[1 + bias], _BF16))
         for position in positions:
             arg = call.args[1 + position]
-            if _dtype(arg) != _F32:
-                return call
             if arg in self.twin:
                 args[1 + position] = self.twin[arg]
             elif position == 0:

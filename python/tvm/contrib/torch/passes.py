@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 #: Constants with at least this many elements become params; smaller ones stay in the code.
 LIFT_MIN_ELEMENTS = 16
 
+#: Relax ops that only change how a tensor's elements are indexed: torch views when applied to
+#: a contiguous tensor (a reshape when ``view`` accepts it), exact in any dtype.
+VIEW_OPS = ("relax.permute_dims", "relax.reshape", "relax.squeeze", "relax.strided_slice")
+
 
 def bind_input_shapes(mod: tvm.IRModule, shapes: Sequence[Sequence[object]]) -> tvm.IRModule:
     """Bind the symbolic dims of ``main``'s inputs to the given shapes.

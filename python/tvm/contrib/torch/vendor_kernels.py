@@ -65,7 +65,7 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .bfloat16_activations import bfloat16_activations
-from .passes import const_value, prim_number
+from .passes import VIEW_OPS, const_value, prim_number
 
 logger = logging.getLogger(__name__)
 
@@ -787,11 +787,6 @@ def _fold_permutes(func: relax.Function) -> relax.Function:
     return rewrite_call(outer, rewrite, func)
 
 
-#: Relax ops that only change how a tensor is indexed (a torch view when they apply to a
-#: contiguous tensor and ``view`` accepts the reshape).
-_VIEW_OPS = ("relax.permute_dims", "relax.reshape", "relax.squeeze", "relax.strided_slice")
-
-
 def _ints(expr) -> Optional[list]:
     """A tuple of ints / a ShapeExpr / an Array of ints, as a list; None if symbolic."""
     fields = expr.fields if isinstance(expr, relax.Tuple) else \
@@ -807,12 +802,12 @@ def _ints(expr) -> Optional[list]:
 
 
 def _as_view(expr: relax.Expr, bound) -> Optional[Tuple[relax.Expr, List[int]]]:
-    """``(root, view)`` when ``expr`` is a chain of :data:`_VIEW_OPS` over ``root`` (static
+    """``(root, view)`` when ``expr`` is a chain of :data:`.passes.VIEW_OPS` over ``root`` (static
     shapes), with ``view`` its 4 sizes, 4 strides and storage offset into the contiguous
     ``root``; None otherwise (one op, or a reshape no view can express, breaks it)."""
     chain = []
     while isinstance(expr, relax.Var) and isinstance(bound.get(expr), relax.Call) and \
-            isinstance(bound[expr].op, tvm.ir.Op) and bound[expr].op.name in _VIEW_OPS:
+            isinstance(bound[expr].op, tvm.ir.Op) and bound[expr].op.name in VIEW_OPS:
         chain.append(bound[expr])
         expr = bound[expr].args[0]
     root_dims = _dims(expr)
@@ -981,9 +976,8 @@ def offload_pass(gpu: bool = False, bfloat16: bool = False,
     bfloat16 : bool
         On CPU, run the convolutions, linear layers and attention in bfloat16 (oneDNN's and
         ATen's kernels, weights in bfloat16, results in bfloat16 as under ``torch.autocast``,
-        passed as
-        bfloat16 from one such kernel to the next: :mod:`.bfloat16_activations`); the TVM
-        kernels between them compute in float32.
+        passed as bfloat16 from one such kernel to the next: :mod:`.bfloat16_activations`);
+        the TVM kernels between them compute in float32.
     tvm_wins : mapping of str to bool, optional
         Per :attr:`ConvSite.variant`, whether its tuned TVM kernel was measured faster than
         oneDNN's (:mod:`.vendor_choice`): a CPU convolution geometry whose every chain here won

@@ -519,7 +519,7 @@ def test_bfloat16_attention_reads_the_projections_bfloat16_results():
     (attention,) = calls["tvm_torch.attention_views"]
     assert attention.var.ty.dtype == "bfloat16"
     assert all(arg.ty.dtype == "bfloat16" for arg in attention.value.args[1:4])
-    bound = {b.var: b.value for block in mod["main"].body.blocks for b in block.bindings}
+    bound = vendor_kernels._bindings(mod["main"])  # pylint: disable=protected-access
     # The output projection's input is the reshape of attention's bfloat16 result.
     reshaped = bound[calls["tvm_torch.linear"][-1].value.args[1]]
     assert reshaped.op.name == "relax.reshape" and reshaped.args[0].same_as(attention.var)

@@ -168,10 +168,12 @@ def bench_call_overhead(repeat: int) -> None:
         vm_us = per_call_us(lambda: vm_main(x_tvm))
         engine_us = per_call_us(lambda: module.engine.forward([x]))
         script_us = per_call_us(lambda: scripted([x]))
+        module_us = per_call_us(lambda: module([x]))
     print("\nper-call overhead (tiny program, from Python):")
     print(f"  Relax VM called directly          {vm_us:8.2f} us")
     print(f"  TvmGraphModule.forward            {engine_us:8.2f} us  (+{engine_us - vm_us:.2f})")
     print(f"  scripted GraphModule              {script_us:8.2f} us  (+{script_us - vm_us:.2f})")
+    print(f"  GraphModule (nn.Module)           {module_us:8.2f} us  (+{module_us - vm_us:.2f})")
 
 
 def bench_dynamic(repeat: int) -> None:

@@ -112,7 +112,8 @@ class _TvmModuleBase(torch.nn.Module):
         """Run the compiled program that matches the inputs' shapes and dtypes."""
         if torch.jit.is_scripting():
             return self.engine.forward(inputs)
-        # In Python, through the operator torch.export can trace (see .torch_export).
+        # In Python: through the operator that torch.export traces, when tracing (see
+        # .torch_export.run_engine).
         return run_engine(self.engine, inputs)
 
     def _apply(self, fn, recurse=True):

@@ -144,6 +144,95 @@ def _bindings(func: relax.Function) -> Dict[relax.Var, relax.Expr]:
             for binding in block.bindings}
 
 
+def _use_counts(func: relax.Function) -> Dict[relax.Var, int]:
+    """How many times each variable is read in ``func``'s body and result."""
+    counts: Dict[relax.Var, int] = {}
+
+    def read(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Var):
+            counts[expr] = counts.get(expr, 0) + 1
+        elif isinstance(expr, relax.Call):
+            for arg in expr.args:
+                read(arg)
+        elif isinstance(expr, relax.Tuple):
+            for field in expr.fields:
+                read(field)
+        elif isinstance(expr, relax.TupleGetItem):
+            read(expr.tuple_value)
+        else:  # nested scopes (If): each free variable read at least once
+            for var in relax.analysis.free_vars(expr):
+                read(var)
+
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            read(binding.value)
+    read(func.body.body)
+    return counts
+
+
+class _Chains:
+    """The bindings of a function and how often each of its variables is read.
+
+    A pattern matches through variable bindings, so a fused chain may take in a result that
+    another op also reads; that result would then be computed twice, inside the fused call
+    and for its other reader (``x + conv(x)`` with ``x`` itself a convolution's result fused
+    the add into a second run of ``x``'s convolution). :meth:`owns` says whether a chain
+    owns its intermediate results.
+    """
+
+    def __init__(self, func: relax.Function):
+        self.bindings = _bindings(func)
+        self.uses = _use_counts(func)
+
+    def owns(self, root: relax.Call, inner: relax.Call, matched: Mapping,
+             leaves=(), extra=()) -> bool:
+        """Whether every result on the path from ``root`` down to ``inner`` (a call the
+        pattern matched below it, ``inner`` included) is read only by the chain: the calls
+        ``matched`` maps patterns to, but for those of the ``leaves`` patterns (hardswish
+        reads its input twice), and ``extra``."""
+        if root.same_as(inner):
+            return True
+        reads: Dict[relax.Var, int] = {}
+        chain = [value for pattern, value in matched.items()
+                 if not any(pattern.same_as(leaf) for leaf in leaves)]
+        calls = {self.bindings.get(c, c) if isinstance(c, relax.Var) else c
+                 for c in [root, *chain, *extra]}  # an object once, whichever wrapper
+        for call in (c for c in calls if isinstance(c, relax.Call)):
+            for arg in call.args:
+                if isinstance(arg, relax.Var):
+                    reads[arg] = reads.get(arg, 0) + 1
+
+        def walk(expr: relax.Call, depth: int = 8) -> Optional[bool]:
+            for arg in expr.args:
+                value = self.bindings.get(arg) if isinstance(arg, relax.Var) else arg
+                if not isinstance(value, relax.Call):
+                    continue
+                reached = True if value.same_as(inner) else \
+                    (walk(value, depth - 1) if depth > 0 else None)
+                if reached is None:
+                    continue
+                return reached and not (isinstance(arg, relax.Var) and
+                                        self.uses.get(arg, 0) > reads.get(arg, 0))
+            return None
+        return bool(walk(root))
+
+    def swap_residual(self, add: relax.Expr, side: relax.Call,
+                      pattern) -> Optional[Tuple[dict, relax.Var]]:
+        """For a residual add whose operand ``side`` (a value) a pattern matched as the chain
+        to fuse: the match of ``pattern`` on its other operand, and ``side``'s variable (the
+        residual when the other operand's chain is fused instead), or None."""
+        if isinstance(add, relax.Var):
+            add = self.bindings.get(add, add)
+        if not isinstance(add, relax.Call) or len(add.args) != 2:
+            return None
+        values = [self.bindings.get(arg, arg) for arg in add.args]
+        for mine, other in ((0, 1), (1, 0)):
+            if values[mine].same_as(side) and isinstance(add.args[mine], relax.Var):
+                matched = pattern.extract_matched_expr(values[other], var2val=self.bindings)
+                return (matched, add.args[mine]) if matched else None
+        return None
+
+
 def _inline(expr: relax.Expr, bindings: Dict[relax.Var, relax.Expr],
             leaves: Dict[relax.Var, relax.Var]) -> relax.Expr:
     """``expr`` with its bound variables replaced by their values, down to ``leaves``."""
@@ -173,21 +262,25 @@ class _ConvRewriter:
     ``gpu=False``: oneDNN in NHWC with prepacked weights (float32). ``gpu=True``: ATen's
     convolution (cuDNN) in NCHW, float32 or float16. On CPU, convolutions whose
     :func:`conv_key` is in ``keep_tvm`` stay TVM code. Given ``sites`` (and the function's
-    ``bindings``), it is a dry run: it rewrites nothing and collects a :class:`ConvSite` for
-    each convolution it would put on oneDNN, once, with its longest matched chain.
+    it is a dry run: it rewrites nothing and collects a :class:`ConvSite` for each convolution
+    it would put on oneDNN, once, with its longest matched chain. :meth:`refresh` gives it the
+    function each pattern's pass runs on.
     """
 
     def __init__(self, gpu: bool, compute_dtype: str = "float32",
                  keep_tvm: AbstractSet[str] = frozenset(),
-                 sites: Optional[List[ConvSite]] = None,
-                 bindings: Optional[Dict[relax.Var, relax.Expr]] = None):
+                 sites: Optional[List[ConvSite]] = None):
         self.gpu = gpu
         self.compute_dtype = compute_dtype
         self.keep_tvm = keep_tvm
         self.sites = sites
-        self.bindings = bindings or {}
+        self.chains: Optional[_Chains] = None
         self.seen: set = set()  # the convolutions collected (dry run)
         self.count = 0
+
+    def refresh(self, func: relax.Function) -> None:
+        """Read ``func``'s bindings and variable uses (before a pattern's pass over it)."""
+        self.chains = _Chains(func)
 
     def _site(self, key: str, root: relax.Expr, conv: relax.Call,
               residual: Optional[relax.Expr]) -> Optional[ConvSite]:
@@ -195,13 +288,13 @@ class _ConvRewriter:
         if residual is not None:
             # A pattern's match is the residual's value; the chain uses the variable bound to it.
             if not isinstance(residual, relax.Var):
-                residual = next((var for var, value in self.bindings.items()
+                residual = next((var for var, value in self.chains.bindings.items()
                                  if value.same_as(residual)), None)
                 if residual is None:
                     return None
             leaves[residual] = relax.Var(f"r{len(self.sites)}", residual.ty)
         try:
-            expr = _inline(root, self.bindings, leaves)
+            expr = _inline(root, self.chains.bindings, leaves)
         except KeyError:  # the chain reaches past its leaves: not raced (still offloaded)
             logger.debug("convolution %s: chain not separable, not raced", key)
             return None
@@ -375,7 +468,8 @@ def _rewrite_convs(func: relax.Function, gpu: bool, compute_dtype: str = "float3
         # The sites are collected by a dry run over the function as it is: rewriting gives
         # later matches new variables that its bindings do not know.
         found: List[ConvSite] = []
-        collector = _ConvRewriter(gpu, compute_dtype, sites=found, bindings=_bindings(func))
+        collector = _ConvRewriter(gpu, compute_dtype, sites=found)
+        collector.refresh(func)
         for pattern, fn in _conv_patterns(collector):
             rewrite_call(pattern, fn, func)
         if sites is not None:
@@ -386,6 +480,7 @@ def _rewrite_convs(func: relax.Function, gpu: bool, compute_dtype: str = "float3
                                                    if not tvm_wins.get(site.variant, False)}
     rewriter = _ConvRewriter(gpu, compute_dtype, keep_tvm)
     for pattern, fn in _conv_patterns(rewriter):
+        rewriter.refresh(func)
         func = rewrite_call(pattern, fn, func)
     logger.debug("offloaded %d convolutions to %s", rewriter.count, "cuDNN" if gpu else "oneDNN")
     return func
@@ -407,6 +502,25 @@ def _conv_patterns(rewriter: _ConvRewriter) -> list:
             r = matched[res] if has_res else None
             if has_res and isinstance(r, tvm.ir.GenericConst):
                 return call  # a constant "residual" is a bias: another pattern takes it
+            chains = rewriter.chains
+            if not chains.owns(call, conv_call, matched, (x, res)):
+                # Another op reads a result inside the chain. For a residual add, the other
+                # operand's convolution may be the add's alone (``x + conv(x)`` where ``x``
+                # is a convolution's result too): that one takes the add.
+                if not has_res:
+                    return call
+                add = call.args[0] if call.op.name == "relax.nn.relu" else call
+                side = matched[conv_bias] if has_bias else conv_call
+                for other, other_has_bias in ((conv_bias, True), (conv, False)):
+                    swapped = chains.swap_residual(add, side, other)
+                    if swapped is not None:
+                        break
+                else:
+                    return call
+                found, r = swapped
+                conv_call, b = found[conv], found[bias] if other_has_bias else None
+                if not chains.owns(call, conv_call, found, (x,), (add,)):
+                    return call
             new = rewriter.build(call, conv_call, b, r, unary)
             return call if new is None else new
         return rewrite
@@ -496,9 +610,35 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool,
     def transposed_const(const: relax.Expr) -> relax.Expr:
         return relax.const(np.ascontiguousarray(const_value(const).T))
 
+    chains: List[_Chains] = []  # the function of the current pattern's pass
+
+    def owned(call, matched, has_bias, residual):
+        """``(matmul, bias, residual)`` of a chain that owns its intermediate results (see
+        :class:`_Chains`), or None. For a residual add whose matched linear layer's result
+        another op reads too, the other operand's linear layer, if that one is the add's
+        alone."""
+        mm = matched[mm_const]
+        bias, other = matched.get(b) if has_bias else None, \
+            matched[residual] if residual is not None else None
+        if chains[-1].owns(call, mm, matched, (x, residual)):
+            return mm, bias, other
+        if residual is None:
+            return None
+        side = matched[mm_bias] if has_bias else mm
+        for pattern, other_has_bias in ((mm_bias, True), (mm_const, False)):
+            swapped = chains[-1].swap_residual(call, side, pattern)
+            if swapped is not None:
+                found, other = swapped
+                mm, bias = found[mm_const], found[b] if other_has_bias else None
+                return (mm, bias, other) if chains[-1].owns(call, mm, found, (x,)) else None
+        return None
+
     def linear(unary, has_bias, residual=None):
         def rewrite(call, matched):
-            mm = matched[mm_const]
+            chain = owned(call, matched, has_bias, residual)
+            if chain is None:
+                return call
+            mm, bias_expr, other = chain
             lhs = mm.args[0]
             found = constant_weight(mm)
             if found is None or not _ok(lhs, found[0], call):
@@ -506,8 +646,8 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool,
             const, transposed = found
             rows, cols = _static_shape(const)
             out_features = rows if transposed else cols
-            if has_bias:
-                bias_value = const_value(matched[b]).reshape(-1)
+            if bias_expr is not None:
+                bias_value = const_value(bias_expr).reshape(-1)
                 if bias_value.size != out_features:
                     return call
             else:
@@ -521,8 +661,7 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool,
                                               tvm.ir.StringImm(unary), ty_args=call.ty)
             # oneDNN takes it as [out, in]
             weight = const if transposed else transposed_const(const)
-            return _cpu_linear(call, lhs, weight, bias_const, unary,
-                               matched[residual] if residual is not None else None)
+            return _cpu_linear(call, lhs, weight, bias_const, unary, other)
         return rewrite
 
     def _cpu_linear(call, lhs, weight, bias_const, unary, other):
@@ -561,6 +700,8 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool,
         """``relu(reshape(linear))`` -> ``reshape(linear + relu)`` (the relu runs inside the
         linear kernel's call instead of a TVM kernel of its own)."""
         linear_call = matched[mm_bias]
+        if not chains[-1].owns(call, linear_call, matched, (x,)):
+            return call
         fused = linear("relu", True)(linear_call, matched)
         if fused.same_as(linear_call):
             return call
@@ -589,6 +730,7 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool,
         (mm_const, linear("none", False)),
         (mm_any, generic),
     ]:
+        chains.append(_Chains(func))
         func = rewrite_call(pattern, fn, func)
     return func
 

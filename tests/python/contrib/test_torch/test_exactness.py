@@ -382,3 +382,44 @@ def test_batch_norm_after_a_biased_convolution_is_folded(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(module([y])[0], model(y), rtol=1e-5, atol=1e-5,
                                        equal_nan=True)
+
+
+class SharedResults(torch.nn.Module):
+    """Results that two ops read: ``x + conv(x)`` with ``x`` a convolution's result
+    (torchvision's MobileNetV2 blocks), a convolution read by its ReLU and by an add, and
+    ``h + linear(h)`` with ``h`` a linear layer's result."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(8, 8, 1)
+        self.b = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.c = torch.nn.Conv2d(16, 8, 1)
+        self.l1 = torch.nn.Linear(8, 8)
+        self.l2 = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = self.a(x)
+        y = x + self.c(F.relu6(self.b(x)))
+        z = self.a(y)
+        h = self.l1(y.mean((2, 3)))
+        return h + self.l2(h), F.relu(z) + z
+
+
+def test_results_read_twice_are_computed_once(tmp_path):
+    """Each convolution and linear layer runs once (a fused epilogue or residual add never
+    repeats the kernel whose result another op reads), and the results are PyTorch's."""
+    torch.manual_seed(0)
+    model = SharedResults().eval()
+    x = torch.randn(1, 8, 6, 6)
+    module = _compile(model, [x], tmp_path)
+    program = (tmp_path / "export" / "bucket0.relax").read_text()
+    main = program[program.index("def main("):]
+    convs = main.count('"tvm_torch.conv2d_nhwc"') + main.count('"tvm_torch.conv2d_add_nhwc"')
+    linears = main.count('"tvm_torch.linear"') + main.count('"tvm_torch.linear_add"')
+    assert (convs, linears) == (4, 2), main
+    for bad in (None, float("nan"), float("inf")):
+        y = x.clone()
+        if bad is not None:
+            y[0, 1, 2, 2] = bad
+        with torch.no_grad():
+            _assert_same(module([y]), model(y))

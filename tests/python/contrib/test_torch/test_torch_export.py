@@ -112,3 +112,33 @@ def test_torchscript_path_is_unchanged(tmp_path):
     x = torch.randn(4, 16)
     with torch.no_grad():
         torch.testing.assert_close(scripted([x])[0], model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_dispatch_modes_and_jit_trace_see_the_operator(tmp_path):
+    """A plain call from Python goes straight to the engine (the operator's Python dispatch
+    cost ~25 us a call); whatever may record the call still gets the operator: a
+    TorchDispatchMode (FlopCounterMode, FakeTensorMode) and torch.jit.trace."""
+    from torch.utils._python_dispatch import TorchDispatchMode  # pylint: disable=import-outside-toplevel
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model, compiled = _mlp_module(tmp_path, (4, 16))
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(compiled([x])[0], expected, rtol=1e-4, atol=1e-4)
+        with Seen() as seen:
+            torch.testing.assert_close(compiled([x])[0], expected, rtol=1e-4, atol=1e-4)
+        assert "tvm_torch.run_graph_module.default" in seen.ops
+        traced = torch.jit.trace(_Holder(compiled).eval(), (x,))
+    assert "tvm_torch::run_graph_module" in str(traced.inlined_graph)
+    y = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(y), torch.relu(model(y)) * 2.0, rtol=1e-4, atol=1e-4)

@@ -97,6 +97,49 @@ def test_conv2d_with_residual_add_and_relu():
     assert "relax.nn.relu" not in ops
 
 
+def test_residual_add_goes_to_the_convolution_whose_result_nothing_else_reads():
+    """``x + conv(x)`` where ``x`` is itself a convolution's result (torchvision's
+    MobileNetV2): the add fuses into the second convolution. Fusing it into the first would
+    run that one twice, since the second reads its result too."""
+    def body(bb, p):
+        x = bb.emit(relax.op.add(_conv(bb, p[0]), _const((1, 8, 1, 1), seed=1)))
+        y = bb.emit(relax.op.add(_conv(bb, x, (8, 8, 3, 3)), _const((1, 8, 1, 1), seed=2)))
+        return bb.emit(relax.op.add(x, y))
+
+    packed, ops, text = _offload(IMAGE, body)
+    assert packed.count("tvm_torch.conv2d_nhwc_prepack") == 2, text
+    assert packed.count("tvm_torch.conv2d_nhwc") + packed.count("tvm_torch.conv2d_add_nhwc") \
+        == 2, text
+    assert packed[-1] == "tvm_torch.conv2d_add_nhwc" and "relax.add" not in ops
+
+
+def test_epilogue_of_a_result_read_elsewhere_stays_apart():
+    """relu(conv) fuses only where nothing else reads the convolution's result: otherwise
+    the convolution would run twice, once with the epilogue and once without."""
+    def body(bb, p):
+        y = _conv(bb, p[0])
+        return bb.emit(relax.op.add(bb.emit(relax.op.nn.relu(y)), y))
+
+    packed, ops, text = _offload(IMAGE, body)
+    assert packed.count("tvm_torch.conv2d_nhwc") == 1 and 'R.str("relu")' not in text, text
+    assert "relax.nn.relu" in ops
+
+
+def test_linear_residual_add_goes_to_the_layer_whose_result_nothing_else_reads():
+    """``h + linear2(h)`` where ``h`` is a linear layer's result: one run of each layer."""
+    def body(bb, p):
+        h = bb.emit(relax.op.add(bb.emit(relax.op.matmul(p[0], _const((16, 16)))),
+                                 _const((16,), seed=1)))
+        y = bb.emit(relax.op.add(bb.emit(relax.op.matmul(h, _const((16, 16), seed=2))),
+                                 _const((16,), seed=3)))
+        return bb.emit(relax.op.add(h, y))
+
+    packed, ops, _ = _offload([((4, 16), "float32")], body)
+    assert packed == ["tvm_torch.linear_prepack", "tvm_torch.linear",
+                      "tvm_torch.linear_prepack", "tvm_torch.linear_add"], packed
+    assert not ops
+
+
 def _relu6(bb, y, one_clip=False, high=6.0):
     """relu6 as torch decomposes it: clamp_min then clamp_max, or one clamp."""
     if one_clip:
@@ -141,7 +184,8 @@ def test_hardswish_of_another_convolution_is_not_fused():
     """conv_a * relu6(conv_b + 3) / 6 is not hardswish(conv_a)."""
     def body(bb, p):
         a = bb.emit(relax.op.add(_conv(bb, p[0]), _const((1, 8, 1, 1), seed=1)))
-        b = bb.emit(relax.op.add(_conv(bb, p[0], (8, 3, 3, 3)), _const((1, 8, 1, 1), seed=2)))
+        conv_b = bb.emit(relax.op.nn.conv2d(p[0], _const((8, 3, 3, 3), seed=3), padding=(1, 1)))
+        b = bb.emit(relax.op.add(conv_b, _const((1, 8, 1, 1), seed=2)))
         gate = _relu6(bb, bb.emit(relax.op.add(b, relax.const(3.0))))
         return bb.emit(relax.op.divide(bb.emit(relax.op.multiply(a, gate)), relax.const(6.0)))
 

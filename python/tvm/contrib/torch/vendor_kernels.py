@@ -1029,7 +1029,8 @@ def _permutation(call: relax.Call) -> Optional[list]:
 
 def _drop_permutes_around_elementwise(func: relax.Function, depth: int = 4) -> relax.Function:
     """``permute_dims(f(permute_dims(x)))`` -> ``f(x)`` when the permutations cancel and ``f`` is
-    a chain of up to ``depth`` clips and arithmetic with one-element constants.
+    a chain of up to ``depth`` clips and arithmetic with one-element constants; and
+    ``mean(f(permute_dims(x)))`` -> a mean of ``f(x)`` over the same axes of ``x``.
 
     ConvertLayout has no layout rule for ``clip``: it goes back to NCHW around each clip of an
     NHWC tensor (relu6, hardswish, hardsigmoid), and the transposes, fused into the
@@ -1061,7 +1062,35 @@ def _drop_permutes_around_elementwise(func: relax.Function, depth: int = 4) -> r
             result = relax.Call(op.op, [result] + list(op.args[1:]), op.attrs)
         return result
 
-    return rewrite_call(is_op("relax.permute_dims")(wildcard()), rewrite, func)
+    def rewrite_mean(call, _matched):
+        """``mean(f(permute_dims(x, p)), axes)`` -> ``mean(f(x), p[axes])``, then the
+        permutation of its few elements: global pooling after a clip (MobileNetV2's last
+        relu6) reads the NHWC tensor in place, and the clip fuses into its convolution."""
+        chain, expr = [], bound.get(call.args[0], call.args[0])
+        while elementwise(expr) and len(chain) < depth:
+            chain.append(expr)
+            expr = bound.get(expr.args[0], expr.args[0])
+        perm = _permutation(expr) if isinstance(expr, relax.Call) and \
+            expr.op.name == "relax.permute_dims" else None
+        axes = _ints(call.attrs.axis) if call.attrs.axis is not None else None
+        if not chain or perm is None or axes is None or \
+                any(len(_dims(op) or []) != len(perm) for op in chain):
+            return call  # also when a constant's broadcast changed the rank
+        axes = [a + len(perm) if a < 0 else a for a in axes]
+        source_axes = sorted(perm[a] for a in axes)
+        kept = [perm[i] for i in range(len(perm)) if i not in axes]  # source dims, in order
+        keepdims = bool(call.attrs.keepdims)
+        if not keepdims and kept != sorted(kept):
+            return call
+        result = expr.args[0]
+        for op in reversed(chain):
+            result = relax.Call(op.op, [result] + list(op.args[1:]), op.attrs)
+        result = relax.op.mean(result, source_axes, keepdims)
+        return relax.op.permute_dims(result, perm) if keepdims else result
+
+    func = rewrite_call(is_op("relax.permute_dims")(wildcard()), rewrite, func)
+    bound = _bindings(func)
+    return rewrite_call(is_op("relax.mean")(wildcard()), rewrite_mean, func)
 
 
 def _calls_op(func: relax.Function, op_name: str) -> bool:

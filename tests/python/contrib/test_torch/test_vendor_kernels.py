@@ -374,6 +374,23 @@ def test_mean_over_leading_axes_of_a_large_tensor_runs_on_aten():
     assert _offload(inputs, body, gpu=True)[0] == []
 
 
+@pytest.mark.parametrize("keepdims", [True, False])
+def test_global_pool_after_a_relu6_reads_the_nhwc_convolution(keepdims):
+    """conv -> relu6 -> mean over H and W (torchvision MobileNetV2's head): the relu6 fuses
+    into the convolution and the mean reads its NHWC result, with no transpose of the image
+    back to NCHW in between."""
+    def body(bb, p):
+        y = bb.emit(relax.op.add(_conv(bb, p[0], (64, 3, 3, 3)), _const((1, 64, 1, 1), seed=1)))
+        return bb.emit(relax.op.mean(_relu6(bb, y), axis=[2, 3], keepdims=keepdims))
+
+    packed, ops, text = _offload([((1, 3, 16, 16), "float32")], body)
+    assert packed == ["tvm_torch.conv2d_nhwc_prepack", "tvm_torch.conv2d_nhwc",
+                      "tvm_torch.mean"], text
+    assert 'R.str("relu6")' in text and "relax.clip" not in ops
+    # Only the input's transpose (and, with keepdims, the pooled vector's) is left.
+    assert ops.count("relax.permute_dims") == (2 if keepdims else 1), text
+
+
 def test_attention():
     shape = ((2, 6, 4, 8), "float32")
     packed, ops, _ = _offload([shape] * 3, lambda bb, p: bb.emit(relax.op.nn.attention(*p)))

@@ -261,10 +261,10 @@ class _ConvRewriter:
 
     ``gpu=False``: oneDNN in NHWC with prepacked weights (float32). ``gpu=True``: ATen's
     convolution (cuDNN) in NCHW, float32 or float16. On CPU, convolutions whose
-    :func:`conv_key` is in ``keep_tvm`` stay TVM code. Given ``sites`` (and the function's
-    it is a dry run: it rewrites nothing and collects a :class:`ConvSite` for each convolution
-    it would put on oneDNN, once, with its longest matched chain. :meth:`refresh` gives it the
-    function each pattern's pass runs on.
+    :func:`conv_key` is in ``keep_tvm`` stay TVM code. Given ``sites``, it is a dry run: it
+    rewrites nothing and collects a :class:`ConvSite` for each convolution it would put on
+    oneDNN, once, with its longest matched chain. :meth:`refresh` gives it the function each
+    pattern's pass runs on.
     """
 
     def __init__(self, gpu: bool, compute_dtype: str = "float32",
@@ -618,8 +618,8 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool,
         another op reads too, the other operand's linear layer, if that one is the add's
         alone."""
         mm = matched[mm_const]
-        bias, other = matched.get(b) if has_bias else None, \
-            matched[residual] if residual is not None else None
+        bias = matched.get(b) if has_bias else None
+        other = matched[residual] if residual is not None else None
         if chains[-1].owns(call, mm, matched, (x, residual)):
             return mm, bias, other
         if residual is None:

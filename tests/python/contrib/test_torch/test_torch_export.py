@@ -118,7 +118,8 @@ def test_dispatch_modes_and_jit_trace_see_the_operator(tmp_path):
     """A plain call from Python goes straight to the engine (the operator's Python dispatch
     cost ~25 us a call); whatever may record the call still gets the operator: a
     TorchDispatchMode (FlopCounterMode, FakeTensorMode) and torch.jit.trace."""
-    from torch.utils._python_dispatch import TorchDispatchMode  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     class Seen(TorchDispatchMode):
         def __init__(self):

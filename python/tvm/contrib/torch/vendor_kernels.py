@@ -202,13 +202,13 @@ class _Chains:
                 if isinstance(arg, relax.Var):
                     reads[arg] = reads.get(arg, 0) + 1
 
-        def walk(expr: relax.Call, depth: int = 8) -> Optional[bool]:
+        def walk(expr: relax.Call) -> Optional[bool]:
+            # Down the chain's own calls only: its other inputs may be whole subgraphs.
             for arg in expr.args:
                 value = self.bindings.get(arg) if isinstance(arg, relax.Var) else arg
-                if not isinstance(value, relax.Call):
+                if not isinstance(value, relax.Call) or value not in calls:
                     continue
-                reached = True if value.same_as(inner) else \
-                    (walk(value, depth - 1) if depth > 0 else None)
+                reached = True if value.same_as(inner) else walk(value)
                 if reached is None:
                     continue
                 return reached and not (isinstance(arg, relax.Var) and

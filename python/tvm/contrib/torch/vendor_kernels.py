@@ -1046,30 +1046,36 @@ def _drop_permutes_around_elementwise(func: relax.Function, depth: int = 4) -> r
             return True
         return expr.op.name in _SCALAR_BINARY and _scalar(expr.args[1]) is not None
 
-    def rewrite(call, _matched):
+    def below(call):
+        """``(chain, source)``: the elementwise ops (up to ``depth``) that ``call`` reads
+        through, outermost first, and the value under them."""
         chain, expr = [], bound.get(call.args[0], call.args[0])
         while elementwise(expr) and len(chain) < depth:
             chain.append(expr)
             expr = bound.get(expr.args[0], expr.args[0])
+        return chain, expr
+
+    def replay(chain, source):
+        """The elementwise ``chain`` applied to ``source`` instead."""
+        for op in reversed(chain):
+            source = relax.Call(op.op, [source] + list(op.args[1:]), op.attrs)
+        return source
+
+    def rewrite(call, _matched):
+        chain, expr = below(call)
         if not chain or not isinstance(expr, relax.Call) or expr.op.name != "relax.permute_dims":
             return call
         first, second = _permutation(expr), _permutation(call)
         if first is None or second is None or len(first) != len(second) or \
                 [first[a] for a in second] != list(range(len(first))):
             return call  # also when a constant's broadcast changed the rank
-        result = expr.args[0]
-        for op in reversed(chain):
-            result = relax.Call(op.op, [result] + list(op.args[1:]), op.attrs)
-        return result
+        return replay(chain, expr.args[0])
 
     def rewrite_mean(call, _matched):
         """``mean(f(permute_dims(x, p)), axes)`` -> ``mean(f(x), p[axes])``, then the
         permutation of its few elements: global pooling after a clip (MobileNetV2's last
         relu6) reads the NHWC tensor in place, and the clip fuses into its convolution."""
-        chain, expr = [], bound.get(call.args[0], call.args[0])
-        while elementwise(expr) and len(chain) < depth:
-            chain.append(expr)
-            expr = bound.get(expr.args[0], expr.args[0])
+        chain, expr = below(call)
         perm = _permutation(expr) if isinstance(expr, relax.Call) and \
             expr.op.name == "relax.permute_dims" else None
         axes = _ints(call.attrs.axis) if call.attrs.axis is not None else None
@@ -1082,10 +1088,7 @@ def _drop_permutes_around_elementwise(func: relax.Function, depth: int = 4) -> r
         keepdims = bool(call.attrs.keepdims)
         if not keepdims and kept != sorted(kept):
             return call
-        result = expr.args[0]
-        for op in reversed(chain):
-            result = relax.Call(op.op, [result] + list(op.args[1:]), op.attrs)
-        result = relax.op.mean(result, source_axes, keepdims)
+        result = relax.op.mean(replay(chain, expr.args[0]), source_axes, keepdims)
         return relax.op.permute_dims(result, perm) if keepdims else result
 
     func = rewrite_call(is_op("relax.permute_dims")(wildcard()), rewrite, func)

@@ -19,14 +19,30 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, get_extent
 from tvm.target.codegen import llvm_get_vector_width
 
+from .export import target_cpu_features
+
 logger = logging.getLogger(__name__)
 
 
 def host_cpu_target(num_cores: Optional[int] = None) -> tvm.target.Target:
-    """The LLVM target for this machine: its CPU model (features included) and core count."""
+    """The LLVM target for this machine: its CPU model, the features it has, its core count.
+
+    LLVM names the CPU model from CPUID's family and model numbers and gives it every feature
+    of that model, but a hypervisor or the kernel can hide some (AMX on a virtual Emerald
+    Rapids). Code using those would stop with an illegal instruction, and the runtime would
+    refuse the library, so the features this CPU does not have (by the runtime's own CPUID
+    check) are switched off in ``mattr``.
+    """
     cpu = tvm.target.codegen.llvm_get_system_cpu()
     cores = num_cores or len(os.sched_getaffinity(0))
-    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": int(cores)})
+    attrs = {"kind": "llvm", "mcpu": cpu, "num-cores": int(cores)}
+    missing = tvm.get_global_func("tvm_torch.missing_cpu_features")
+    hidden = [str(f) for f in missing(target_cpu_features(tvm.target.Target(attrs)))]
+    if hidden:
+        logger.info("CPU model %s without %s (not enabled on this machine)", cpu,
+                    ", ".join(hidden))
+        attrs["mattr"] = [f"-{f}" for f in hidden]
+    return tvm.target.Target(attrs)
 
 
 def cpu_has_bfloat16() -> bool:

@@ -287,6 +287,20 @@ def _foreign_cpu_target():
     return None, []
 
 
+def test_default_target_uses_only_features_this_cpu_has():
+    # LLVM gives a CPU model all of its features; a virtual machine can hide some (AMX on a
+    # virtual Emerald Rapids). The default target must leave those out, or the runtime would
+    # refuse every program compiled here.
+    target = tvm.contrib.torch.build.host_cpu_target()
+    features = export.target_cpu_features(target)
+    assert "sse2" in features
+    missing = tvm.get_global_func("tvm_torch.missing_cpu_features")
+    assert list(missing(features)) == []
+    full = tvm.target.Target({"kind": "llvm", "mcpu": str(target.attrs["mcpu"])})
+    hidden = [str(f) for f in missing(export.target_cpu_features(full))]
+    assert sorted(f"-{f}" for f in hidden) == sorted(target.attrs.get("mattr", []))
+
+
 def test_cpu_features_are_recorded_and_checked_before_loading(tmp_path):
     target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     features = export.target_cpu_features(target)

@@ -25,8 +25,8 @@ def partitions_built() -> int:
     return int(tvm.get_global_func("tvm_torch.onednn_graph_convs_built")())
 
 
-#: Convolution call sites of _Chains: 8 + strided + grouped + depthwise.
-CHAINS = 11
+#: Convolution call sites of _Chains: 9 + strided + grouped + depthwise.
+CHAINS = 12
 
 
 @pytest.fixture
@@ -37,12 +37,13 @@ def graph_convs(request):
 
 
 class _Chains(torch.nn.Module):
-    """One convolution per chain the CPU kernel takes: each fused epilogue, the ones ATen
-    applies after it, a residual add (+ ReLU), a strided, a grouped and a depthwise one."""
+    """One convolution per chain the CPU kernel takes: each fused epilogue (ReLU too), the ones
+    ATen applies after it, a residual add (+ ReLU), a strided, a grouped and a depthwise
+    one."""
 
     def __init__(self):
         super().__init__()
-        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(8))
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(9))
         self.strided = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
         self.grouped = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)
         self.depthwise = torch.nn.Conv2d(16, 16, 5, padding=2, groups=16)
@@ -56,7 +57,8 @@ class _Chains(torch.nn.Module):
         e = f.relu6(self.convs[4](d)) + f.hardsigmoid(self.convs[5](d))
         g = torch.relu(self.convs[6](e) + a)
         h = self.convs[7](g) + b
-        s = self.depthwise(self.grouped(self.strided(h)))
+        k = torch.relu(self.convs[8](h))
+        s = self.depthwise(self.grouped(self.strided(k)))
         return g, h, s
 
 

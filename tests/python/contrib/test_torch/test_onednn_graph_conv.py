@@ -37,9 +37,9 @@ def graph_convs(request):
 
 
 class _Chains(torch.nn.Module):
-    """One convolution per chain the CPU kernel takes: each fused epilogue (ReLU too), the ones
-    ATen applies after it, a residual add (+ ReLU), a strided, a grouped and a depthwise
-    one."""
+    """One convolution per chain the CPU kernel takes: each fused epilogue, the ones ATen
+    applies after it (ReLU, ReLU6, hardsigmoid), a residual add (+ ReLU), a strided, a
+    grouped and a depthwise one."""
 
     def __init__(self):
         super().__init__()

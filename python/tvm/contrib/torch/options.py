@@ -410,8 +410,8 @@ OPTIONS: Tuple[OptionSpec, ...] = (
                "tuning log, applied by later compiles with it; docs/tuning.md)"),
     OptionSpec("target", lambda key, value: value, None,
                'TVM target (`dict`, `Target`, `"llvm"`, `"cuda"`)',
-               default_doc="this CPU (its model, features and cores), or the GPU when `device` "
-                           "is CUDA"),
+               default_doc="this CPU (its model, the features it enables, its cores), or the "
+                           "GPU when `device` is CUDA"),
     OptionSpec("device", _device, None,
                '`"cpu"`, `"cuda"`, `"cuda:N"`, a `torch.device` or `tvm.cpu()` / `tvm.cuda(N)`',
                default_doc="where the model's parameters are"),

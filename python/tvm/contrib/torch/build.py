@@ -172,6 +172,15 @@ def cpu_schedule_pass() -> tvm.transform.Pass:
     return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction(), ParallelVectorizeFallback())
 
 
+def default_schedule_pass(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The default schedules for ``target``'s TIR functions: dlight's GPU rules for CUDA, else
+    :func:`cpu_schedule_pass`."""
+    if is_cuda(target):
+        return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                       dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    return cpu_schedule_pass()
+
+
 def build_pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
     """The Relax-to-VM pipeline for ``target``.
 
@@ -183,11 +192,7 @@ def build_pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pa
         Tuning records to apply to the kernels before default schedules.
     """
     backend = relax.backend.cuda.pipeline if is_cuda(target) else relax.backend.cpu_generic.pipeline
-    if is_cuda(target):
-        schedule = [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                            dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
-    else:
-        schedule = [cpu_schedule_pass()]
+    schedule = [default_schedule_pass(target)]
     tuned = [relax.transform.MetaScheduleApplyDatabase()] if database is not None else []
 
     @tvm.transform.module_pass(opt_level=0, name="TvmTorchBuildPipeline")

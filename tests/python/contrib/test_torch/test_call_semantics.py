@@ -3,10 +3,15 @@ require grad (inference only: an error, or the TorchScript fallback in a partiti
 lazy negative views, and NaN/Inf (propagated as PyTorch propagates them)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+import tvm
+from tvm import relax, tirx
 
-from tvm.contrib.torch import compile, partition
+from tvm.contrib.torch import build, compile, partition
+from tvm.contrib.torch.nan_semantics import propagate_nan
 from conftest import assert_matches_with_nan_and_inf, exact_fp32
 
 
@@ -68,7 +73,8 @@ def test_nan_through_elementwise_max_min_and_reductions(tmp_path):
     class MaxMin(torch.nn.Module):
         def forward(self, a, b):
             return torch.maximum(a, b), torch.minimum(a, b), a.max(), b.min(), \
-                torch.relu(a).clamp(max=0.5)
+                torch.relu(a).clamp(max=0.5), torch.maximum(a, b[3:]), \
+                torch.minimum(a[:, :1], b), torch.clamp(b, -0.5, 0.5)
 
     a, b = torch.randn(4, 6), torch.randn(4, 6)
     a[1, 2], b[3, 0] = float("nan"), float("nan")
@@ -76,6 +82,37 @@ def test_nan_through_elementwise_max_min_and_reductions(tmp_path):
                                        "export_dir": str(tmp_path)})
     for actual, expected in zip(module([a, b]), MaxMin()(a, b)):
         torch.testing.assert_close(actual, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("target", ["llvm", "cuda"])
+def test_chained_clamps_read_their_input_once_per_kernel(target):
+    """NaN-propagating relu/clip/maximum/minimum fused into one kernel read its input once.
+
+    Written as ``where(isnan(x), x, op(x))``, each read its input three times; inlined into
+    one kernel, a chain's expression grew as 3**depth, and a float16 model with hardswish,
+    relu6 and clamps after each other took minutes to build for CUDA."""
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([8, 16], "float16"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            # relu6 as float16 programs have it, then relu and a clamp (the old form: 81 reads)
+            y = bb.emit(relax.op.maximum(x, relax.const(0.0, "float16")))
+            y = bb.emit(relax.op.minimum(y, relax.const(6.0, "float16")))
+            y = bb.emit(relax.op.nn.relu(y))
+            out = bb.emit_output(relax.op.clip(y, -0.5, 5.5))
+        bb.emit_func_output(out)
+    target = build.cuda_target("sm_80") if target == "cuda" else build.host_cpu_target()
+    lowered = tvm.transform.Sequential([
+        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FuseOps(), relax.transform.FuseTIR()])(propagate_nan(bb.get()))
+    with target:
+        scheduled = build.default_schedule_pass(target)(lowered)
+    kernels = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]
+    assert len(kernels) == 1
+    body = [line for line in kernels[0].script().splitlines()
+            if not line.strip().startswith(("T.reads", "T.writes"))]
+    assert sum(len(re.findall(r"\bx\[", line)) for line in body) == 1
 
 
 class _FusedLinears(torch.nn.Module):

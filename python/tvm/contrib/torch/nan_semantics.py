@@ -47,13 +47,13 @@ def _broadcast_index(tensor: te.Tensor, out_shape: Sequence, index: Sequence) ->
             for k, dim in enumerate(tensor.shape)]
 
 
-def _let(tensor: te.Tensor, index: Sequence, body: Callable[[tirx.Var], tirx.PrimExpr]):
+def _let(tensor: te.Tensor, index: Sequence, body: Callable[[tirx.Var], tvm.ir.Expr]):
     """``body(v)`` with ``v`` bound to ``tensor[index]``: read once however often it is used."""
     var = tirx.Var(tensor.op.name, tensor.dtype)
     return tirx.Let(var, tensor(*index), body(var))
 
 
-def _nan_or(x: tirx.PrimExpr, value: tirx.PrimExpr) -> tirx.PrimExpr:
+def _nan_or(x: tvm.ir.Expr, value: tvm.ir.Expr) -> tvm.ir.Expr:
     return tirx.Select(tirx.isnan(x), x, value)
 
 

@@ -47,35 +47,50 @@ def _broadcast_index(tensor: te.Tensor, out_shape: Sequence, index: Sequence) ->
             for k, dim in enumerate(tensor.shape)]
 
 
-def _let(tensor: te.Tensor, index: Sequence, body: Callable[[tirx.Var], tvm.ir.Expr]):
+def _wide(dtype: str) -> str:
+    """The dtype the TIR functions below compute in: bfloat16 as float32 (TIR's isnan takes no
+    bfloat16); max, min and select of bfloat16 values in float32 round back exactly."""
+    return "float32" if dtype == "bfloat16" else dtype
+
+
+def _let(tensor: te.Tensor, index: Sequence, body: Callable[[tvm.ir.Expr], tvm.ir.Expr]):
     """``body(v)`` with ``v`` bound to ``tensor[index]``: read once however often it is used."""
-    var = tirx.Var(tensor.op.name, tensor.dtype)
+    wide = _wide(tensor.dtype)
+    if wide != tensor.dtype:
+        # No Let for bfloat16: TVM's bfloat16 legalization miscompiles a load inside one (it
+        # converts the raw bits as an integer). Chains of these on bfloat16 grow as 3**depth.
+        return body(tirx.Cast(wide, tensor(*index)))
+    var = tirx.Var(tensor.op.name, wide)
     return tirx.Let(var, tensor(*index), body(var))
 
 
-def _nan_or(x: tvm.ir.Expr, value: tvm.ir.Expr) -> tvm.ir.Expr:
-    return tirx.Select(tirx.isnan(x), x, value)
+def _narrow(value: tvm.ir.Expr, dtype: str) -> tvm.ir.Expr:
+    return value if _wide(dtype) == dtype else tirx.Cast(dtype, value)
 
 
 def _te_clip(x: te.Tensor, low, high) -> te.Tensor:
     """relu (``low`` 0, ``high`` None) or clip, NaN kept."""
+    wide = _wide(x.dtype)
+
     def bound(value):
-        return tirx.Cast(x.dtype, tirx.const(value, "float64")
+        return tirx.Cast(wide, tirx.const(value, "float64")
                          if isinstance(value, (int, float)) else value)
 
     def clipped(v):
         value = tirx.max(v, bound(low))
-        return _nan_or(v, value if high is None else tirx.min(value, bound(high)))
+        value = value if high is None else tirx.min(value, bound(high))
+        return tirx.Select(tirx.isnan(v), v, value)
 
-    return te.compute(x.shape, lambda *index: _let(x, index, clipped), name="nan_clip")
+    return te.compute(x.shape, lambda *index: _narrow(_let(x, index, clipped), x.dtype),
+                      name="nan_clip")
 
 
 def _te_max_min(a: te.Tensor, b: te.Tensor, out_shape, combine) -> te.Tensor:
     """maximum/minimum with broadcasting; NaN if either operand is (their sum is then NaN)."""
     def element(*index):
-        return _let(a, _broadcast_index(a, out_shape, index), lambda va: _let(
+        return _narrow(_let(a, _broadcast_index(a, out_shape, index), lambda va: _let(
             b, _broadcast_index(b, out_shape, index), lambda vb: tirx.Select(
-                tirx.Or(tirx.isnan(va), tirx.isnan(vb)), va + vb, combine(va, vb))))
+                tirx.Or(tirx.isnan(va), tirx.isnan(vb)), va + vb, combine(va, vb)))), a.dtype)
     return te.compute(out_shape, element, name="nan_max_min")
 
 

@@ -115,6 +115,29 @@ def test_chained_clamps_read_their_input_once_per_kernel(target):
     assert sum(len(re.findall(r"\bx\[", line)) for line in body) == 1
 
 
+@pytest.mark.parametrize("op", ["relu", "clip", "minimum"])
+def test_nan_through_bfloat16_tvm_kernels(op):
+    """relu, clip and maximum/minimum on bfloat16 tensors in TVM's kernels (computed in float32,
+    which TIR's isnan needs) match PyTorch exactly, NaN included."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([4, 8], "bfloat16"))
+    w = relax.Var("w", relax.TensorType([1, 8], "bfloat16"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            out = bb.emit_output({"relu": lambda: relax.op.nn.relu(x),
+                                  "clip": lambda: relax.op.clip(x, -0.5, 2.0),
+                                  "minimum": lambda: relax.op.minimum(x, w)}[op]())
+        bb.emit_func_output(out)
+    target = build.host_cpu_target()
+    vm = relax.VirtualMachine(build.build(propagate_nan(bb.get()), target), tvm.cpu())
+    a, b = torch.randn(4, 8).bfloat16(), torch.randn(1, 8).bfloat16()
+    a[0, 0], b[0, 3] = float("nan"), float("nan")
+    actual = torch.from_dlpack(vm["main"](tvm.runtime.from_dlpack(a), tvm.runtime.from_dlpack(b)))
+    expected = {"relu": torch.relu(a), "clip": a.clamp(-0.5, 2.0),
+                "minimum": torch.minimum(a, b)}[op]
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
 class _FusedLinears(torch.nn.Module):
     """Linear layers with every epilogue the CPU linear kernel fuses: GELU (erf and tanh), SiLU
     (also written as ``x * sigmoid(x)``), a residual add, and ReLU; with and without a bias."""

@@ -177,7 +177,7 @@ def to_float16(mod: tvm.IRModule) -> tvm.IRModule:
     """
     mod = relax.transform.ToMixedPrecision(out_dtype="float16")(_clips_as_max_min(mod))
     mod = _cast_float_io(mod, "float16")
-    return relax.transform.FoldConstant()(mod)
+    return _max_min_as_clips(relax.transform.FoldConstant()(mod))
 
 
 def _clips_as_max_min(mod: tvm.IRModule) -> tvm.IRModule:
@@ -196,6 +196,36 @@ def _clips_as_max_min(mod: tvm.IRModule) -> tvm.IRModule:
             if not np.isinf(number):
                 value = combine(value, relax.const(np.array(number, dtype)))
         return value
+
+    return _rewrite_main(mod, root, rewrite)
+
+
+def _max_min_as_clips(mod: tvm.IRModule) -> tvm.IRModule:
+    """``minimum(maximum(x, lo), hi)`` with scalar constant bounds -> ``clip(x, lo, hi)``: undoes
+    :func:`_clips_as_max_min` after ToMixedPrecision. Each of the three is made NaN-propagating
+    (:mod:`.nan_semantics`) by a select that reads its input three times, so a clip split in two
+    doubles the depth of a fused chain of them, whose inlined expression grows as 3^depth (a
+    float16 model's chain of clamps took minutes to build for CUDA)."""
+    def bound():  # ToMixedPrecision leaves a float32 bound cast to float16 unfolded
+        const = is_const()
+        return const | is_op("relax.astype")(const)
+
+    x, low, high = wildcard(), bound(), bound()
+    root = is_op("relax.minimum")(is_op("relax.maximum")(x, low), high)
+
+    def scalar(expr: relax.Expr) -> Optional[float]:
+        if isinstance(expr, relax.Call):
+            value = const_value(expr.args[0]).astype(str(expr.ty.dtype))
+        else:
+            value = const_value(expr)
+        return float(value) if value.ndim == 0 else None  # a bound broadcasts like a scalar
+
+    def rewrite(call, matched):
+        bounds = [scalar(matched[low]), scalar(matched[high])]
+        if None in bounds or any(np.isnan(b) for b in bounds) or bounds[0] > bounds[1]:
+            return call  # (with low > high the two orders of max and min differ)
+        return relax.op.clip(matched[x], tirx.FloatImm("float64", bounds[0]),
+                             tirx.FloatImm("float64", bounds[1]))
 
     return _rewrite_main(mod, root, rewrite)
 

@@ -117,8 +117,8 @@ def test_float16_clamps_stay_one_operator_each(target):
 
 @pytest.mark.parametrize("op", ["relu", "clip", "minimum"])
 def test_nan_through_bfloat16_tvm_kernels(op):
-    """relu, clip and maximum/minimum on bfloat16 tensors in TVM's kernels match PyTorch exactly,
-    NaN included (TIR's isnan takes no bfloat16)."""
+    """relu, clip and minimum on bfloat16 tensors in TVM's kernels match PyTorch exactly, NaN
+    included (TIR's isnan takes no bfloat16)."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType([4, 8], "bfloat16"))
     w = relax.Var("w", relax.TensorType([1, 8], "bfloat16"))

@@ -218,7 +218,7 @@ def _max_min_as_clips(mod: tvm.IRModule) -> tvm.IRModule:
             value = const_value(expr.args[0]).astype(str(expr.ty.dtype))
         else:
             value = const_value(expr)
-        return float(value) if value.ndim == 0 else None  # a bound broadcasts like a scalar
+        return float(value) if value.ndim == 0 else None  # clip takes scalar bounds only
 
     def rewrite(call, matched):
         bounds = [scalar(matched[low]), scalar(matched[high])]

@@ -101,6 +101,17 @@ def exact_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def scheduled_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> list:
+    """``mod``'s TIR kernels as the build pipeline makes them: legalized, fused and given the
+    target's default schedules (:func:`build.default_schedule_pass`)."""
+    lowered = tvm.transform.Sequential([
+        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+    with target:
+        scheduled = build.default_schedule_pass(target)(lowered)
+    return [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+
+
 def run_fresh_python(code: str, cwd: str, timeout: int = 300) -> str:
     """Run code in a new interpreter from ``cwd``; return stdout, failing with its stderr.
 

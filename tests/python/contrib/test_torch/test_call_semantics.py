@@ -8,11 +8,11 @@ import re
 import pytest
 import torch
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 
 from tvm.contrib.torch import build, compile, partition, passes
 from tvm.contrib.torch.nan_semantics import propagate_nan
-from conftest import assert_matches_with_nan_and_inf, exact_fp32
+from conftest import assert_matches_with_nan_and_inf, exact_fp32, scheduled_kernels
 
 
 def _mlp():
@@ -102,13 +102,7 @@ def test_float16_clamps_stay_one_operator_each(target):
         bb.emit_func_output(out)
     mod = propagate_nan(passes.to_float16(bb.get()))
     target = build.cuda_target("sm_80") if target == "cuda" else build.host_cpu_target()
-    lowered = tvm.transform.Sequential([
-        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
-    with target:
-        scheduled = build.default_schedule_pass(target)(lowered)
-    kernels = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)
-               and "isnan" in f.script()]
+    kernels = [f for f in scheduled_kernels(mod, target) if "isnan" in f.script()]
     assert len(kernels) == 1
     body = [line for line in kernels[0].script().splitlines()
             if not line.strip().startswith(("T.reads", "T.writes"))]

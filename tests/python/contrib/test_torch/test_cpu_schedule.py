@@ -7,6 +7,7 @@ import tvm
 from tvm import relax
 
 from tvm.contrib.torch import build
+from conftest import scheduled_kernels
 
 
 def _window_partition() -> tvm.IRModule:
@@ -26,13 +27,7 @@ def test_transpose_keeps_inner_loops_nested_and_matches_torch():
     """Only the outer loops that give the thread pool enough chunks are fused into the
     parallel loop: fusing them all recomputes every index with divisions per vector."""
     target = build.host_cpu_target()
-    lowered = tvm.transform.Sequential([
-        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FuseOps(), relax.transform.FuseTIR()])(_window_partition())
-    with target:
-        scheduled = build.cpu_schedule_pass()(lowered)
-    kernels = [f.script() for f in scheduled.functions.values()
-               if isinstance(f, tvm.tirx.PrimFunc)]
+    kernels = [f.script() for f in scheduled_kernels(_window_partition(), target)]
     assert len(kernels) == 1
     assert "T.parallel(T.int64(448))" in kernels[0]  # 64 windows x 7 rows; 7 x 96 inside
     assert "T.vectorized(" in kernels[0]  # the channels, by the CPU's vector width

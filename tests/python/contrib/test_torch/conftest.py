@@ -89,6 +89,21 @@ def cpu_program(tmp_path):
     return AffineProgram(str(tmp_path / "export"), "cpu")
 
 
+def set_linear_kernel(kernel: str) -> str:
+    """Set the GEMM of the float32 linear layers prepacked from now on ("auto", "onednn" or
+    "mkl"); returns the previous setting."""
+    return str(tvm.get_global_func("tvm_torch.set_linear_kernel")(kernel))
+
+
+@pytest.fixture
+def linear_kernel(request):
+    """The GEMM setting (an indirect parameter) for the weights prepacked during the test;
+    the previous setting restored after it."""
+    previous = set_linear_kernel(request.param)
+    yield request.param
+    set_linear_kernel(previous)
+
+
 @contextlib.contextmanager
 def exact_fp32():
     """cuDNN and cuBLAS in true fp32 (PyTorch lets cuDNN use TF32 by default), for the

@@ -153,8 +153,14 @@ class _FusedLinears(torch.nn.Module):
             torch.nn.functional.silu(self.fc4(swish)), t5
 
 
-@pytest.mark.parametrize("vendor_kernels", [True, False], ids=["vendor", "tvm"])
-def test_linear_epilogues_match_pytorch_with_nan_and_inf(vendor_kernels, device, tmp_path):
+@pytest.mark.parametrize("vendor_kernels,linear_kernel",
+                         [(True, "onednn"), (True, "mkl"), (False, "auto")],
+                         ids=["vendor-onednn", "vendor-mkl", "tvm"], indirect=["linear_kernel"])
+def test_linear_epilogues_match_pytorch_with_nan_and_inf(vendor_kernels, linear_kernel, device,
+                                                         tmp_path):
+    """On CPU, with the linear layers on each GEMM (MKL's packed one, oneDNN's)."""
+    if linear_kernel == "mkl" and (device != "cpu" or not torch.backends.mkl.is_available()):
+        pytest.skip("MKL's GEMM is a CPU kernel of libtorch built with MKL")
     torch.manual_seed(0)
     model = _FusedLinears().eval().to(device)
     x = torch.randn(2, 5, 16, device=device)

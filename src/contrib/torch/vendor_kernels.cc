@@ -27,10 +27,13 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#include <xmmintrin.h>
 #endif
 
 #include <atomic>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -634,9 +637,64 @@ ffi::Tensor LayerNorm(ffi::Tensor x, ffi::Tensor gamma, ffi::Tensor beta, double
   return ToTvmTensor(at::layer_norm(ToTorchTensor(x), g.sizes(), g, ToTorchTensor(beta), eps));
 }
 
+/*!
+ * \brief Flush-to-zero and denormals-are-zero on the calling thread while in scope (x86's
+ *        MXCSR; nothing elsewhere): subnormal results become 0 instead of taking the CPU's
+ *        slow path.
+ */
+class FlushSubnormalsScope {
+ public:
+  FlushSubnormalsScope() {
+#if defined(__x86_64__) || defined(__i386__)
+    saved_ = _mm_getcsr();
+    _mm_setcsr(saved_ | kFtz | kDaz);
+#endif
+  }
+  ~FlushSubnormalsScope() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_setcsr(saved_);
+#endif
+  }
+  FlushSubnormalsScope(const FlushSubnormalsScope&) = delete;
+  FlushSubnormalsScope& operator=(const FlushSubnormalsScope&) = delete;
+
+ private:
+  static constexpr unsigned kFtz = 0x8000;
+  static constexpr unsigned kDaz = 0x0040;
+  unsigned saved_ = 0;
+};
+
 /*! \brief softmax along one axis (ATen's vectorised kernel). */
 ffi::Tensor Softmax(ffi::Tensor x, int64_t axis) {
   return ToTvmTensor(at::softmax(ToTorchTensor(x), axis));
+}
+
+/*!
+ * \brief Softmax for attention probabilities that nothing reads but matrix products (the
+ *        compiler checks): Softmax with its subnormal results (float32 and bfloat16, below
+ *        1.2e-38) set to 0. In a product they change the result by less than its rounding,
+ *        while GEMMs run 10-50x slower on subnormal operands. The softmax runs with FTZ/DAZ
+ *        on this thread (its subnormal exponentials take the slow path too); ATen's worker
+ *        threads do not share this thread's mode, so the result is flushed after it as well.
+ */
+ffi::Tensor SoftmaxProbabilities(ffi::Tensor x, int64_t axis) {
+  const at::Tensor input = ToTorchTensor(x);
+  const at::ScalarType dtype = input.scalar_type();
+  if ((dtype != at::kFloat && dtype != at::kBFloat16) || input.device().type() != at::kCPU) {
+    return ToTvmTensor(at::softmax(input, axis));
+  }
+  at::Tensor y;
+  {
+    FlushSubnormalsScope scope;
+    y = at::softmax(input, axis);
+  }
+  // threshold_ sets y <= the dtype's largest subnormal to 0 and keeps NaN (probabilities
+  // are >= 0); that value is exact in float32 and, for bfloat16's, in bfloat16.
+  const float largest_subnormal =
+      dtype == at::kFloat
+          ? std::nextafter(std::numeric_limits<float>::min(), 0.0f)
+          : static_cast<float>(c10::BFloat16(0x007F, c10::BFloat16::from_bits()));
+  return ToTvmTensor(at::threshold_(y, largest_subnormal, 0.0));
 }
 
 /*!
@@ -740,6 +798,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.matmul", tvm_torch::Matmul)
       .def("tvm_torch.layer_norm", tvm_torch::LayerNorm)
       .def("tvm_torch.softmax", tvm_torch::Softmax)
+      .def("tvm_torch.softmax_probabilities", tvm_torch::SoftmaxProbabilities)
       .def("tvm_torch.attention", tvm_torch::Attention)
       .def("tvm_torch.attention_masked", tvm_torch::AttentionMasked)
       .def("tvm_torch.attention_views", tvm_torch::AttentionViews)

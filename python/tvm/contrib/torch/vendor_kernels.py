@@ -18,7 +18,9 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   whose tuned TVM kernel was measured faster (``tvm_wins``: :mod:`.vendor_choice`) stay TVM
   code.
 * ``layer_norm`` (trailing axes) and ``softmax`` -> ``tvm_torch.layer_norm`` /
-  ``tvm_torch.softmax`` (ATen's kernels), on CPU and CUDA.
+  ``tvm_torch.softmax`` (ATen's kernels), on CPU and CUDA; on CPU, a softmax that only
+  matrix products read (attention's probabilities) -> ``tvm_torch.softmax_probabilities``,
+  which sets its subnormal results to 0 (GEMMs are 10-50x slower on them).
 * ``mean`` over leading axes only (global pooling in NHWC; CPU, float32, 4096+ elements) ->
   ``tvm_torch.mean`` (ATen's vectorised reduction).
 * ``max_pool2d`` / ``avg_pool2d`` in NHWC (CPU, symmetric padding, no dilation for average)
@@ -170,6 +172,31 @@ def _use_counts(func: relax.Function) -> Dict[relax.Var, int]:
             read(binding.value)
     read(func.body.body)
     return counts
+
+
+def _feeds_matmul_lhs_only(var: relax.Var, bindings: Dict[relax.Var, relax.Expr],
+                           uses: Dict[relax.Var, int]) -> bool:
+    """Whether ``var`` is read only as the left operand of ``tvm_torch.matmul`` calls, directly
+    or through reshapes and broadcasts to its own shape (attention's probabilities times the
+    values)."""
+    reads = [(bound, value) for bound, value in bindings.items()
+             if isinstance(value, relax.Call) and any(a.same_as(var) for a in value.args)]
+    if not reads or sum(sum(a.same_as(var) for a in value.args)
+                        for _, value in reads) != uses.get(var, 0):
+        return False  # also read elsewhere: by the result, a tuple, a nested scope
+    for bound, value in reads:
+        name = value.op.name if isinstance(value.op, tvm.ir.Op) else ""
+        if name == "relax.call_pure_packed":
+            if (str(value.args[0].global_symbol) != "tvm_torch.matmul" or
+                    not value.args[1].same_as(var) or value.args[2].same_as(var)):
+                return False
+        elif name == "relax.reshape" or (name == "relax.broadcast_to" and
+                                         _dims(value) == _dims(var)):
+            if not _feeds_matmul_lhs_only(bound, bindings, uses):
+                return False
+        else:
+            return False
+    return True
 
 
 class _Chains:
@@ -761,11 +788,20 @@ def _rewrite_normalizations(func: relax.Function, gpu: bool) -> relax.Function:
     def rewrite_softmax(call, _matched):
         if _dims(call.args[0]) is None or str(call.ty.dtype) not in ok_dtypes:
             return call
-        return relax.call_pure_packed("tvm_torch.softmax", call.args[0],
-                                      tvm.tirx.IntImm("int64", int(call.attrs.axis)),
-                                      ty_args=call.ty)
+        # Probabilities that only multiply the values (attention) may be flushed where they
+        # are subnormal (< 1.2e-38): they change the product by less than its rounding, and
+        # GEMMs run 10-50x slower on subnormal operands (Swin's -100 window masks give
+        # exp(-100)). Other readers (a log, the model's output) get them as PyTorch does.
+        var = bound_to.get(call)
+        flush = (not gpu and var is not None and str(call.ty.dtype) in ("float32", "bfloat16")
+                 and _feeds_matmul_lhs_only(var, bindings, uses))
+        return relax.call_pure_packed(
+            "tvm_torch.softmax_probabilities" if flush else "tvm_torch.softmax", call.args[0],
+            tvm.tirx.IntImm("int64", int(call.attrs.axis)), ty_args=call.ty)
 
     func = rewrite_call(layer_norm, rewrite_layer_norm, func)
+    bindings, uses = _bindings(func), _use_counts(func)
+    bound_to = {value: var for var, value in bindings.items()}
     return rewrite_call(softmax, rewrite_softmax, func)
 
 

@@ -326,6 +326,38 @@ def test_layer_norm_and_softmax():
     assert not {"relax.nn.layer_norm", "relax.nn.softmax"} & set(ops)
 
 
+def _probabilities_times(bb, p, reader):
+    """softmax(s) (reshaped as batched attention reshapes it) times v, and ``reader`` of the
+    probabilities (or None)."""
+    probs = bb.emit(relax.op.nn.softmax(p[0], axis=-1))
+    flat = bb.emit(relax.op.reshape(bb.emit(relax.op.broadcast_to(probs, (2, 3, 6, 6))),
+                                    (6, 6, 6)))
+    out = bb.emit(relax.op.matmul(flat, p[1]))
+    if reader is None:
+        return out
+    return bb.emit(relax.Tuple([out, bb.emit(reader(probs))]))
+
+
+@pytest.mark.parametrize("reader, flushed", [(None, True), (relax.op.log, False),
+                                             (lambda probs: probs, False)],
+                         ids=["matmul-only", "log", "output"])
+def test_attention_probabilities_flush_subnormals_when_only_a_product_reads_them(reader,
+                                                                                 flushed):
+    scores, values = ((2, 3, 6, 6), "float32"), ((6, 6, 4), "float32")
+    packed, _, _ = _offload([scores, values], lambda bb, p: _probabilities_times(bb, p, reader))
+    softmax = "tvm_torch.softmax_probabilities" if flushed else "tvm_torch.softmax"
+    assert packed == [softmax, "tvm_torch.matmul"], packed
+
+
+def test_probabilities_as_the_right_operand_are_not_flushed():
+    def body(bb, p):
+        probs = bb.emit(relax.op.nn.softmax(p[0], axis=-1))
+        return bb.emit(relax.op.matmul(p[1], probs))
+
+    packed, _, _ = _offload([((6, 6, 6), "float32"), ((6, 4, 6), "float32")], body)
+    assert packed == ["tvm_torch.softmax", "tvm_torch.matmul"], packed
+
+
 def test_layer_norm_over_a_leading_axis_left_alone():
     body = lambda bb, p: bb.emit(relax.op.nn.layer_norm(  # noqa: E731
         p[0], _const((4,)), _const((4,), seed=1), axes=[0]))

@@ -672,8 +672,9 @@ ffi::Tensor Softmax(ffi::Tensor x, int64_t axis) {
 /*!
  * \brief Softmax for attention probabilities that nothing reads but matrix products (the
  *        compiler checks): Softmax with its subnormal results (float32 and bfloat16, below
- *        1.2e-38) set to 0. In a product they change the result by less than its rounding,
- *        while GEMMs run 10-50x slower on subnormal operands. The softmax runs with FTZ/DAZ
+ *        1.2e-38) set to 0. That moves a product with the values by at most keys x 1.2e-38
+ *        x max|v|, far below its rounding, while GEMMs run 10-50x slower on subnormal
+ *        operands. The softmax runs with FTZ/DAZ
  *        on this thread (its subnormal exponentials take the slow path too); ATen's worker
  *        threads do not share this thread's mode, so the result is flushed after it as well.
  */

@@ -35,7 +35,8 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   tanh), SiLU, ReLU or a residual add (``tvm_torch.linear_add``). The runtime picks the GEMM
   when it prepacks: on Intel CPUs, float32 layers of a static row count run on MKL's packed
   GEMM (as Inductor's freezing runs them; the epilogue is an ATen pass after it), others on
-  oneDNN's inner product, with the epilogue fused into it but ReLU after it; on CUDA (+ bias) (+ ReLU) -> ``tvm_torch.matmul_bias`` (cuBLAS).
+  oneDNN's inner product, with the epilogue fused into it but ReLU after it. On CUDA
+  (+ bias) (+ ReLU) -> ``tvm_torch.matmul_bias`` (cuBLAS).
   Other ``matmul`` -> ``tvm_torch.matmul`` (MKL on CPU, cuBLAS on CUDA).
 * ``nn.attention`` (no window) -> ``tvm_torch.attention`` / ``tvm_torch.attention_masked``:
   ATen's fused ``scaled_dot_product_attention`` (flash attention), on CPU and CUDA; a mask
@@ -789,9 +790,10 @@ def _rewrite_normalizations(func: relax.Function, gpu: bool) -> relax.Function:
         if _dims(call.args[0]) is None or str(call.ty.dtype) not in ok_dtypes:
             return call
         # Probabilities that only multiply the values (attention) may be flushed where they
-        # are subnormal (< 1.2e-38): they change the product by less than its rounding, and
-        # GEMMs run 10-50x slower on subnormal operands (Swin's -100 window masks give
-        # exp(-100)). Other readers (a log, the model's output) get them as PyTorch does.
+        # are subnormal (< 1.2e-38): that moves the product by at most keys x 1.2e-38 x
+        # max|v|, far below its rounding, and GEMMs run 10-50x slower on subnormal operands
+        # (Swin's -100 window masks give exp(-100)). Other readers (a log, the model's
+        # output) get them as PyTorch computes them.
         var = bound_to.get(call)
         flush = (not gpu and var is not None and str(call.ty.dtype) in ("float32", "bfloat16")
                  and _feeds_matmul_lhs_only(var, bindings, uses))

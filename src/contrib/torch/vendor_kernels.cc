@@ -13,8 +13,8 @@
  * onednn_graph_conv.h), and with the epilogues that oneDNN computes exactly as PyTorch does
  * (bias, residual add, SiLU, sigmoid, tanh, hardswish, GELU for linear layers) fused into the
  * primitive; ReLU, ReLU6 and hardsigmoid are applied by ATen after it (oneDNN's map NaN to a
- * number). On Intel CPUs, float32 linear layers run on MKL's packed GEMM instead (UseMkl),
- * their epilogue after it. All tensors cross the boundary through DLPack without copies.
+ * number). On Intel CPUs, float32 linear layers with large weights run on MKL's packed GEMM
+ * instead (UseMkl), their epilogue after it. All tensors cross the boundary through DLPack without copies.
  */
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -422,8 +422,8 @@ ffi::Tensor MatmulBias(ffi::Tensor x, ffi::Tensor w, ffi::Tensor bias, ffi::Stri
 
 /*!
  * \brief Which GEMM float32 linear layers with a static row count run on, chosen per layer
- *        when its weight is prepacked: "auto" (MKL's packed GEMM on Intel CPUs, oneDNN's
- *        inner product elsewhere), "onednn" or "mkl"; set by tvm_torch.set_linear_kernel,
+ *        when its weight is prepacked: "auto" (MKL's packed GEMM for weights of 512 KiB or
+ *        more on Intel CPUs, oneDNN's inner product otherwise: UseMkl), "onednn" or "mkl"; set by tvm_torch.set_linear_kernel,
  *        for A/B runs and as a way out. bfloat16 layers are always oneDNN's.
  */
 std::atomic<int> g_linear_kernel{0};
@@ -502,19 +502,24 @@ const LinearWeightObj& UnwrapLinear(const ffi::ObjectRef& holder) {
   return *node;
 }
 
+/*! \brief The smallest float32 weight (in bytes) "auto" runs on MKL's packed GEMM. */
+constexpr int64_t kMklMinWeightBytes = 512 * 1024;
+
 /*!
  * \brief Whether a layer runs on MKL's packed GEMM. In a model, whose weights stream from
  *        memory at every call, MKL's packed GEMM ran a DistilBERT's 36 float32 layers 10%
  *        faster than oneDNN's inner product on an Intel Xeon (Emerald Rapids); on AMD's Zen 4
- *        oneDNN's was the faster one (docs/performance.md). A layer whose row count is only
- *        known per call stays on oneDNN: MKL's packing is for one row count.
+ *        oneDNN's was the faster one. Weights of under 512 KiB stay on oneDNN: there it was
+ *        level or 10-18% faster (ConvNeXt's and Swin's first stage: 3136 rows, 96 -> 384)
+ *        and fuses the epilogue (docs/performance.md). A layer whose row count is only known
+ *        per call stays on oneDNN too: MKL's packing is for one row count.
  */
-bool UseMkl(at::ScalarType dtype, int64_t rows) {
-  if (dtype != at::kFloat || rows <= 0 || !MklLinear().has_value()) return false;
+bool UseMkl(const at::Tensor& weight, int64_t rows) {
+  if (weight.scalar_type() != at::kFloat || rows <= 0 || !MklLinear().has_value()) return false;
   const int choice = g_linear_kernel.load(std::memory_order_relaxed);
   if (choice != 0) return choice == 2;
   static const bool intel = IsIntelCpu();
-  return intel;
+  return intel && weight.numel() * static_cast<int64_t>(sizeof(float)) >= kMklMinWeightBytes;
 }
 
 /*!
@@ -529,7 +534,7 @@ LinearWeight LinearPrepack(ffi::Tensor weight, int64_t rows, ffi::String compute
   // A copy: the params blob may be freed after load.
   at::Tensor w = ToTorchTensor(weight).to(ComputeDtype(compute_dtype), /*non_blocking=*/false,
                                           /*copy=*/true);
-  if (UseMkl(w.scalar_type(), rows)) {
+  if (UseMkl(w, rows)) {
     node->packed = MklLinear()->reorder.call(w, rows);
     node->shape_only = at::zeros({1}, w.options()).expand(w.sizes());
     node->rows = rows;

@@ -33,9 +33,9 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   ``tvm_torch.linear`` with the weight prepacked once (at the first call)
   (``tvm_torch.linear_prepack``, lifted like the convolutions' prepack), with GELU (erf or
   tanh), SiLU, ReLU or a residual add (``tvm_torch.linear_add``). The runtime picks the GEMM
-  when it prepacks: on Intel CPUs, float32 layers of a static row count run on MKL's packed
-  GEMM (as Inductor's freezing runs them; the epilogue is an ATen pass after it), others on
-  oneDNN's inner product, with the epilogue fused into it but ReLU after it. On CUDA
+  when it prepacks: on Intel CPUs, float32 layers of a static row count and 512 KiB or more
+  of weights run on MKL's packed GEMM (as Inductor's freezing runs them; the epilogue is an
+  ATen pass after it), others on oneDNN's inner product, with the epilogue fused into it but ReLU after it. On CUDA
   (+ bias) (+ ReLU) -> ``tvm_torch.matmul_bias`` (cuBLAS).
   Other ``matmul`` -> ``tvm_torch.matmul`` (MKL on CPU, cuBLAS on CUDA).
 * ``nn.attention`` (no window) -> ``tvm_torch.attention`` / ``tvm_torch.attention_masked``:

@@ -1,7 +1,8 @@
 """Which GEMM a float32 linear layer runs on (src/contrib/torch/vendor_kernels.cc): MKL's
-packed GEMM on Intel CPUs, oneDNN's inner product elsewhere, chosen when the weight is
-prepacked; bfloat16 layers, and layers whose row count is only known per call, always on
-oneDNN. Each GEMM must compute what PyTorch computes, every epilogue included."""
+packed GEMM for weights of 512 KiB or more on Intel CPUs, oneDNN's inner product otherwise,
+chosen when the weight is prepacked; bfloat16 layers, and layers whose row count is only
+known per call, always on oneDNN. Each GEMM must compute what PyTorch computes, every
+epilogue included."""
 from __future__ import annotations
 
 import pytest
@@ -82,9 +83,10 @@ def test_an_mkl_layer_refuses_another_row_count(linear_kernel):
 
 
 @pytest.mark.parametrize("linear_kernel", ["auto"], indirect=True)
-def test_auto_picks_mkl_on_intel_cpus_only(linear_kernel):
-    expected = _intel_cpu() and torch.backends.mkl.is_available()
-    assert bool(_runs_on_mkl(_prepacked(torch.randn(8, 4), 3))) == expected
+def test_auto_picks_mkl_for_large_weights_on_intel_cpus_only(linear_kernel):
+    large = _intel_cpu() and torch.backends.mkl.is_available()
+    assert bool(_runs_on_mkl(_prepacked(torch.randn(512, 256), 3))) == large  # 512 KiB
+    assert not _runs_on_mkl(_prepacked(torch.randn(511, 256), 3))
 
 
 def test_setting_returns_the_previous_one_and_refuses_unknown_names():

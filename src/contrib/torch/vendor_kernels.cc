@@ -14,7 +14,8 @@
  * (bias, residual add, SiLU, sigmoid, tanh, hardswish, GELU for linear layers) fused into the
  * primitive; ReLU, ReLU6 and hardsigmoid are applied by ATen after it (oneDNN's map NaN to a
  * number). On Intel CPUs, float32 linear layers with large weights run on MKL's packed GEMM
- * instead (UseMkl), their epilogue after it. All tensors cross the boundary through DLPack without copies.
+ * instead (UseMkl), their epilogue after it. All tensors cross the boundary through DLPack
+ * without copies.
  */
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -423,8 +424,9 @@ ffi::Tensor MatmulBias(ffi::Tensor x, ffi::Tensor w, ffi::Tensor bias, ffi::Stri
 /*!
  * \brief Which GEMM float32 linear layers with a static row count run on, chosen per layer
  *        when its weight is prepacked: "auto" (MKL's packed GEMM for weights of 512 KiB or
- *        more on Intel CPUs, oneDNN's inner product otherwise: UseMkl), "onednn" or "mkl"; set by tvm_torch.set_linear_kernel,
- *        for A/B runs and as a way out. bfloat16 layers are always oneDNN's.
+ *        more on Intel CPUs, oneDNN's inner product otherwise: UseMkl), "onednn" or "mkl";
+ *        set by tvm_torch.set_linear_kernel, for A/B runs and as a way out. bfloat16 layers
+ *        are always oneDNN's.
  */
 std::atomic<int> g_linear_kernel{0};
 constexpr const char* kLinearKernels[] = {"auto", "onednn", "mkl"};
@@ -527,9 +529,10 @@ bool UseMkl(const at::Tensor& weight, int64_t rows) {
  *        `rows` rows (0: any number of rows), for the GEMM UseMkl chooses.
  */
 LinearWeight LinearPrepack(ffi::Tensor weight, int64_t rows, ffi::String compute_dtype) {
+  using Reorder = at::Tensor(const at::Tensor&, std::optional<int64_t>);
   static auto onednn_reorder = c10::Dispatcher::singleton()
                                    .findSchemaOrThrow("mkldnn::_reorder_linear_weight", "")
-                                   .typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>();
+                                   .typed<Reorder>();
   auto node = ffi::make_object<LinearWeightObj>();
   // A copy: the params blob may be freed after load.
   at::Tensor w = ToTorchTensor(weight).to(ComputeDtype(compute_dtype), /*non_blocking=*/false,

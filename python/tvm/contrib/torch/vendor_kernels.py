@@ -3,7 +3,7 @@
 TVM's untuned kernels for convolutions and matrix products are far slower than the vendor
 libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites them into
 ``R.call_pure_packed`` calls of the functions registered by the runtime library
-(``src/contrib/torch/vendor_kernels.cc``):
+(``src/contrib/torch/vendor_kernels.cc``; linear layers in ``linear_kernels.cc``):
 
 * on CPU, ``conv2d`` (+ bias) (+ ReLU, ReLU6, SiLU, sigmoid, tanh, hardswish or hardsigmoid)
   (+ residual add) (+ ReLU) -> ``tvm_torch.conv2d_nhwc`` /

@@ -1,4 +1,4 @@
-"""Which GEMM a float32 linear layer runs on (src/contrib/torch/vendor_kernels.cc): MKL's
+"""Which GEMM a float32 linear layer runs on (src/contrib/torch/linear_kernels.cc): MKL's
 packed GEMM for weights of 512 KiB or more on Intel CPUs, oneDNN's inner product otherwise,
 chosen when the weight is prepacked; bfloat16 layers, and layers whose row count is only
 known per call, always on oneDNN. Each GEMM must compute what PyTorch computes, every

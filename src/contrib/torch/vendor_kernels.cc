@@ -28,6 +28,7 @@
 #include <xmmintrin.h>
 #endif
 
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -494,12 +495,12 @@ ffi::Tensor Attention(ffi::Tensor q, ffi::Tensor k, ffi::Tensor v, double scale,
 }
 
 /*!
- * \brief Attention whose q, k and v are strided views of contiguous tensors (e.g. the three
- *        thirds of a fused QKV projection): `views` holds, for q, k and v in turn, the view's
- *        4 sizes (relax.nn.attention's layout), 4 strides and storage offset.
+ * \brief q, k and v as the strided views of contiguous tensors that `views` describes: for
+ *        each in turn, the view's 4 sizes (relax.nn.attention's layout), 4 strides and
+ *        storage offset (e.g. the three thirds of a fused QKV projection).
  */
-ffi::Tensor AttentionViews(ffi::Tensor q, ffi::Tensor k, ffi::Tensor v, ffi::Shape views,
-                           double scale, bool causal) {
+std::array<at::Tensor, 3> AttentionInputViews(const ffi::Tensor& q, const ffi::Tensor& k,
+                                              const ffi::Tensor& v, const ffi::Shape& views) {
   TORCH_CHECK(views.size() == 27, "tvm_torch.attention_views: expected 27 view numbers, got ",
               views.size());
   auto view = [&](const ffi::Tensor& base, size_t which) {
@@ -515,7 +516,24 @@ ffi::Tensor AttentionViews(ffi::Tensor q, ffi::Tensor k, ffi::Tensor v, ffi::Sha
                 " does not fit a contiguous tensor of ", t.numel(), " elements");
     return t.as_strided(sizes, strides, v[8]);
   };
-  return SeqFirstAttention(view(q, 0), view(k, 1), view(v, 2), std::nullopt, scale, causal);
+  return {view(q, 0), view(k, 1), view(v, 2)};
+}
+
+/*! \brief Attention (SeqFirstAttention) on strided views (AttentionInputViews). */
+ffi::Tensor AttentionViews(ffi::Tensor q, ffi::Tensor k, ffi::Tensor v, ffi::Shape views,
+                           double scale, bool causal) {
+  auto [qv, kv, vv] = AttentionInputViews(q, k, v, views);
+  return SeqFirstAttention(qv, kv, vv, std::nullopt, scale, causal);
+}
+
+/*!
+ * \brief Attention with a mask (as AttentionMasked) on strided views (AttentionInputViews).
+ */
+ffi::Tensor AttentionViewsMasked(ffi::Tensor q, ffi::Tensor k, ffi::Tensor v,
+                                 ffi::Shape views, ffi::Tensor mask, double scale,
+                                 bool causal) {
+  auto [qv, kv, vv] = AttentionInputViews(q, k, v, views);
+  return SeqFirstAttention(qv, kv, vv, ToTorchTensor(mask), scale, causal);
 }
 
 /*!
@@ -563,6 +581,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.attention", tvm_torch::Attention)
       .def("tvm_torch.attention_masked", tvm_torch::AttentionMasked)
       .def("tvm_torch.attention_views", tvm_torch::AttentionViews)
+      .def("tvm_torch.attention_views_masked", tvm_torch::AttentionViewsMasked)
       .def("tvm_torch.mean", tvm_torch::Mean)
       .def("tvm_torch.max_pool2d_nhwc", tvm_torch::MaxPool2dNhwc)
       .def("tvm_torch.avg_pool2d_nhwc", tvm_torch::AvgPool2dNhwc)

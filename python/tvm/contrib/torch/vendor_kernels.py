@@ -40,9 +40,12 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   Other ``matmul`` -> ``tvm_torch.matmul`` (MKL on CPU, cuBLAS on CUDA).
 * ``nn.attention`` (no window) -> ``tvm_torch.attention`` / ``tvm_torch.attention_masked``:
   ATen's fused ``scaled_dot_product_attention`` (flash attention), on CPU and CUDA; a mask
-  made from a boolean one reaches ATen as the boolean mask. On CPU, where q, k and v are
-  reshaped, transposed and sliced out of contiguous tensors (timm's fused QKV projection),
-  ``tvm_torch.attention_views`` reads them there as strided views instead.
+  made from a boolean one reaches ATen as the boolean mask (on CPU, the zeroing of rows with
+  no key to attend to that the converter writes after it then goes: ATen's kernel gives those
+  rows 0 itself). On CPU, where q, k and v are reshaped, transposed, sliced and split out of
+  contiguous tensors (timm's and GPT-2's fused QKV projections),
+  ``tvm_torch.attention_views`` / ``tvm_torch.attention_views_masked`` read them there as
+  strided views instead.
 * ``permute_dims(permute_dims(x))`` -> one permutation, or ``x`` when they cancel (the
   importer's layout changes around attention undo the model's own); on CPU, the transposes
   ConvertLayout puts around clips (relu6, hardswish, hardsigmoid) are dropped first.
@@ -950,6 +953,61 @@ def _rewrite_attention(func: relax.Function, gpu: bool) -> relax.Function:
     return rewrite_call(plain, rewrite_plain, func)
 
 
+def _is_zero(expr: relax.Expr) -> bool:
+    """Whether ``expr`` is a scalar constant 0."""
+    if not isinstance(expr, tvm.ir.GenericConst):
+        return False
+    value = const_value(expr)
+    return value.size == 1 and float(value.reshape(-1)[0]) == 0.0
+
+
+def _drop_row_zeroing(func: relax.Function) -> relax.Function:
+    """``where(max(astype(mask), -1) > 0, permute_dims(attention_masked(q, k, v, mask)), 0)``
+    -> the ``permute_dims``, for a boolean ``mask``: the zeroing that
+    :func:`.converters.scaled_dot_product_attention` writes after attention, so that a query
+    row with no key to attend to gives 0 as in PyTorch, is what ATen's kernel computes already
+    when it takes the boolean mask itself (checked on CPU)."""
+    bound = _bindings(func)
+
+    def value(expr, op_name):
+        """The call of ``op_name`` that ``expr`` is or is bound to, else None."""
+        found = bound.get(expr) if isinstance(expr, relax.Var) else expr
+        if isinstance(found, relax.Call) and isinstance(found.op, tvm.ir.Op) and \
+                found.op.name == op_name:
+            return found
+        return None
+
+    def redundant(call: relax.Call) -> bool:
+        cond, out, zero = call.args
+        greater, permute = value(cond, "relax.greater"), value(out, "relax.permute_dims")
+        if greater is None or permute is None or not _is_zero(zero) or \
+                not _is_zero(greater.args[1]) or _dims(call) != _dims(out):
+            return False
+        row_max = value(greater.args[0], "relax.max")
+        attention = value(permute.args[0], "relax.call_pure_packed")
+        if row_max is None or attention is None or \
+                str(attention.args[0].global_symbol) != "tvm_torch.attention_masked":
+            return False
+        cast = value(row_max.args[0], "relax.astype")
+        rank = len(_dims(row_max.args[0]) or [])
+        axes = [int(a) % rank for a in row_max.attrs.axis] if rank and \
+            row_max.attrs.axis is not None else None
+        mask = attention.args[4]
+        return cast is not None and axes == [rank - 1] and bool(row_max.attrs.keepdims) and \
+            str(mask.ty.dtype) == "bool" and cast.args[0].same_as(mask)
+
+    @mutator
+    class _Drop(PyExprMutator):  # pylint: disable=abstract-method
+        def visit_call_(self, call):  # pylint: disable=arguments-renamed
+            call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.where" and \
+                    redundant(call):
+                return call.args[1]
+            return call
+
+    return _Drop().visit_expr(func)
+
+
 def _fold_permutes(func: relax.Function) -> relax.Function:
     """permute_dims of a permute_dims: one permutation, none when they cancel."""
     inner = is_op("relax.permute_dims")(wildcard())
@@ -983,21 +1041,64 @@ def _ints(expr) -> Optional[list]:
     return out
 
 
+def _split_bounds(item: relax.TupleGetItem, bound) -> Optional[Tuple[int, int, int]]:
+    """``(axis, begin, end)`` of ``item`` when it takes a part of a ``relax.split`` of a tensor
+    with a static extent along the split axis; None otherwise."""
+    split = bound.get(item.tuple_value) if isinstance(item.tuple_value, relax.Var) else None
+    if not isinstance(split, relax.Call) or not isinstance(split.op, tvm.ir.Op) or \
+            split.op.name != "relax.split":
+        return None
+    dims = _dims(split.args[0])
+    if dims is None:
+        return None
+    axis = int(split.attrs.axis) % len(dims)
+    extent = dims[axis]
+    sections = split.attrs.indices_or_sections
+    if extent is None:
+        return None
+    if isinstance(sections, tvm.tirx.IntImm):
+        step = -(-extent // int(sections))  # equal parts rounded up, the last one smaller
+        cuts = list(range(step, extent, step))
+    else:
+        cuts = _ints(sections)
+        if cuts is None:
+            return None
+    edges = [0] + [min(max(c, 0), extent) for c in cuts] + [extent]
+    index = int(item.index)
+    if not 0 <= index < len(edges) - 1:
+        return None
+    return axis, edges[index], max(edges[index + 1], edges[index])
+
+
 def _as_view(expr: relax.Expr, bound) -> Optional[Tuple[relax.Expr, List[int]]]:
-    """``(root, view)`` when ``expr`` is a chain of :data:`.passes.VIEW_OPS` over ``root`` (static
-    shapes), with ``view`` its 4 sizes, 4 strides and storage offset into the contiguous
-    ``root``; None otherwise (one op, or a reshape no view can express, breaks it)."""
+    """``(root, view)`` when ``expr`` is a chain of :data:`.passes.VIEW_OPS` and parts of
+    ``relax.split`` over ``root`` (static shapes), with ``view`` its 4 sizes, 4 strides and
+    storage offset into the contiguous ``root``; None otherwise (one op, or a reshape no view
+    can express, breaks it)."""
     chain = []
-    while isinstance(expr, relax.Var) and isinstance(bound.get(expr), relax.Call) and \
-            isinstance(bound[expr].op, tvm.ir.Op) and bound[expr].op.name in VIEW_OPS:
-        chain.append(bound[expr])
-        expr = bound[expr].args[0]
+    while isinstance(expr, relax.Var):
+        value = bound.get(expr)
+        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and \
+                value.op.name in VIEW_OPS:
+            chain.append(value)
+            expr = value.args[0]
+        elif isinstance(value, relax.TupleGetItem) and _split_bounds(value, bound) is not None:
+            chain.append(value)
+            expr = bound[value.tuple_value].args[0]
+        else:
+            break
     root_dims = _dims(expr)
     if not chain or root_dims is None or None in root_dims:
         return None
     t = torch.empty(root_dims, device="meta")
     try:
         for call in reversed(chain):
+            if isinstance(call, relax.TupleGetItem):
+                axis, begin, end = _split_bounds(call, bound)
+                t = t.narrow(axis, begin, end - begin)
+                if list(t.shape) != _dims(call):
+                    return None
+                continue
             name = call.op.name
             if name == "relax.permute_dims":
                 t = t.permute(_permutation(call))
@@ -1034,22 +1135,25 @@ class _AttentionOnViews(PyExprMutator):  # pylint: disable=abstract-method
 
     def visit_call_(self, call):  # pylint: disable=arguments-renamed
         call = super().visit_call_(call)
-        if call.op != tvm.ir.Op.get("relax.call_pure_packed") or \
-                str(call.args[0].global_symbol) != "tvm_torch.attention":
+        if call.op != tvm.ir.Op.get("relax.call_pure_packed"):
+            return call
+        name = str(call.args[0].global_symbol)
+        if name not in ("tvm_torch.attention", "tvm_torch.attention_masked"):
             return call
         views = [_as_view(arg, self.bound) for arg in call.args[1:4]]
         if None in views:
             return call
         return relax.call_pure_packed(
-            "tvm_torch.attention_views", *(root for root, _ in views),
+            name.replace("attention", "attention_views", 1), *(root for root, _ in views),
             relax.ShapeExpr([i for _, view in views for i in view]), *call.args[4:],
             ty_args=call.ty)
 
 
 def _attention_on_views(func: relax.Function) -> relax.Function:
-    """``tvm_torch.attention(q, k, v)`` where q, k and v are transposed, sliced and reshaped
-    from contiguous tensors (timm's fused QKV projection: reshape, permute, unbind) ->
-    ``tvm_torch.attention_views`` on those tensors, which ATen reads as strided views, instead
+    """``tvm_torch.attention(q, k, v)`` (``attention_masked``) where q, k and v are transposed,
+    sliced, split and reshaped from contiguous tensors (timm's fused QKV projection: reshape,
+    permute, unbind; GPT-2's: split, view, transpose) -> ``tvm_torch.attention_views``
+    (``attention_views_masked``) on those tensors, which ATen reads as strided views, instead
     of TVM kernels copying each of q, k and v twice."""
     return _AttentionOnViews(_bindings(func)).visit_expr(func)
 
@@ -1218,6 +1322,8 @@ def offload_pass(gpu: bool = False, bfloat16: bool = False,
         func = _rewrite_means(func, gpu)
         func = _rewrite_unary(func, gpu)
         func = _rewrite_attention(func, gpu)
+        if not gpu:  # ATen's CUDA kernels not checked for rows with no key
+            func = _drop_row_zeroing(func)
         func = _fold_permutes(func)
         if not gpu:  # not yet checked on a GPU
             func = _attention_on_views(func)

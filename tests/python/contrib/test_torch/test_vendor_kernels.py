@@ -472,6 +472,52 @@ def test_attention_with_a_boolean_mask_passes_the_mask():
     assert "relax.where" not in ops  # ATen gets the boolean mask itself
 
 
+def _split_qkv_attention(bb, p):
+    """GPT-2's attention: one [B, N, 3*H*D] projection split in three along its last axis,
+    each third viewed as [B, N, H, D], with a boolean padding mask."""
+    qkv, mask = p
+    parts = bb.emit(relax.op.split(qkv, 3, axis=2))
+    q, k, v = (bb.emit(relax.op.reshape(bb.emit(relax.TupleGetItem(parts, i)), (2, 5, 4, 8)))
+               for i in range(3))
+    bias = bb.emit(relax.op.where(mask, relax.const(0.0), relax.const(float("-inf"))))
+    return bb.emit(relax.op.nn.attention(q, k, v, bias))
+
+
+def test_masked_attention_reads_a_split_qkv_projection_through_views():
+    packed, ops, text = _offload([((2, 5, 96), "float32"), ((2, 1, 5, 5), "bool")],
+                                 _split_qkv_attention)
+    assert packed == ["tvm_torch.attention_views_masked"]
+    assert not {"relax.split", "relax.reshape", "relax.where"} & set(ops), ops
+    # q, k and v: [B, N, H, D] = [2, 5, 4, 8] inside [2, 5, 96], a third (32) apart.
+    assert "R.shape([2, 5, 4, 8, 480, 96, 8, 1, 0, 2, 5, 4, 8, 480, 96, 8, 1, 32," in text
+
+
+def _converted_masked_attention(bb, p):
+    """relax.nn.attention as converters.py writes a boolean-masked scaled_dot_product_attention:
+    the mask as a -inf bias, and the result zeroed on rows where no key is attended to."""
+    q, k, v, mask = p
+    bias = bb.emit(relax.op.where(mask, relax.const(0.0), relax.const(float("-inf"))))
+    row_valid = bb.emit(relax.op.max(relax.op.astype(mask, "float32"), axis=-1, keepdims=True))
+    heads_second = [0, 2, 1, 3]
+    out = bb.emit(relax.op.nn.attention(*(bb.emit(relax.op.permute_dims(t, heads_second))
+                                          for t in (q, k, v)), bias))
+    out = bb.emit(relax.op.permute_dims(out, heads_second))
+    return bb.emit(relax.op.where(relax.op.greater(row_valid, relax.const(0.0)), out,
+                                  relax.const(0.0)))
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "cuda"])
+def test_row_zeroing_after_boolean_masked_attention(gpu):
+    """On CPU, ATen's attention gives 0 on a row with no key itself (test_exactness checks it
+    against PyTorch), so the converter's zeroing goes; on CUDA it stays."""
+    qkv = ((2, 4, 6, 8), "float32")
+    packed, ops, _ = _offload([qkv] * 3 + [((2, 1, 6, 6), "bool")],
+                              _converted_masked_attention, gpu=gpu)
+    # (On CPU, q, k and v, permuted inputs, are read as views.)
+    assert packed == ["tvm_torch.attention_masked" if gpu else "tvm_torch.attention_views_masked"]
+    assert ("relax.where" in ops) == gpu and ("relax.max" in ops) == gpu, ops
+
+
 def test_attention_with_an_additive_mask():
     qkv = ((2, 6, 4, 8), "float32")
     packed, ops, _ = _offload([qkv] * 3 + [((1, 1, 6, 6), "float32")],

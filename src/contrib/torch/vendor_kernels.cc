@@ -405,6 +405,16 @@ ffi::Tensor LayerNorm(ffi::Tensor x, ffi::Tensor gamma, ffi::Tensor beta, double
 }
 
 /*!
+ * \brief RMS norm over the last dim, x * rsqrt(mean(x^2) + eps) * weight (ATen's, which gives
+ *        what Hugging Face's T5/Llama RMSNorm modules compute in float32, bit for bit).
+ */
+ffi::Tensor RmsNorm(ffi::Tensor x, ffi::Tensor weight, double eps) {
+  at::Tensor w = ToTorchTensor(weight);
+  TORCH_CHECK(w.dim() == 1, "tvm_torch.rms_norm: expected a 1-D weight, got ", w.sizes());
+  return ToTvmTensor(at::rms_norm(ToTorchTensor(x), {w.size(0)}, w, eps));
+}
+
+/*!
  * \brief Flush-to-zero and denormals-are-zero on the calling thread while in scope (x86's
  *        MXCSR; nothing elsewhere): subnormal results become 0 instead of taking the CPU's
  *        slow path.
@@ -576,6 +586,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.matmul_bias", tvm_torch::MatmulBias)
       .def("tvm_torch.matmul", tvm_torch::Matmul)
       .def("tvm_torch.layer_norm", tvm_torch::LayerNorm)
+      .def("tvm_torch.rms_norm", tvm_torch::RmsNorm)
       .def("tvm_torch.softmax", tvm_torch::Softmax)
       .def("tvm_torch.softmax_probabilities", tvm_torch::SoftmaxProbabilities)
       .def("tvm_torch.attention", tvm_torch::Attention)

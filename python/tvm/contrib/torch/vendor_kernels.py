@@ -769,7 +769,8 @@ def _rewrite_matmuls(func: relax.Function, gpu: bool,
 
 
 def _rewrite_normalizations(func: relax.Function, gpu: bool) -> relax.Function:
-    """layer_norm over the last axis (constant gamma/beta) and softmax -> ATen kernels."""
+    """layer_norm over the last axis (constant gamma/beta), RMS norm (on CPU) and softmax ->
+    ATen kernels."""
     ok_dtypes = _offloaded_dtypes(gpu)
     x, gamma, beta = wildcard(), is_const(), is_const()
     layer_norm = is_op("relax.nn.layer_norm")(x, gamma, beta)
@@ -805,9 +806,45 @@ def _rewrite_normalizations(func: relax.Function, gpu: bool) -> relax.Function:
             tvm.tirx.IntImm("int64", int(call.attrs.axis)), ty_args=call.ty)
 
     func = rewrite_call(layer_norm, rewrite_layer_norm, func)
+    if not gpu:  # not yet checked on a GPU
+        func = _rewrite_rms_norms(func)
     bindings, uses = _bindings(func), _use_counts(func)
     bound_to = {value: var for var, value in bindings.items()}
     return rewrite_call(softmax, rewrite_softmax, func)
+
+
+def _rewrite_rms_norms(func: relax.Function) -> relax.Function:
+    """``weight * (x * rsqrt(mean(x * x, -1, keepdims) + eps))`` (Hugging Face's T5 and Llama
+    RMSNorm, float32, a constant 1-D weight) -> ``tvm_torch.rms_norm``: ATen's kernel, which
+    computes it bit for bit as those modules do, in one call instead of TVM's untuned
+    reduction and elementwise kernels."""
+    x, eps, weight, exponent = wildcard(), is_const(), is_const(), is_const()
+    square = is_op("relax.multiply")(x, x) | is_op("relax.power")(x, exponent)
+    mean = is_op("relax.mean")(square)
+    scale = is_op("relax.rsqrt")(is_op("relax.add")(mean, eps))
+    normed = is_op("relax.multiply")(x, scale) | is_op("relax.multiply")(scale, x)
+    pattern = is_op("relax.multiply")(weight, normed) | is_op("relax.multiply")(normed, weight)
+
+    def rewrite(call, matched):
+        data, w, m = matched[x], matched[weight], matched[mean]
+        dims, w_dims = _dims(data), _dims(w)
+        if dims is None or str(call.ty.dtype) != "float32" or str(w.ty.dtype) != "float32" or \
+                w_dims is None or len(w_dims) != 1 or w_dims[0] != dims[-1] or \
+                _dims(call) != dims:
+            return call
+        axes = [int(a) % len(dims) for a in m.attrs.axis] if m.attrs.axis is not None else None
+        if axes != [len(dims) - 1] or not m.attrs.keepdims:
+            return call
+        if exponent in matched and float(const_value(matched[exponent]).reshape(-1)[0]) != 2.0:
+            return call
+        epsilon = const_value(matched[eps])
+        if epsilon.size != 1:
+            return call
+        return relax.call_pure_packed("tvm_torch.rms_norm", data, w,
+                                      tvm.tirx.FloatImm("float64", float(epsilon.reshape(-1)[0])),
+                                      ty_args=call.ty)
+
+    return rewrite_call(pattern, rewrite, func)
 
 
 def _rewrite_pools(func: relax.Function, gpu: bool) -> relax.Function:

@@ -122,6 +122,33 @@ def test_attention_dropout_is_refused(tmp_path):
         _compile(Dropout().eval(), inputs, tmp_path)
 
 
+class RMSNorm(torch.nn.Module):
+    """Hugging Face's T5/Llama RMSNorm (float32)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(dim, generator=torch.Generator()
+                                                     .manual_seed(2)))
+
+    def forward(self, x):
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + 1e-6))
+
+
+@pytest.mark.parametrize("vendor_kernels", [True, False], ids=["aten", "tvm"])
+def test_rms_norm_matches_pytorch(vendor_kernels, tmp_path):
+    """On ATen, bit for bit (NaN and Inf rows included); on TVM's kernels, within rounding."""
+    x = torch.randn(2, 7, 96, generator=torch.Generator().manual_seed(3)) * 30
+    x[0, 1, 5], x[1, 2, 0], x[1, 3, :] = float("nan"), float("inf"), 0.0
+    model = RMSNorm(96).eval()
+    (out,) = _compile(model, (x,), tmp_path, vendor_kernels=vendor_kernels)([x])
+    expected = model(x)
+    if vendor_kernels:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    else:
+        _assert_same([out], [expected])
+
+
 class PositionSlice(torch.nn.Module):
     """What traced HF/timm embeddings do: a buffer sliced by the input's length, an arange on
     sizes, an expanded buffer, and integer arithmetic on sizes."""

@@ -423,6 +423,41 @@ def test_global_pool_after_a_relu6_reads_the_nhwc_convolution(keepdims):
     assert ops.count("relax.permute_dims") == (2 if keepdims else 1), text
 
 
+def _rms_norm(square="multiply", axis=-1, weight_first=True, weight_shape=(8,)):
+    """Hugging Face's T5/Llama RMSNorm as the importer writes it."""
+    def body(bb, p):
+        (x,) = p
+        sq = bb.emit(relax.op.multiply(x, x) if square == "multiply" else
+                     relax.op.power(x, relax.const(float(square), "float32")))
+        mean = bb.emit(relax.op.mean(sq, axis=[axis], keepdims=True))
+        scale = bb.emit(relax.op.rsqrt(bb.emit(relax.op.add(mean, relax.const(1e-6)))))
+        normed = bb.emit(relax.op.multiply(x, scale))
+        weight = relax.const(np.linspace(-1, 1, int(np.prod(weight_shape)), dtype="float32")
+                             .reshape(weight_shape))
+        return bb.emit(relax.op.multiply(weight, normed) if weight_first else
+                       relax.op.multiply(normed, weight))
+    return body
+
+
+@pytest.mark.parametrize("square,weight_first", [("multiply", True), (2, False)],
+                         ids=["x*x, weight*h", "x**2, h*weight"])
+def test_rms_norm_runs_on_aten(square, weight_first):
+    packed, ops, _ = _offload([((2, 5, 8), "float32")], _rms_norm(square, -1, weight_first))
+    assert packed == ["tvm_torch.rms_norm"] and not {"relax.rsqrt", "relax.mean"} & set(ops)
+
+
+@pytest.mark.parametrize("variant", [dict(axis=1), dict(square=3), dict(weight_shape=(5, 8))],
+                         ids=["leading-axis", "cube", "2-d-weight"])
+def test_other_normalizations_left_alone(variant):
+    packed, ops, _ = _offload([((2, 5, 8), "float32")], _rms_norm(**variant))
+    assert "tvm_torch.rms_norm" not in packed and "relax.rsqrt" in ops
+
+
+def test_rms_norm_left_to_tvm_on_cuda():
+    packed, _, _ = _offload([((2, 5, 8), "float32")], _rms_norm(), gpu=True)
+    assert "tvm_torch.rms_norm" not in packed
+
+
 def test_attention():
     shape = ((2, 6, 4, 8), "float32")
     packed, ops, _ = _offload([shape] * 3, lambda bb, p: bb.emit(relax.op.nn.attention(*p)))

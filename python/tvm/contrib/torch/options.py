@@ -381,7 +381,9 @@ OPTIONS: Tuple[OptionSpec, ...] = (
                "its floating inputs/outputs use (default: float32, or the model's own for a "
                "`.half()`/`.bfloat16()` model; bfloat16 runs convolutions, linear layers and "
                "attention in bfloat16 on CPUs with AVX-512 BF16 or AMX, as torch.autocast "
-               "does, passing bfloat16 results between them, and TVM's kernels in float32)"),
+               "does, passing bfloat16 results between them, and TVM's kernels in float32; "
+               "with a warning where a bfloat16 matrix product measures slower than a float32 "
+               "one)"),
     OptionSpec("export_dir", _path(allow_bytes=True), "pytorch_compiled",
                "where the compiled library, graph and params go"),
     OptionSpec("num_outputs", _int_at_least(1, allow_none=True), None,

@@ -326,6 +326,10 @@ class PyTorchTVMModule:
                 logger.warning("this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX): "
                                "the bfloat16 program computes in float32, at float32 speed")
                 bfloat16 = False
+            elif bfloat16:
+                slow = build_mod.bfloat16_slowdown_warning(build_mod.bfloat16_matmul_speedup())
+                if slow:
+                    logger.warning(slow)
             wins = {} if gpu else vendor_choice.tvm_wins(self.tuning_log_file, self.target)
             extra.append(vendor_kernels.offload_pass(gpu=gpu, bfloat16=bfloat16,
                                                      tvm_wins=wins, sites=sites))

@@ -3,12 +3,16 @@ shapes read inside traced models, low-precision models, and the verification ste
 catches a program that does not."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tvm.contrib.torch import ConversionError, compile, fx_passes
-from tvm.contrib.torch.build import cpu_has_bfloat16
+from tvm.contrib.torch import pipeline
+from tvm.contrib.torch.build import (bfloat16_matmul_speedup, bfloat16_slowdown_warning,
+                                        cpu_has_bfloat16)
 
 import zoo_models
 
@@ -204,6 +208,28 @@ def test_bfloat16_transformer_matches_autocast(tmp_path):
     assert len(actual) == len(expected) and actual[0].dtype == torch.bfloat16
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a.float(), e.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("speedup,warns", [(0.6, True), (0.95, False), (1.4, False)])
+def test_bfloat16_slowdown_warning(speedup, warns):
+    message = bfloat16_slowdown_warning(speedup)
+    assert (message is not None) == warns
+    if warns:
+        assert "1.7x slower than float32" in message and "default_dtype='float32'" in message
+
+
+@pytest.mark.skipif(not cpu_has_bfloat16(), reason="this CPU has no bfloat16 instructions "
+                    "(AVX-512 BF16 or AMX)")
+def test_bfloat16_program_warns_where_bfloat16_measures_slower(tmp_path, caplog):
+    """The compile-time measurement decides the warning (cached: the same value here)."""
+    speedup = bfloat16_matmul_speedup()
+    assert 0.05 < speedup < 50
+    model = torch.nn.Linear(16, 8).eval()
+    x = torch.randn(2, 16)
+    with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
+        _compile(model, (x,), tmp_path, default_dtype="bfloat16")
+    expected = bfloat16_slowdown_warning(speedup)
+    assert (expected in caplog.text) if expected else "slower than float32" not in caplog.text
 
 
 class _LinearResidual(torch.nn.Module):

@@ -16,10 +16,10 @@ namespace {
 
 namespace jit = torch::jit;
 
-/*! \brief A complete (sizes and strides) CPU tensor type, channels-last. */
-c10::TypePtr ChannelsLastType(const std::vector<int64_t>& sizes, at::ScalarType dtype) {
-  return c10::TensorType::create(
-      at::empty(sizes, at::TensorOptions().dtype(dtype), at::MemoryFormat::ChannelsLast));
+/*! \brief A complete (sizes and strides) CPU tensor type, in `format`. */
+c10::TypePtr DenseType(const std::vector<int64_t>& sizes, at::ScalarType dtype,
+                       at::MemoryFormat format = at::MemoryFormat::ChannelsLast) {
+  return c10::TensorType::create(at::empty(sizes, at::TensorOptions().dtype(dtype), format));
 }
 
 std::vector<int64_t> ConvOutputSize(const std::vector<int64_t>& input_size,
@@ -73,7 +73,8 @@ size_t ComputeNodes(const std::shared_ptr<jit::Graph>& g) {
 
 OneDnnGraphConv::OneDnnGraphConv(const at::Tensor& weight, const ConvGeometry& geometry,
                                  const std::vector<int64_t>& input_size,
-                                 const std::string& post_op, bool residual)
+                                 const std::string& post_op, bool residual,
+                                 at::MemoryFormat input_format)
     : graph_(std::make_shared<jit::Graph>()), dtype_(weight.scalar_type()),
       input_size_(input_size) {
   TORCH_CHECK((dtype_ == at::kFloat || dtype_ == at::kBFloat16) && weight.dim() == 4 &&
@@ -82,20 +83,23 @@ OneDnnGraphConv::OneDnnGraphConv(const at::Tensor& weight, const ConvGeometry& g
               "NCHW sizes");
   const at::TensorOptions options = at::TensorOptions().dtype(dtype_);
   output_size_ = ConvOutputSize(input_size, weight.sizes(), geometry);
-  input_strides_ = at::empty(input_size, at::MemoryFormat::ChannelsLast).strides().vec();
+  TORCH_CHECK(input_format == at::MemoryFormat::ChannelsLast ||
+                  input_format == at::MemoryFormat::Contiguous,
+              "tvm_torch: oneDNN Graph convolutions take channels-last or contiguous inputs");
+  input_strides_ = at::empty(input_size, input_format).strides().vec();
   output_strides_ = at::empty(output_size_, at::MemoryFormat::ChannelsLast).strides().vec();
 
   jit::Graph& g = *graph_;
   jit::Value* x = g.addInput("x");
-  x->setType(ChannelsLastType(input_size, dtype_));
+  x->setType(DenseType(input_size, dtype_, input_format));
   jit::Value* bias = g.addInput("bias");
   bias->setType(c10::TensorType::create(at::empty({weight.size(0)}, options)));
   jit::Value* other = nullptr;
   if (residual) {
     other = g.addInput("other");
-    other->setType(ChannelsLastType(output_size_, dtype_));
+    other->setType(DenseType(output_size_, dtype_));
   }
-  const c10::TypePtr out_type = ChannelsLastType(output_size_, dtype_);
+  const c10::TypePtr out_type = DenseType(output_size_, dtype_);
   // The fuser needs complete types (sizes and strides) on every value it takes.
   auto typed = [&](jit::Value* v) {
     v->setType(out_type);
@@ -132,7 +136,7 @@ OneDnnGraphConv::OneDnnGraphConv(const at::Tensor& weight, const ConvGeometry& g
     Fuse(x, bias, other, expected);
     if (!ok()) return;
     // Compile the partition now, on zeros, rather than in a caller's first Run.
-    at::Tensor zeros_x = at::empty(input_size_, options, at::MemoryFormat::ChannelsLast).zero_();
+    at::Tensor zeros_x = at::empty(input_size_, options, input_format).zero_();
     std::optional<at::Tensor> zeros_other;
     if (residual) {
       zeros_other = at::empty(output_size_, options, at::MemoryFormat::ChannelsLast).zero_();

@@ -52,17 +52,20 @@ class OneDnnGraphConv {
    * \param weight The float32 or bfloat16 OIHW weight (kept as a graph constant); x, bias
    *        and other come in its dtype.
    * \param input_size The NCHW size of x.
+   * \param input_format How x is laid out: channels-last (a result of the program), or
+   *        contiguous NCHW (the program's own input, read without a transpose).
    */
   OneDnnGraphConv(const at::Tensor& weight, const ConvGeometry& geometry,
                   const std::vector<int64_t>& input_size, const std::string& post_op,
-                  bool residual);
+                  bool residual,
+                  at::MemoryFormat input_format = at::MemoryFormat::ChannelsLast);
   ~OneDnnGraphConv();
 
   /*! \brief Whether the whole chain became one partition (Run may be called). */
   bool ok() const { return operation_ != nullptr; }
 
   /*!
-   * \brief Run on channels-last x (and other, of the result's size and layout).
+   * \brief Run on x in the input format (and other, of the result's size and layout).
    * \return The channels-last NCHW result.
    */
   at::Tensor Run(const at::Tensor& x, const at::Tensor& bias,

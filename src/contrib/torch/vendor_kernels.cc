@@ -110,29 +110,29 @@ class ConvWeightObj : public ffi::Object {
   std::vector<int64_t> input_size;
 
   /*!
-   * \brief The partition for (post_op, residual) and NCHW input size `x_size`, built at its
-   *        first use; null when switched off, past kMaxGraphsPerWeight, or when the fuser
-   *        did not take the whole chain.
+   * \brief The partition for (post_op, residual), NCHW input size `x_size` and input layout
+   *        `x_format` (OneDnnGraphConv), built at its first use; null when switched off,
+   *        past kMaxGraphsPerWeight, or when the fuser did not take the whole chain.
    */
   const OneDnnGraphConv* Graph(const std::string& post_op, bool residual,
-                               at::IntArrayRef x_size) {
+                               at::IntArrayRef x_size, at::MemoryFormat x_format) {
     if (!g_graph_convs.load(std::memory_order_relaxed)) return nullptr;
     std::lock_guard<std::mutex> lock(mutex_);
     for (const auto& entry : graphs_) {
       if (entry.post_op == post_op && entry.residual == residual &&
-          at::IntArrayRef(entry.x_size) == x_size) {
+          entry.x_format == x_format && at::IntArrayRef(entry.x_size) == x_size) {
         return entry.conv.get();
       }
     }
     if (graphs_.size() >= kMaxGraphsPerWeight) return nullptr;
-    auto conv =
-        std::make_unique<OneDnnGraphConv>(plain, geometry, x_size.vec(), post_op, residual);
+    auto conv = std::make_unique<OneDnnGraphConv>(plain, geometry, x_size.vec(), post_op,
+                                                  residual, x_format);
     if (conv->ok()) {
       ++g_graphs_built;
     } else {
       conv.reset();
     }
-    graphs_.push_back({post_op, residual, x_size.vec(), std::move(conv)});
+    graphs_.push_back({post_op, residual, x_size.vec(), x_format, std::move(conv)});
     return graphs_.back().conv.get();
   }
 
@@ -153,6 +153,7 @@ class ConvWeightObj : public ffi::Object {
     std::string post_op;
     bool residual;
     std::vector<int64_t> x_size;
+    at::MemoryFormat x_format;
     std::unique_ptr<OneDnnGraphConv> conv;  // null: the fuser did not take the chain
   };
   std::mutex mutex_;
@@ -227,18 +228,20 @@ void ApplyEpilogue(at::Tensor& y, const std::string& epilogue, bool fused) {
 }
 
 /*!
- * \brief conv2d(input NCHW, channels-last) + bias, then oneDNN's post-op `post_op` (or the
- *        residual `other`, with "none"), in the weight's dtype: on the call site's oneDNN
- *        Graph partition, or else on the pointwise op. `input`, `bias` and `other` come in
- *        the weight's dtype.
+ * \brief conv2d(input NCHW, laid out as `input_format` says: channels-last, or contiguous)
+ *        + bias, then oneDNN's post-op `post_op` (or the residual `other`, with "none"), in
+ *        the weight's dtype: on the call site's oneDNN Graph partition, or else on the
+ *        pointwise op. `input`, `bias` and `other` come in the weight's dtype.
  */
 at::Tensor RunConv(ConvWeightObj* weight, const at::Tensor& input, const at::Tensor& bias,
                    const std::string& epilogue, const char* post_op,
                    const std::optional<at::Tensor>& other, const ffi::Shape& padding,
-                   const ffi::Shape& stride, const ffi::Shape& dilation, int64_t groups) {
+                   const ffi::Shape& stride, const ffi::Shape& dilation, int64_t groups,
+                   at::MemoryFormat input_format = at::MemoryFormat::ChannelsLast) {
   // The partition takes the fused epilogue by its PyTorch name ("silu", not oneDNN's "swish").
-  const OneDnnGraphConv* graph = weight->Graph(
-      std::string(post_op) == "none" ? "none" : epilogue, other.has_value(), input.sizes());
+  const OneDnnGraphConv* graph =
+      weight->Graph(std::string(post_op) == "none" ? "none" : epilogue, other.has_value(),
+                    input.sizes(), input_format);
   if (graph != nullptr) return graph->Run(input, bias, other);
   const at::Tensor w = weight->Packed();
   if (!other.has_value()) {
@@ -272,6 +275,28 @@ ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
   at::Tensor y = RunConv(weight, AsComputeDtype(input, weight->plain),
                          AsComputeDtype(ToTorchTensor(bias), weight->plain), epilogue, post_op,
                          std::nullopt, padding, stride, dilation, groups);
+  ApplyEpilogue(y, epilogue, std::string(post_op) != "none");
+  return NchwAsNhwc(InDtype(y, input.scalar_type()));
+}
+
+/*!
+ * \brief Conv2dNhwc on a contiguous NCHW x (a program's input: oneDNN reads it as it is,
+ *        instead of a TVM kernel transposing it to NHWC first); the result is NHWC.
+ */
+ffi::Tensor Conv2dNchwInput(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
+                            ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
+                            int64_t groups, ffi::String attr) {
+  const std::string epilogue(attr);
+  const char* post_op = FusedConvEpilogue(epilogue);
+  ConvWeightObj* weight = UnwrapConv(packed);
+  const at::Tensor input = ToTorchTensor(x);
+  TORCH_CHECK(input.dim() == 4 && input.is_contiguous(),
+              "tvm_torch.conv2d_nchw_input: expected a contiguous NCHW input, got ",
+              input.sizes(), " / ", input.strides());
+  at::Tensor y = RunConv(weight, AsComputeDtype(input, weight->plain),
+                         AsComputeDtype(ToTorchTensor(bias), weight->plain), epilogue, post_op,
+                         std::nullopt, padding, stride, dilation, groups,
+                         at::MemoryFormat::Contiguous);
   ApplyEpilogue(y, epilogue, std::string(post_op) != "none");
   return NchwAsNhwc(InDtype(y, input.scalar_type()));
 }
@@ -580,6 +605,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef()
       .def("tvm_torch.conv2d_nhwc_prepack", tvm_torch::Conv2dPrepack)
       .def("tvm_torch.conv2d_nhwc", tvm_torch::Conv2dNhwc)
+      .def("tvm_torch.conv2d_nchw_input", tvm_torch::Conv2dNchwInput)
       .def("tvm_torch.conv2d_add_nhwc", tvm_torch::Conv2dAddNhwc)
       .def("tvm_torch.conv2d_nchw", tvm_torch::Conv2dNchw)
       .def("tvm_torch.conv2d_add_nchw", tvm_torch::Conv2dAddNchw)

@@ -38,6 +38,7 @@ from .passes import VIEW_OPS
 #: the function name) of their activations: the input, then a residual added to the result.
 _COMPUTE_IN_BF16 = {
     "tvm_torch.conv2d_nhwc": (0,),
+    "tvm_torch.conv2d_nchw_input": (0,),
     "tvm_torch.conv2d_add_nhwc": (0, 1),
     "tvm_torch.linear": (0,),
     "tvm_torch.linear_add": (0, 1),
@@ -45,7 +46,8 @@ _COMPUTE_IN_BF16 = {
 
 #: Where the convolutions take their bias, converted to bfloat16 once (at load, with the
 #: weights) instead of at every call.
-_CONV_BIAS = {"tvm_torch.conv2d_nhwc": 2, "tvm_torch.conv2d_add_nhwc": 3}
+_CONV_BIAS = {"tvm_torch.conv2d_nhwc": 2, "tvm_torch.conv2d_nchw_input": 2,
+              "tvm_torch.conv2d_add_nhwc": 3}
 
 #: ATen kernels that return their input's dtype; taken in bfloat16 when their input already is.
 _FOLLOW_INPUT = ("tvm_torch.mean", "tvm_torch.max_pool2d_nhwc", "tvm_torch.avg_pool2d_nhwc",
@@ -53,7 +55,8 @@ _FOLLOW_INPUT = ("tvm_torch.mean", "tvm_torch.max_pool2d_nhwc", "tvm_torch.avg_p
 
 #: ATen's scaled_dot_product_attention (bfloat16 under torch.autocast; a float mask is cast to
 #: bfloat16 as autocast casts it): in bfloat16 when q, k and v (its first three arguments) are.
-_ATTENTION = ("tvm_torch.attention", "tvm_torch.attention_masked", "tvm_torch.attention_views")
+_ATTENTION = ("tvm_torch.attention", "tvm_torch.attention_masked", "tvm_torch.attention_views",
+              "tvm_torch.attention_views_masked")
 
 #: Operators that only move or select elements: on a bfloat16 value they give, exactly, the
 #: bfloat16 value of their float32 result (its float32 twin is dropped when nothing else

@@ -333,6 +333,8 @@ class PyTorchTVMModule:
             wins = {} if gpu else vendor_choice.tvm_wins(self.tuning_log_file, self.target)
             extra.append(vendor_kernels.offload_pass(gpu=gpu, bfloat16=bfloat16,
                                                      tvm_wins=wins, sites=sites))
+            if not gpu:
+                extra.append(vendor_kernels.nchw_input_pass())
         bucket.prepared = passes.prepare_for_build(bucket.mod, bucket.params,
                                                    shapes_of(bucket.infos), self.default_dtype,
                                                    extra)

@@ -24,6 +24,7 @@ from .timing import measure
 #: Library behind each vendor kernel of :mod:`.vendor_kernels` (named in the report).
 _VENDOR_LIBRARY = {
     "tvm_torch.conv2d_nhwc": "oneDNN",
+    "tvm_torch.conv2d_nchw_input": "oneDNN",
     "tvm_torch.conv2d_add_nhwc": "oneDNN",
     "tvm_torch.conv2d_nhwc_prepack": "oneDNN",
     "tvm_torch.linear": "MKL / oneDNN",
@@ -36,6 +37,7 @@ _VENDOR_LIBRARY = {
     "tvm_torch.attention": "ATen scaled_dot_product_attention",
     "tvm_torch.attention_masked": "ATen scaled_dot_product_attention",
     "tvm_torch.attention_views": "ATen scaled_dot_product_attention",
+    "tvm_torch.attention_views_masked": "ATen scaled_dot_product_attention",
 }
 
 #: Rows that are not kernels.

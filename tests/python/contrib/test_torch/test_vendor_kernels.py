@@ -66,6 +66,21 @@ def test_conv2d_runs_on_onednn_with_a_prepacked_weight():
     assert "relax.nn.conv2d" not in ops
 
 
+def test_convolution_of_the_program_input_reads_it_as_nchw():
+    """nchw_input_pass: the input's transpose to NHWC goes; a convolution of a computed value
+    keeps its NHWC input."""
+    def body(bb, p):
+        first = _conv(bb, p[0])
+        return _conv(bb, bb.emit(relax.op.nn.relu(first)), weight_shape=(8, 8, 3, 3))
+
+    mod = vendor_kernels.nchw_input_pass()(vendor_kernels.offload_pass()(_module(IMAGE, body)))
+    packed, ops = _calls(mod)
+    assert [p for p in packed if not p.endswith("prepack")] == [
+        "tvm_torch.conv2d_nchw_input", "tvm_torch.conv2d_nhwc"]
+    # Left: the result's transpose back to NCHW.
+    assert ops.count("relax.permute_dims") == 1, ops
+
+
 def test_conv2d_bias_relu_is_one_call():
     def body(bb, p):
         y = bb.emit(relax.op.add(_conv(bb, p[0]), _const((1, 8, 1, 1), seed=1)))

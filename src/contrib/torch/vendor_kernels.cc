@@ -260,6 +260,25 @@ at::Tensor RunConv(ConvWeightObj* weight, const at::Tensor& input, const at::Ten
 }
 
 /*!
+ * \brief conv2d(input NCHW, laid out as `input_format` says) with a prepared weight and bias,
+ *        then `epilogue` (fused where oneDNN computes it as PyTorch does, else ATen's), in the
+ *        weight's dtype; the result comes back NHWC, in the input's dtype.
+ */
+ffi::Tensor ConvWithEpilogue(const at::Tensor& input, const ffi::ObjectRef& packed,
+                             const ffi::Tensor& bias, const ffi::Shape& padding,
+                             const ffi::Shape& stride, const ffi::Shape& dilation,
+                             int64_t groups, const std::string& epilogue,
+                             at::MemoryFormat input_format) {
+  const char* post_op = FusedConvEpilogue(epilogue);
+  ConvWeightObj* weight = UnwrapConv(packed);
+  at::Tensor y = RunConv(weight, AsComputeDtype(input, weight->plain),
+                         AsComputeDtype(ToTorchTensor(bias), weight->plain), epilogue, post_op,
+                         std::nullopt, padding, stride, dilation, groups, input_format);
+  ApplyEpilogue(y, epilogue, std::string(post_op) != "none");
+  return NchwAsNhwc(InDtype(y, input.scalar_type()));
+}
+
+/*!
  * \brief conv2d(x NHWC) with a prepared weight (ConvWeightObj) and bias, then an epilogue:
  *        "none", "relu", "relu6", "silu", "sigmoid", "tanh", "hardswish" or "hardsigmoid" (see
  *        FusedConvEpilogue). It computes in the weight's dtype and returns x's: in a bfloat16
@@ -268,15 +287,8 @@ at::Tensor RunConv(ConvWeightObj* weight, const at::Tensor& input, const at::Ten
 ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
                        ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
                        int64_t groups, ffi::String attr) {
-  const std::string epilogue(attr);
-  const char* post_op = FusedConvEpilogue(epilogue);
-  ConvWeightObj* weight = UnwrapConv(packed);
-  const at::Tensor input = NhwcAsNchw(x);
-  at::Tensor y = RunConv(weight, AsComputeDtype(input, weight->plain),
-                         AsComputeDtype(ToTorchTensor(bias), weight->plain), epilogue, post_op,
-                         std::nullopt, padding, stride, dilation, groups);
-  ApplyEpilogue(y, epilogue, std::string(post_op) != "none");
-  return NchwAsNhwc(InDtype(y, input.scalar_type()));
+  return ConvWithEpilogue(NhwcAsNchw(x), packed, bias, padding, stride, dilation, groups,
+                          std::string(attr), at::MemoryFormat::ChannelsLast);
 }
 
 /*!
@@ -286,19 +298,12 @@ ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
 ffi::Tensor Conv2dNchwInput(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
                             ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
                             int64_t groups, ffi::String attr) {
-  const std::string epilogue(attr);
-  const char* post_op = FusedConvEpilogue(epilogue);
-  ConvWeightObj* weight = UnwrapConv(packed);
   const at::Tensor input = ToTorchTensor(x);
   TORCH_CHECK(input.dim() == 4 && input.is_contiguous(),
               "tvm_torch.conv2d_nchw_input: expected a contiguous NCHW input, got ",
               input.sizes(), " / ", input.strides());
-  at::Tensor y = RunConv(weight, AsComputeDtype(input, weight->plain),
-                         AsComputeDtype(ToTorchTensor(bias), weight->plain), epilogue, post_op,
-                         std::nullopt, padding, stride, dilation, groups,
-                         at::MemoryFormat::Contiguous);
-  ApplyEpilogue(y, epilogue, std::string(post_op) != "none");
-  return NchwAsNhwc(InDtype(y, input.scalar_type()));
+  return ConvWithEpilogue(input, packed, bias, padding, stride, dilation, groups,
+                          std::string(attr), at::MemoryFormat::Contiguous);
 }
 
 /*!

@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tvm.contrib.torch import ConversionError, compile, fx_passes
-from tvm.contrib.torch import pipeline
+from tvm.contrib.torch import ConversionError, compile, fx_passes, pipeline
 from tvm.contrib.torch.build import (bfloat16_matmul_speedup, bfloat16_slowdown_warning,
                                         cpu_has_bfloat16)
 

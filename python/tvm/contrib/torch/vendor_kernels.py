@@ -839,14 +839,13 @@ def _rewrite_rms_norms(func: relax.Function) -> relax.Function:
         axes = [int(a) % len(dims) for a in m.attrs.axis] if m.attrs.axis is not None else None
         if axes != [len(dims) - 1] or not m.attrs.keepdims:
             return call
-        if exponent in matched and float(const_value(matched[exponent]).reshape(-1)[0]) != 2.0:
+        if exponent in matched and _scalar(matched[exponent]) != 2.0:
             return call
-        epsilon = const_value(matched[eps])
-        if epsilon.size != 1:
+        epsilon = _scalar(matched[eps])
+        if epsilon is None:
             return call
         return relax.call_pure_packed("tvm_torch.rms_norm", data, w,
-                                      tvm.tirx.FloatImm("float64", float(epsilon.reshape(-1)[0])),
-                                      ty_args=call.ty)
+                                      tvm.tirx.FloatImm("float64", epsilon), ty_args=call.ty)
 
     return rewrite_call(pattern, rewrite, func)
 
@@ -1004,6 +1003,8 @@ def _convs_read_nchw_inputs(func: relax.Function) -> relax.Function:
 
     @mutator
     class _Rewrite(PyExprMutator):  # pylint: disable=abstract-method
+        rewrote = 0
+
         def visit_call_(self, call):  # pylint: disable=arguments-renamed
             call = super().visit_call_(call)
             if call.op != tvm.ir.Op.get("relax.call_pure_packed") or \
@@ -1014,18 +1015,13 @@ def _convs_read_nchw_inputs(func: relax.Function) -> relax.Function:
                     "relax.permute_dims") or permute.args[0] not in params or \
                     _permutation(permute) != [0, 2, 3, 1]:
                 return call
+            self.rewrote += 1
             return relax.call_pure_packed("tvm_torch.conv2d_nchw_input", permute.args[0],
                                           *call.args[2:], ty_args=call.ty)
 
-    return _Rewrite().visit_expr(func)
-
-
-def _is_zero(expr: relax.Expr) -> bool:
-    """Whether ``expr`` is a scalar constant 0."""
-    if not isinstance(expr, tvm.ir.GenericConst):
-        return False
-    value = const_value(expr)
-    return value.size == 1 and float(value.reshape(-1)[0]) == 0.0
+    rewriter = _Rewrite()
+    rewritten = rewriter.visit_expr(func)
+    return rewritten if rewriter.rewrote else func
 
 
 def _drop_row_zeroing(func: relax.Function) -> relax.Function:
@@ -1047,8 +1043,8 @@ def _drop_row_zeroing(func: relax.Function) -> relax.Function:
     def redundant(call: relax.Call) -> bool:
         cond, out, zero = call.args
         greater, permute = value(cond, "relax.greater"), value(out, "relax.permute_dims")
-        if greater is None or permute is None or not _is_zero(zero) or \
-                not _is_zero(greater.args[1]) or _dims(call) != _dims(out):
+        if greater is None or permute is None or _scalar(zero) != 0.0 or \
+                _scalar(greater.args[1]) != 0.0 or _dims(call) != _dims(out):
             return False
         row_max = value(greater.args[0], "relax.max")
         attention = value(permute.args[0], "relax.call_pure_packed")

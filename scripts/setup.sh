@@ -12,5 +12,9 @@ fi
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/python -m pip install -q "apache-tvm==0.27.0.post1" "apache-tvm-ffi==0.1.14.post1" \
   "scikit-build-core>=0.10" ninja
+# oneDNN for the CPU convolutions (headers and library; x86-64 Linux wheels only).
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
+  .venv/bin/python -m pip install -q "onednn-devel-cpu-gomp==2023.2.0"
+fi
 .venv/bin/python -m pip install -q --no-build-isolation ".[test]"
 .venv/bin/python -c "import tvm.contrib.torch as t; print('tvm.contrib.torch ready:', t.runtime_library_path())"

@@ -22,16 +22,6 @@ c10::TypePtr DenseType(const std::vector<int64_t>& sizes, at::ScalarType dtype,
   return c10::TensorType::create(at::empty(sizes, at::TensorOptions().dtype(dtype), format));
 }
 
-std::vector<int64_t> ConvOutputSize(const std::vector<int64_t>& input_size,
-                                    const at::IntArrayRef weight_size, const ConvGeometry& g) {
-  std::vector<int64_t> out{input_size[0], weight_size[0]};
-  for (size_t i = 0; i < 2; ++i) {
-    const int64_t extent = g.dilation[i] * (weight_size[2 + i] - 1) + 1;
-    out.push_back((input_size[2 + i] + 2 * g.padding[i] - extent) / g.stride[i] + 1);
-  }
-  return out;
-}
-
 /*! \brief The single oneDNN Graph fusion group of `g`, or null when there is not exactly one. */
 jit::Node* OnlyFusionGroup(const std::shared_ptr<jit::Graph>& g) {
   static const c10::Symbol kGroup = c10::Symbol::fromQualString("prim::oneDNNFusionGroup");
@@ -48,16 +38,6 @@ jit::Node* OnlyFusionGroup(const std::shared_ptr<jit::Graph>& g) {
   };
   visit(g->block());
   return count == 1 ? found : nullptr;
-}
-
-/*! \brief Whether `t` has these sizes and, along every dim longer than 1, these strides. */
-bool HasLayout(const at::Tensor& t, const std::vector<int64_t>& sizes,
-               const std::vector<int64_t>& strides) {
-  if (t.sizes() != at::IntArrayRef(sizes)) return false;
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    if (sizes[i] > 1 && t.stride(i) != strides[i]) return false;
-  }
-  return true;
 }
 
 /*! \brief The number of nodes of `g` other than constants. */

@@ -22,6 +22,8 @@
 #include <string>
 #include <vector>
 
+#include "conv_geometry.h"
+
 namespace torch {
 namespace jit {
 struct Graph;
@@ -30,14 +32,6 @@ struct Value;
 }  // namespace torch
 
 namespace tvm_torch {
-
-/*! \brief The geometry of a 2-D convolution (NCHW sizes, OIHW weight). */
-struct ConvGeometry {
-  std::vector<int64_t> padding;
-  std::vector<int64_t> stride;
-  std::vector<int64_t> dilation;
-  int64_t groups = 1;
-};
 
 /*!
  * \brief conv2d(x, weight) + bias, then `post_op` ("none", "hardswish", "sigmoid", "tanh",

@@ -9,7 +9,8 @@
  * convolutions (in NHWC: a contiguous NHWC tensor is a channels-last NCHW torch tensor, which
  * is what oneDNN's convolution produces) run on oneDNN with weights prepacked once, at the
  * program's first call, into its blocked format (in bfloat16 for bfloat16 programs; as
- * compiled oneDNN Graph partitions, see onednn_graph_conv.h), and with the epilogues that
+ * oneDNN primitives on this library's own oneDNN, see onednn_conv.h, or else as compiled
+ * oneDNN Graph partitions, see onednn_graph_conv.h), and with the epilogues that
  * oneDNN computes exactly as PyTorch does (bias, residual add, SiLU, sigmoid, tanh,
  * hardswish) fused into the primitive; ReLU, ReLU6 and hardsigmoid are applied by ATen after it (oneDNN's map NaN to a
  * number). Linear layers are in linear_kernels.cc. All tensors cross the boundary through
@@ -39,6 +40,7 @@
 #include <utility>
 #include <vector>
 
+#include "onednn_conv.h"
 #include "onednn_graph_conv.h"
 #include "tensor_bridge.h"
 #include "vendor_dtype.h"
@@ -86,21 +88,32 @@ using ConvBinaryFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::
                                 std::optional<c10::string_view>);
 
 /*!
- * \brief Whether CPU convolutions run as oneDNN Graph partitions (else on the pointwise
- *        op); switched by tvm_torch.set_onednn_graph_convs, for A/B runs and as a way out.
+ * \brief Which kernel CPU convolutions run on: "primitive" (OneDnnConv, where this library
+ *        has oneDNN and oneDNN takes the call site; else as "graph"), "graph" (OneDnnGraphConv
+ *        partitions, else "pointwise") or "pointwise" (ATen's mkldnn op); set by
+ *        tvm_torch.set_conv_kernel, for A/B runs and as a way out.
  */
-std::atomic<bool> g_graph_convs{true};
+std::atomic<int> g_conv_kernel{0};
+constexpr const char* kConvKernels[] = {"primitive", "graph", "pointwise"};
+enum ConvKernelChoice { kPrimitive = 0, kGraph = 1, kPointwise = 2 };
 
-/*! \brief Partitions built so far in this process (tvm_torch.onednn_graph_convs_built). */
+/*! \brief Primitives and partitions built so far in this process (for diagnostics, tests). */
+std::atomic<int64_t> g_primitives_built{0};
 std::atomic<int64_t> g_graphs_built{0};
 
-/*! \brief Partitions kept per weight (one per input size and epilogue); past it, pointwise. */
-constexpr size_t kMaxGraphsPerWeight = 8;
+/*! \brief Call sites kept per weight (one per input size and epilogue); past it, pointwise. */
+constexpr size_t kMaxKernelsPerWeight = 8;
+
+/*! \brief The kernel a call site runs on: one of the two, or neither (the pointwise op). */
+struct ConvKernels {
+  const OneDnnConv* primitive = nullptr;
+  const OneDnnGraphConv* graph = nullptr;
+};
 
 /*!
  * \brief A convolution's weight, prepared at load: the OIHW weight in the compute dtype, from
- *        which each call site's oneDNN Graph partition is built at its first call, and, where
- *        the fuser does not take a chain, oneDNN's blocked weight for the pointwise op.
+ *        which each call site's oneDNN primitive (or Graph partition) is built at its first
+ *        call, and, where neither takes a chain, oneDNN's blocked weight for the pointwise op.
  */
 class ConvWeightObj : public ffi::Object {
  public:
@@ -110,30 +123,49 @@ class ConvWeightObj : public ffi::Object {
   std::vector<int64_t> input_size;
 
   /*!
-   * \brief The partition for (post_op, residual), NCHW input size `x_size` and input layout
-   *        `x_format` (OneDnnGraphConv), built at its first use; null when switched off,
-   *        past kMaxGraphsPerWeight, or when the fuser did not take the whole chain.
+   * \brief The kernel for (post_op, residual), NCHW input size `x_size` and input layout
+   *        `x_format`, as g_conv_kernel chooses, each built at its first use: the primitive,
+   *        or else the partition, or neither when switched off, past kMaxKernelsPerWeight, or
+   *        when oneDNN (or the fuser) did not take the whole chain.
    */
-  const OneDnnGraphConv* Graph(const std::string& post_op, bool residual,
-                               at::IntArrayRef x_size, at::MemoryFormat x_format) {
-    if (!g_graph_convs.load(std::memory_order_relaxed)) return nullptr;
+  ConvKernels Kernels(const std::string& post_op, bool residual, at::IntArrayRef x_size,
+                      at::MemoryFormat x_format) {
+    const int choice = g_conv_kernel.load(std::memory_order_relaxed);
+    if (choice == kPointwise) return {};
     std::lock_guard<std::mutex> lock(mutex_);
-    for (const auto& entry : graphs_) {
-      if (entry.post_op == post_op && entry.residual == residual &&
-          entry.x_format == x_format && at::IntArrayRef(entry.x_size) == x_size) {
-        return entry.conv.get();
+    Entry* entry = nullptr;
+    for (auto& e : kernels_) {
+      if (e.post_op == post_op && e.residual == residual && e.x_format == x_format &&
+          at::IntArrayRef(e.x_size) == x_size) {
+        entry = &e;
+        break;
       }
     }
-    if (graphs_.size() >= kMaxGraphsPerWeight) return nullptr;
-    auto conv = std::make_unique<OneDnnGraphConv>(plain, geometry, x_size.vec(), post_op,
-                                                  residual, x_format);
-    if (conv->ok()) {
-      ++g_graphs_built;
-    } else {
-      conv.reset();
+    if (entry == nullptr) {
+      if (kernels_.size() >= kMaxKernelsPerWeight) return {};
+      kernels_.push_back({post_op, residual, x_size.vec(), x_format, false, nullptr, false, nullptr});
+      entry = &kernels_.back();
     }
-    graphs_.push_back({post_op, residual, x_size.vec(), x_format, std::move(conv)});
-    return graphs_.back().conv.get();
+    if (choice == kPrimitive && !entry->primitive_tried) {
+      entry->primitive_tried = true;
+      auto conv = std::make_unique<OneDnnConv>(plain, geometry, entry->x_size, post_op,
+                                               residual, x_format);
+      if (conv->ok()) {
+        entry->primitive = std::move(conv);
+        ++g_primitives_built;
+      }
+    }
+    if (choice == kPrimitive && entry->primitive) return {entry->primitive.get(), nullptr};
+    if (!entry->graph_tried) {
+      entry->graph_tried = true;
+      auto conv = std::make_unique<OneDnnGraphConv>(plain, geometry, entry->x_size, post_op,
+                                                    residual, x_format);
+      if (conv->ok()) {
+        entry->graph = std::move(conv);
+        ++g_graphs_built;
+      }
+    }
+    return {nullptr, entry->graph.get()};
   }
 
   /*! \brief oneDNN's blocked weight for the pointwise op, made at its first use. */
@@ -149,16 +181,20 @@ class ConvWeightObj : public ffi::Object {
   TVM_FFI_DECLARE_OBJECT_INFO_FINAL("tvm_torch.ConvWeight", ConvWeightObj, ffi::Object);
 
  private:
+  /*! \brief One call site's kernels (a null one: not built yet, or refused). */
   struct Entry {
     std::string post_op;
     bool residual;
     std::vector<int64_t> x_size;
     at::MemoryFormat x_format;
-    std::unique_ptr<OneDnnGraphConv> conv;  // null: the fuser did not take the chain
+    bool primitive_tried = false;
+    std::unique_ptr<OneDnnConv> primitive;
+    bool graph_tried = false;
+    std::unique_ptr<OneDnnGraphConv> graph;
   };
   std::mutex mutex_;
   at::Tensor packed_;
-  std::vector<Entry> graphs_;
+  std::vector<Entry> kernels_;
 };
 
 class ConvWeight : public ffi::ObjectRef {
@@ -230,19 +266,20 @@ void ApplyEpilogue(at::Tensor& y, const std::string& epilogue, bool fused) {
 /*!
  * \brief conv2d(input NCHW, laid out as `input_format` says: channels-last, or contiguous)
  *        + bias, then oneDNN's post-op `post_op` (or the residual `other`, with "none"), in
- *        the weight's dtype: on the call site's oneDNN Graph partition, or else on the
- *        pointwise op. `input`, `bias` and `other` come in the weight's dtype.
+ *        the weight's dtype: on the call site's oneDNN primitive or Graph partition, or else
+ *        on the pointwise op. `input`, `bias` and `other` come in the weight's dtype.
  */
 at::Tensor RunConv(ConvWeightObj* weight, const at::Tensor& input, const at::Tensor& bias,
                    const std::string& epilogue, const char* post_op,
                    const std::optional<at::Tensor>& other, const ffi::Shape& padding,
                    const ffi::Shape& stride, const ffi::Shape& dilation, int64_t groups,
                    at::MemoryFormat input_format = at::MemoryFormat::ChannelsLast) {
-  // The partition takes the fused epilogue by its PyTorch name ("silu", not oneDNN's "swish").
-  const OneDnnGraphConv* graph =
-      weight->Graph(std::string(post_op) == "none" ? "none" : epilogue, other.has_value(),
-                    input.sizes(), input_format);
-  if (graph != nullptr) return graph->Run(input, bias, other);
+  // The kernels take the fused epilogue by its PyTorch name ("silu", not oneDNN's "swish").
+  const ConvKernels kernels =
+      weight->Kernels(std::string(post_op) == "none" ? "none" : epilogue, other.has_value(),
+                      input.sizes(), input_format);
+  if (kernels.primitive != nullptr) return kernels.primitive->Run(input, bias, other);
+  if (kernels.graph != nullptr) return kernels.graph->Run(input, bias, other);
   const at::Tensor w = weight->Packed();
   if (!other.has_value()) {
     static auto op = c10::Dispatcher::singleton()
@@ -593,13 +630,23 @@ ffi::Tensor Matmul(ffi::Tensor a, ffi::Tensor b) {
 }
 
 /*!
- * \brief Switch CPU convolutions between oneDNN Graph partitions (the default) and
- *        the pointwise op, for every loaded program. \return The previous setting.
+ * \brief Switch CPU convolutions, for every loaded program, between "primitive" (the
+ *        default), "graph" and "pointwise" (see g_conv_kernel). \return The previous setting.
  */
-bool SetOneDnnGraphConvs(bool enabled) { return g_graph_convs.exchange(enabled); }
+ffi::String SetConvKernel(ffi::String kernel) {
+  const std::string name(kernel);
+  for (int i = 0; i < 3; ++i) {
+    if (name == kConvKernels[i]) return kConvKernels[g_conv_kernel.exchange(i)];
+  }
+  TORCH_CHECK(false, "tvm_torch.set_conv_kernel: expected 'primitive', 'graph' or 'pointwise', "
+              "got '", name, "'");
+}
 
 /*! \brief How many convolution partitions this process has built (for diagnostics and tests). */
 int64_t OneDnnGraphConvsBuilt() { return g_graphs_built.load(); }
+
+/*! \brief How many convolution primitives this process has built (for diagnostics and tests). */
+int64_t OneDnnPrimitiveConvsBuilt() { return g_primitives_built.load(); }
 
 }  // namespace
 }  // namespace tvm_torch
@@ -628,6 +675,8 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.max_pool2d_nhwc", tvm_torch::MaxPool2dNhwc)
       .def("tvm_torch.avg_pool2d_nhwc", tvm_torch::AvgPool2dNhwc)
       .def("tvm_torch.unary", tvm_torch::Unary)
-      .def("tvm_torch.set_onednn_graph_convs", tvm_torch::SetOneDnnGraphConvs)
-      .def("tvm_torch.onednn_graph_convs_built", tvm_torch::OneDnnGraphConvsBuilt);
+      .def("tvm_torch.set_conv_kernel", tvm_torch::SetConvKernel)
+      .def("tvm_torch.onednn_graph_convs_built", tvm_torch::OneDnnGraphConvsBuilt)
+      .def("tvm_torch.onednn_primitive_convs_built", tvm_torch::OneDnnPrimitiveConvsBuilt)
+      .def("tvm_torch.onednn_available", tvm_torch::OneDnnConv::Available);
 }

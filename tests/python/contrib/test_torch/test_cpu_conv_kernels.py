@@ -1,8 +1,9 @@
-"""CPU convolutions as compiled oneDNN Graph partitions (src/contrib/torch/
-onednn_graph_conv.cc): each call site's chain (convolution, bias, fused epilogue, residual add)
-is built once per input size, and must compute what PyTorch computes (in bfloat16, what it
-computes under torch.autocast), as the pointwise op it replaces does, for every epilogue,
-every batch size and concurrent first calls."""
+"""CPU convolution kernels: each call site's chain (convolution, bias, fused epilogue, residual
+add) as one oneDNN primitive on the library's own oneDNN (src/contrib/torch/onednn_conv.cc),
+or as a compiled oneDNN Graph partition inside libtorch (onednn_graph_conv.cc), or on ATen's
+pointwise op. Each is built once per call site and input size, and must compute what PyTorch
+computes (in bfloat16, what it computes under torch.autocast), for every epilogue, every
+batch size and concurrent first calls."""
 from __future__ import annotations
 
 import threading
@@ -16,24 +17,44 @@ from tvm.contrib.torch.build import cpu_has_bfloat16
 from conftest import assert_matches_with_nan_and_inf, exact_fp32
 
 
-def set_graph_convs(enabled: bool) -> bool:
-    """Switch the runtime between partitions and the pointwise op; returns the old setting."""
-    return bool(tvm.get_global_func("tvm_torch.set_onednn_graph_convs")(enabled))
+def set_conv_kernel(name: str) -> str:
+    """Switch the runtime's CPU convolutions; returns the old setting."""
+    return str(tvm.get_global_func("tvm_torch.set_conv_kernel")(name))
 
 
-def partitions_built() -> int:
-    return int(tvm.get_global_func("tvm_torch.onednn_graph_convs_built")())
+def kernels_built() -> tuple[int, int]:
+    """(oneDNN primitives, oneDNN Graph partitions) this process has built."""
+    return (int(tvm.get_global_func("tvm_torch.onednn_primitive_convs_built")()),
+            int(tvm.get_global_func("tvm_torch.onednn_graph_convs_built")()))
 
+
+def built_since(before: tuple[int, int]) -> tuple[int, int]:
+    now = kernels_built()
+    return now[0] - before[0], now[1] - before[1]
+
+
+HAS_ONEDNN = bool(tvm.get_global_func("tvm_torch.onednn_available")())
 
 #: Convolution call sites of _Chains: 9 + strided + grouped + depthwise.
 CHAINS = 12
 
+KERNELS = ["primitive", "graph", "pointwise"]
+
 
 @pytest.fixture
-def graph_convs(request):
-    previous = set_graph_convs(request.param)
+def conv_kernel(request):
+    if request.param == "primitive" and not HAS_ONEDNN:
+        pytest.skip("the runtime library was built without oneDNN (onednn-devel-cpu-gomp)")
+    previous = set_conv_kernel(request.param)
     yield request.param
-    set_graph_convs(previous)
+    set_conv_kernel(previous)
+
+
+def expected_kernels(conv_kernel: str) -> tuple[int, int]:
+    """What compiling _Chains builds: the first convolution reads the program's NCHW input,
+    which oneDNN 3.2 has no fast kernel for (a primitive is refused and the call site runs on
+    a partition); every other chain is a primitive."""
+    return {"primitive": (CHAINS - 1, 1), "graph": (0, CHAINS), "pointwise": (0, 0)}[conv_kernel]
 
 
 class _Chains(torch.nn.Module):
@@ -66,48 +87,46 @@ def _compile(model, shape, tmp_path, **extra):
     return compile(model, {"input_infos": [("x", shape)], "export_dir": str(tmp_path), **extra})
 
 
-@pytest.mark.parametrize("graph_convs", [True, False], ids=["partition", "pointwise"],
-                         indirect=True)
-def test_convolution_chains_match_pytorch(graph_convs, tmp_path):
+@pytest.mark.parametrize("conv_kernel", KERNELS, indirect=True)
+def test_convolution_chains_match_pytorch(conv_kernel, tmp_path):
     torch.manual_seed(0)
     model = _Chains().eval()
-    built = partitions_built()
+    before = kernels_built()
     module = _compile(model, (2, 8, 16, 16), tmp_path)
     assert_matches_with_nan_and_inf(module, model, torch.randn(2, 8, 16, 16), (1, 2, 3, 4))
-    # Every chain is one partition, built once (at compile's check of the module).
-    assert partitions_built() - built == (CHAINS if graph_convs else 0)
+    # Every chain gets one kernel, built once (at compile's check of the module).
+    assert built_since(before) == expected_kernels(conv_kernel)
 
 
 @pytest.mark.skipif(not cpu_has_bfloat16(), reason="this CPU has no bfloat16 instructions "
                     "(AVX-512 BF16 or AMX)")
-@pytest.mark.parametrize("graph_convs", [True, False], ids=["partition", "pointwise"],
-                         indirect=True)
-def test_bfloat16_chains_match_autocast(graph_convs, tmp_path):
+@pytest.mark.parametrize("conv_kernel", KERNELS, indirect=True)
+def test_bfloat16_chains_match_autocast(conv_kernel, tmp_path):
     """A bfloat16 program's chains compute in bfloat16 and pass bfloat16 results from one to the
     next: as the float32 model under torch.autocast computes, NaN and Inf included."""
     torch.manual_seed(0)
     model = _Chains().eval()
-    built = partitions_built()
+    before = kernels_built()
     module = _compile(model, (2, 8, 16, 16), tmp_path, default_dtype="bfloat16")
     assert_matches_with_nan_and_inf(module, model, torch.randn(2, 8, 16, 16), (1, 2, 3, 4),
                                     dtype=torch.bfloat16)
-    assert partitions_built() - built == (CHAINS if graph_convs else 0)
+    assert built_since(before) == expected_kernels(conv_kernel)
 
 
 def test_every_batch_size_of_a_dynamic_batch(tmp_path):
-    """A partition is built per input size, up to a bound per weight; sizes past it run on the
-    pointwise op. Ten sizes cross the bound, and sizes seen before reuse their partition."""
+    """A kernel is built per input size, up to a bound per weight; sizes past it run on the
+    pointwise op. Ten sizes cross the bound, and sizes seen before reuse their kernel."""
     torch.manual_seed(0)
     model = _Chains().eval()
-    built = partitions_built()
+    before = kernels_built()
     module = _compile(model, ("batch", 8, 12, 12), tmp_path, dim_ranges={"batch": (1, 16)})
     for n in list(range(1, 11)) + [3, 1]:
         x = torch.randn(n, 8, 12, 12)
         with torch.no_grad(), exact_fp32():
             for actual, expected in zip(module([x]), model(x)):
                 torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
-    # The first 8 sizes each weight sees (compile's check included) get a partition.
-    assert partitions_built() - built == 8 * CHAINS
+    # The first 8 sizes each weight sees (compile's check included) get a kernel.
+    assert sum(built_since(before)) == 8 * CHAINS
 
 
 class _OnePixel(torch.nn.Module):
@@ -124,17 +143,17 @@ def test_one_pixel_image(tmp_path):
     differ between the tensors the program passes and the ones the partition was built for."""
     torch.manual_seed(0)
     model = _OnePixel().eval()
-    built = partitions_built()
+    before = kernels_built()
     module = _compile(model, (3, 8, 1, 1), tmp_path)
     x = torch.randn(3, 8, 1, 1)
     with torch.no_grad(), exact_fp32():
         torch.testing.assert_close(module([x])[0], model(x), rtol=1e-4, atol=1e-4)
-    assert partitions_built() - built == 1
+    assert sum(built_since(before)) == 1
 
 
 class _LargeGate(torch.nn.Module):
     """A squeeze-excite block whose two 1x1 convolutions of the pooled image have 64K weights
-    each: partitions of their own (smaller gates run on MKL's GEMV)."""
+    each: convolution kernels of their own (smaller gates run on MKL's GEMV)."""
 
     def __init__(self):
         super().__init__()
@@ -152,23 +171,23 @@ def test_large_squeeze_excite_gates(dtype, tmp_path):
         pytest.skip("this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX)")
     torch.manual_seed(0)
     model = _LargeGate().eval()
-    built = partitions_built()
+    before = kernels_built()
     module = _compile(model, (1, 256, 4, 4), tmp_path,
                       default_dtype=str(dtype).replace("torch.", ""))
     assert_matches_with_nan_and_inf(module, model, torch.randn(1, 256, 4, 4), (0, 5, 1, 2),
                                     dtype=dtype)
-    assert partitions_built() - built == 2
+    assert sum(built_since(before)) == 2
 
 
 def test_concurrent_first_calls(tmp_path):
-    """Threads calling a freshly loaded module at once build each partition once and all get
+    """Threads calling a freshly loaded module at once build each kernel once and all get
     PyTorch's result."""
     torch.manual_seed(0)
     model = _Chains().eval()
     saved = str(tmp_path / "model.pt")
     torch.jit.script(_compile(model, (1, 8, 16, 16), tmp_path / "export")).save(saved)
-    module = torch.jit.load(saved)  # its weights are prepared, and partitions built, at a call
-    built = partitions_built()
+    module = torch.jit.load(saved)  # its weights are prepared, and kernels built, at a call
+    before = kernels_built()
     inputs = [torch.randn(1, 8, 16, 16) for _ in range(4)]
     with torch.no_grad(), exact_fp32():
         expected = [model(x) for x in inputs]
@@ -189,16 +208,21 @@ def test_concurrent_first_calls(tmp_path):
     for t in threads:
         t.join(timeout=120)
     assert not errors, errors
-    assert partitions_built() - built == CHAINS
+    assert sum(built_since(before)) == CHAINS
     for got, want in zip(results, expected):
         for actual, reference in zip(got, want):
             torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-4)
 
 
 def test_switch_returns_the_previous_setting():
-    first = set_graph_convs(False)
+    first = set_conv_kernel("pointwise")
     try:
-        assert set_graph_convs(True) is False
-        assert set_graph_convs(True) is True
+        assert first == "primitive"
+        assert set_conv_kernel("graph") == "pointwise"
+        assert set_conv_kernel("graph") == "graph"
+        with pytest.raises(RuntimeError, match="expected 'primitive', 'graph' or 'pointwise', "
+                           "got 'cudnn'"):
+            set_conv_kernel("cudnn")
+        assert set_conv_kernel("graph") == "graph"
     finally:
-        set_graph_convs(first)
+        set_conv_kernel(first)

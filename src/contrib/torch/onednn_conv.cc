@@ -1,0 +1,227 @@
+/*!
+ * \file onednn_conv.cc
+ * \brief OneDnnConv: a convolution, its bias, fused epilogue and residual add as one oneDNN
+ *        primitive, built once per call site and input size.
+ */
+#include "onednn_conv.h"
+
+#include <utility>
+
+#ifdef TVM_TORCH_WITH_ONEDNN
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include <unordered_map>
+#endif
+
+namespace tvm_torch {
+
+#ifdef TVM_TORCH_WITH_ONEDNN
+
+namespace {
+
+using dnnl::memory;
+
+memory::data_type DnnlType(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 ? memory::data_type::bf16 : memory::data_type::f32;
+}
+
+memory::dims Dims(const std::vector<int64_t>& v) { return memory::dims(v.begin(), v.end()); }
+
+/*! \brief The process's CPU engine (oneDNN engines are thread-safe and cheap to share). */
+const dnnl::engine& CpuEngine() {
+  static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+/*!
+ * \brief The eltwise post-op computing PyTorch's `post_op` (NaN and Inf as PyTorch does: these
+ *        four propagate NaN; ReLU, ReLU6 and hardsigmoid never come here, their oneDNN forms
+ *        map NaN to a number).
+ */
+void AppendEpilogue(dnnl::post_ops& ops, const std::string& post_op) {
+  if (post_op == "hardswish") {
+    // oneDNN's hardswish is x * max(0, min(1, alpha * x + beta)).
+    ops.append_eltwise(dnnl::algorithm::eltwise_hardswish, 1.f / 6.f, 0.5f);
+  } else if (post_op == "sigmoid") {
+    ops.append_eltwise(dnnl::algorithm::eltwise_logistic, 0.f, 0.f);
+  } else if (post_op == "tanh") {
+    ops.append_eltwise(dnnl::algorithm::eltwise_tanh, 0.f, 0.f);
+  } else if (post_op == "silu") {
+    ops.append_eltwise(dnnl::algorithm::eltwise_swish, 1.f, 0.f);
+  } else {
+    TORCH_CHECK(post_op == "none", "tvm_torch: no oneDNN convolution epilogue '", post_op, "'");
+  }
+}
+
+/*! \brief The calling thread's stream: executing on a per-thread stream needs no locking. */
+dnnl::stream& ThreadStream() {
+  thread_local dnnl::stream stream(CpuEngine());
+  return stream;
+}
+
+}  // namespace
+
+struct OneDnnConv::Impl {
+  dnnl::convolution_forward primitive;
+  memory::desc src, bias, dst, scratchpad;
+  /*! \brief The weight in the primitive's layout, owned by oneDNN. */
+  memory weights;
+  std::string implementation;
+  at::ScalarType dtype;
+  bool residual;
+  /*! \brief The residual add's place in the post-op chain (after the epilogue, if any). */
+  int residual_index = 0;
+  std::vector<int64_t> input_size, input_strides, output_size, output_strides;
+};
+
+OneDnnConv::OneDnnConv(const at::Tensor& weight, const ConvGeometry& geometry,
+                       const std::vector<int64_t>& input_size, const std::string& post_op,
+                       bool residual, at::MemoryFormat input_format) {
+  const at::ScalarType dtype = weight.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && weight.dim() == 4 &&
+                  input_size.size() == 4,
+              "tvm_torch: oneDNN convolutions take a float32 or bfloat16 OIHW weight and NCHW "
+              "sizes");
+  TORCH_CHECK(input_format == at::MemoryFormat::ChannelsLast ||
+                  input_format == at::MemoryFormat::Contiguous,
+              "tvm_torch: oneDNN convolutions take channels-last or contiguous inputs");
+  auto impl = std::make_unique<Impl>();
+  impl->dtype = dtype;
+  impl->residual = residual;
+  impl->input_size = input_size;
+  impl->output_size = ConvOutputSize(input_size, weight.sizes(), geometry);
+  impl->input_strides = at::empty(input_size, input_format).strides().vec();
+  impl->output_strides =
+      at::empty(impl->output_size, at::MemoryFormat::ChannelsLast).strides().vec();
+
+  const memory::data_type type = DnnlType(dtype);
+  const int64_t groups = geometry.groups;
+  const at::Tensor plain = weight.contiguous();
+  // Grouped weights are (groups, O/groups, I/groups, kh, kw): the same bytes as OIHW.
+  const memory::dims weight_dims =
+      groups > 1 ? memory::dims{groups, plain.size(0) / groups, plain.size(1), plain.size(2),
+                                plain.size(3)}
+                 : Dims(plain.sizes().vec());
+  const memory::desc plain_weights(weight_dims, type,
+                                   groups > 1 ? memory::format_tag::goihw
+                                              : memory::format_tag::oihw);
+  const memory::desc any_weights(weight_dims, type, memory::format_tag::any);
+  impl->src = memory::desc(Dims(input_size), type,
+                           input_format == at::MemoryFormat::Contiguous
+                               ? memory::format_tag::nchw
+                               : memory::format_tag::nhwc);
+  impl->bias = memory::desc({plain.size(0)}, type, memory::format_tag::a);
+  impl->dst = memory::desc(Dims(impl->output_size), type, memory::format_tag::nhwc);
+  // oneDNN counts dilation from 0 (1 in PyTorch is 0 here).
+  const memory::dims dilation{geometry.dilation[0] - 1, geometry.dilation[1] - 1};
+  const memory::dims stride = Dims(geometry.stride);
+  const memory::dims padding = Dims(geometry.padding);
+
+  // oneDNN refuses what it has no kernel for (an error): the call site then runs elsewhere.
+  try {
+    dnnl::post_ops ops;
+    AppendEpilogue(ops, post_op);
+    impl->residual_index = ops.len();
+    if (residual) ops.append_binary(dnnl::algorithm::binary_add, impl->dst);
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(ops);
+    // Scratch memory comes from each call (ATen's allocator), so that calls from several
+    // threads never share it.
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    const dnnl::convolution_forward::primitive_desc pd(
+        CpuEngine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+        impl->src, any_weights, impl->bias, impl->dst, stride, dilation, padding, padding,
+        attr);
+    impl->implementation = pd.impl_info_str();
+    // oneDNN's reference kernels are for correctness checks, 1000x slower than its JIT ones
+    // (oneDNN 3.2 has no JIT kernel for an NCHW input with an NHWC result, for one): leave
+    // such call sites to the Graph partitions, whose newer oneDNN has one.
+    if (impl->implementation.find("ref") != std::string::npos) return;
+    impl->scratchpad = pd.scratchpad_desc();
+    impl->primitive = dnnl::convolution_forward(pd);
+    impl->weights = memory(pd.weights_desc(), CpuEngine());
+    memory source(plain_weights, CpuEngine(), plain.data_ptr());
+    dnnl::stream stream(CpuEngine());
+    dnnl::reorder(source, impl->weights).execute(stream, source, impl->weights);
+    stream.wait();
+  } catch (const dnnl::error&) {
+    return;
+  }
+  impl_ = std::move(impl);
+}
+
+std::string OneDnnConv::implementation() const { return ok() ? impl_->implementation : ""; }
+
+at::Tensor OneDnnConv::Run(const at::Tensor& x, const at::Tensor& bias,
+                           const std::optional<at::Tensor>& other) const {
+  TORCH_CHECK(ok(), "tvm_torch: this convolution has no oneDNN primitive");
+  const Impl& p = *impl_;
+  TORCH_CHECK(HasLayout(x, p.input_size, p.input_strides) && x.scalar_type() == p.dtype &&
+                  x.is_cpu(),
+              "tvm_torch: oneDNN convolution built for ", p.dtype, " CPU input of size ",
+              p.input_size, " and strides ", p.input_strides, ", got ", x.scalar_type(), " ",
+              x.sizes(), " / ", x.strides());
+  TORCH_CHECK(bias.dim() == 1 && bias.is_contiguous() && bias.scalar_type() == p.dtype &&
+                  bias.size(0) == p.output_size[1],
+              "tvm_torch: oneDNN convolution expects a contiguous ", p.dtype, " bias of ",
+              p.output_size[1], " channels, got ", bias.scalar_type(), " ", bias.sizes());
+  TORCH_CHECK(other.has_value() == p.residual, "tvm_torch: oneDNN convolution built ",
+              p.residual ? "with" : "without", " a residual input, called ",
+              other.has_value() ? "with" : "without", " one");
+  if (other.has_value()) {
+    TORCH_CHECK(HasLayout(*other, p.output_size, p.output_strides) &&
+                    other->scalar_type() == p.dtype,
+                "tvm_torch: oneDNN convolution's residual must be ", p.dtype, " of size ",
+                p.output_size, " and strides ", p.output_strides, ", got ",
+                other->scalar_type(), " ", other->sizes(), " / ", other->strides());
+  }
+  at::Tensor y = at::empty(p.output_size, x.options(), at::MemoryFormat::ChannelsLast);
+  const dnnl::engine& engine = CpuEngine();
+  try {
+    std::unordered_map<int, memory> args{
+        {DNNL_ARG_SRC, memory(p.src, engine, x.data_ptr())},
+        {DNNL_ARG_WEIGHTS, p.weights},
+        {DNNL_ARG_BIAS, memory(p.bias, engine, bias.data_ptr())},
+        {DNNL_ARG_DST, memory(p.dst, engine, y.data_ptr())}};
+    if (other.has_value()) {
+      args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(p.residual_index) | DNNL_ARG_SRC_1,
+                   memory(p.dst, engine, other->data_ptr()));
+    }
+    at::Tensor scratch;
+    if (p.scratchpad.get_size() > 0) {
+      scratch = at::empty({static_cast<int64_t>(p.scratchpad.get_size())},
+                          at::TensorOptions().dtype(at::kByte));
+      args.emplace(DNNL_ARG_SCRATCHPAD, memory(p.scratchpad, engine, scratch.data_ptr()));
+    }
+    dnnl::stream& stream = ThreadStream();
+    p.primitive.execute(stream, args);
+    stream.wait();
+  } catch (const dnnl::error& err) {
+    TORCH_CHECK(false, "tvm_torch: oneDNN convolution failed: ", err.what());
+  }
+  return y;
+}
+
+bool OneDnnConv::Available() { return true; }
+
+#else  // !TVM_TORCH_WITH_ONEDNN
+
+struct OneDnnConv::Impl {};
+
+OneDnnConv::OneDnnConv(const at::Tensor&, const ConvGeometry&, const std::vector<int64_t>&,
+                       const std::string&, bool, at::MemoryFormat) {}
+
+std::string OneDnnConv::implementation() const { return ""; }
+
+at::Tensor OneDnnConv::Run(const at::Tensor&, const at::Tensor&,
+                           const std::optional<at::Tensor>&) const {
+  TORCH_CHECK(false, "tvm_torch: this library was built without oneDNN");
+}
+
+bool OneDnnConv::Available() { return false; }
+
+#endif  // TVM_TORCH_WITH_ONEDNN
+
+OneDnnConv::~OneDnnConv() = default;
+
+}  // namespace tvm_torch

@@ -1,0 +1,73 @@
+/*!
+ * \file onednn_conv.h
+ * \brief A CPU convolution with its fused epilogue as one oneDNN primitive, on this library's
+ *        own oneDNN (the onednn-cpu-gomp wheel).
+ *
+ * libtorch exports no oneDNN symbols, so its convolutions can only be reached through ATen
+ * ops or its TorchScript oneDNN Graph fuser (OneDnnGraphConv). Each of those layers costs time
+ * per call: MobileNetV2's 52 convolutions take 9.9 ms as direct primitives against 11.9 ms as
+ * Graph partitions (same process, interleaved). This class builds the primitive once per call
+ * site and input size, with the weight reordered once to the primitive's blocked layout, and
+ * then only executes it. Without oneDNN at build time (TVM_TORCH_WITH_ONEDNN unset) it is
+ * never ok(), and convolutions run on the Graph partitions as before.
+ */
+#ifndef TVM_CONTRIB_TORCH_ONEDNN_CONV_H_
+#define TVM_CONTRIB_TORCH_ONEDNN_CONV_H_
+
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "conv_geometry.h"
+
+namespace tvm_torch {
+
+/*!
+ * \brief conv2d(x, weight) + bias, then `post_op` ("none", "hardswish", "sigmoid", "tanh",
+ *        "silu"), then + other when `residual`, in the weight's dtype (float32 or bfloat16), as
+ *        one oneDNN convolution primitive for inputs of one size and layout.
+ */
+class OneDnnConv {
+ public:
+  /*!
+   * \brief Create the primitive and reorder the weight for it. \ref ok says whether oneDNN
+   *        took the convolution (it may refuse a dtype or post-op this CPU has no kernel for).
+   * \param weight The float32 or bfloat16 OIHW weight; x, bias and other come in its dtype.
+   * \param input_size The NCHW size of x.
+   * \param input_format How x is laid out: channels-last (a result of the program), or
+   *        contiguous NCHW (the program's own input).
+   */
+  OneDnnConv(const at::Tensor& weight, const ConvGeometry& geometry,
+             const std::vector<int64_t>& input_size, const std::string& post_op, bool residual,
+             at::MemoryFormat input_format = at::MemoryFormat::ChannelsLast);
+  ~OneDnnConv();
+
+  /*! \brief Whether the primitive was created (Run may be called). */
+  bool ok() const { return impl_ != nullptr; }
+
+  /*! \brief The name of the kernel oneDNN chose (for diagnostics). */
+  std::string implementation() const;
+
+  /*!
+   * \brief Run on x in the input format (and other, of the result's size, channels-last).
+   *        Safe to call from several threads at once.
+   * \return The channels-last NCHW result.
+   */
+  at::Tensor Run(const at::Tensor& x, const at::Tensor& bias,
+                 const std::optional<at::Tensor>& other) const;
+
+  /*! \brief Whether this library was built with oneDNN (else no instance is ever ok()). */
+  static bool Available();
+
+ private:
+  struct Impl;
+  /*! \brief The primitive and its reordered weight; null when oneDNN refused. */
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tvm_torch
+
+#endif  // TVM_CONTRIB_TORCH_ONEDNN_CONV_H_

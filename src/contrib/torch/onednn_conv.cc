@@ -152,8 +152,14 @@ OneDnnConv::OneDnnConv(const at::Tensor& weight, const ConvGeometry& geometry,
 
 std::string OneDnnConv::implementation() const { return ok() ? impl_->implementation : ""; }
 
+bool OneDnnConv::CanWriteTo(const at::Tensor& out) const {
+  return ok() && out.scalar_type() == impl_->dtype && out.is_cpu() &&
+         HasLayout(out, impl_->output_size, impl_->output_strides);
+}
+
 at::Tensor OneDnnConv::Run(const at::Tensor& x, const at::Tensor& bias,
-                           const std::optional<at::Tensor>& other) const {
+                           const std::optional<at::Tensor>& other,
+                           const std::optional<at::Tensor>& out) const {
   TORCH_CHECK(ok(), "tvm_torch: this convolution has no oneDNN primitive");
   const Impl& p = *impl_;
   TORCH_CHECK(HasLayout(x, p.input_size, p.input_strides) && x.scalar_type() == p.dtype &&
@@ -175,7 +181,9 @@ at::Tensor OneDnnConv::Run(const at::Tensor& x, const at::Tensor& bias,
                 p.output_size, " and strides ", p.output_strides, ", got ",
                 other->scalar_type(), " ", other->sizes(), " / ", other->strides());
   }
-  at::Tensor y = at::empty(p.output_size, x.options(), at::MemoryFormat::ChannelsLast);
+  at::Tensor y = out.has_value() && CanWriteTo(*out)
+                     ? *out
+                     : at::empty(p.output_size, x.options(), at::MemoryFormat::ChannelsLast);
   const dnnl::engine& engine = CpuEngine();
   try {
     std::unordered_map<int, memory> args{
@@ -213,7 +221,10 @@ OneDnnConv::OneDnnConv(const at::Tensor&, const ConvGeometry&, const std::vector
 
 std::string OneDnnConv::implementation() const { return ""; }
 
+bool OneDnnConv::CanWriteTo(const at::Tensor&) const { return false; }
+
 at::Tensor OneDnnConv::Run(const at::Tensor&, const at::Tensor&,
+                           const std::optional<at::Tensor>&,
                            const std::optional<at::Tensor>&) const {
   TORCH_CHECK(false, "tvm_torch: this library was built without oneDNN");
 }

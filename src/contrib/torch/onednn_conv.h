@@ -54,10 +54,16 @@ class OneDnnConv {
   /*!
    * \brief Run on x in the input format (and other, of the result's size, channels-last).
    *        Safe to call from several threads at once.
-   * \return The channels-last NCHW result.
+   * \param out Where to write the result, when it is a channels-last tensor of the result's
+   *        size and dtype (memory the program planned); else the result is allocated.
+   * \return The channels-last NCHW result (`out` when it was written).
    */
   at::Tensor Run(const at::Tensor& x, const at::Tensor& bias,
-                 const std::optional<at::Tensor>& other) const;
+                 const std::optional<at::Tensor>& other,
+                 const std::optional<at::Tensor>& out = std::nullopt) const;
+
+  /*! \brief Whether Run can write its result into `out`. */
+  bool CanWriteTo(const at::Tensor& out) const;
 
   /*! \brief Whether this library was built with oneDNN (else no instance is ever ok()). */
   static bool Available();

@@ -273,12 +273,13 @@ at::Tensor RunConv(ConvWeightObj* weight, const at::Tensor& input, const at::Ten
                    const std::string& epilogue, const char* post_op,
                    const std::optional<at::Tensor>& other, const ffi::Shape& padding,
                    const ffi::Shape& stride, const ffi::Shape& dilation, int64_t groups,
-                   at::MemoryFormat input_format = at::MemoryFormat::ChannelsLast) {
+                   at::MemoryFormat input_format = at::MemoryFormat::ChannelsLast,
+                   const std::optional<at::Tensor>& out = std::nullopt) {
   // The kernels take the fused epilogue by its PyTorch name ("silu", not oneDNN's "swish").
   const ConvKernels kernels =
       weight->Kernels(std::string(post_op) == "none" ? "none" : epilogue, other.has_value(),
                       input.sizes(), input_format);
-  if (kernels.primitive != nullptr) return kernels.primitive->Run(input, bias, other);
+  if (kernels.primitive != nullptr) return kernels.primitive->Run(input, bias, other, out);
   if (kernels.graph != nullptr) return kernels.graph->Run(input, bias, other);
   const at::Tensor w = weight->Packed();
   if (!other.has_value()) {
@@ -299,20 +300,33 @@ at::Tensor RunConv(ConvWeightObj* weight, const at::Tensor& input, const at::Ten
 /*!
  * \brief conv2d(input NCHW, laid out as `input_format` says) with a prepared weight and bias,
  *        then `epilogue` (fused where oneDNN computes it as PyTorch does, else ATen's), in the
- *        weight's dtype; the result comes back NHWC, in the input's dtype.
+ *        weight's dtype; the result comes back channels-last, in the input's dtype: written
+ *        into `out` where the kernel can, else allocated.
  */
-ffi::Tensor ConvWithEpilogue(const at::Tensor& input, const ffi::ObjectRef& packed,
-                             const ffi::Tensor& bias, const ffi::Shape& padding,
-                             const ffi::Shape& stride, const ffi::Shape& dilation,
-                             int64_t groups, const std::string& epilogue,
-                             at::MemoryFormat input_format) {
+at::Tensor ConvWithEpilogue(const at::Tensor& input, const ffi::ObjectRef& packed,
+                            const ffi::Tensor& bias, const ffi::Shape& padding,
+                            const ffi::Shape& stride, const ffi::Shape& dilation,
+                            int64_t groups, const std::string& epilogue,
+                            at::MemoryFormat input_format,
+                            const std::optional<at::Tensor>& out = std::nullopt) {
   const char* post_op = FusedConvEpilogue(epilogue);
   ConvWeightObj* weight = UnwrapConv(packed);
   at::Tensor y = RunConv(weight, AsComputeDtype(input, weight->plain),
                          AsComputeDtype(ToTorchTensor(bias), weight->plain), epilogue, post_op,
-                         std::nullopt, padding, stride, dilation, groups, input_format);
+                         std::nullopt, padding, stride, dilation, groups, input_format, out);
   ApplyEpilogue(y, epilogue, std::string(post_op) != "none");
-  return NchwAsNhwc(InDtype(y, input.scalar_type()));
+  return InDtype(y, input.scalar_type());
+}
+
+/*!
+ * \brief Put a result into the destination a program passed (a no-op when the kernel wrote it
+ *        there already), converting its dtype if needed.
+ */
+void WriteResult(const at::Tensor& y, const ffi::Tensor& out) {
+  at::Tensor target = NhwcAsNchw(out);
+  TORCH_CHECK(target.sizes() == y.sizes(), "tvm_torch: the program passed a destination of size ",
+              target.sizes(), " for a convolution result of size ", y.sizes());
+  if (y.data_ptr() != target.data_ptr()) target.copy_(y);
 }
 
 /*!
@@ -324,23 +338,51 @@ ffi::Tensor ConvWithEpilogue(const at::Tensor& input, const ffi::ObjectRef& pack
 ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
                        ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
                        int64_t groups, ffi::String attr) {
-  return ConvWithEpilogue(NhwcAsNchw(x), packed, bias, padding, stride, dilation, groups,
-                          std::string(attr), at::MemoryFormat::ChannelsLast);
+  return NchwAsNhwc(ConvWithEpilogue(NhwcAsNchw(x), packed, bias, padding, stride, dilation,
+                                     groups, std::string(attr), at::MemoryFormat::ChannelsLast));
+}
+
+/*!
+ * \brief Conv2dNhwc in destination-passing style: the result goes into `out` (NHWC, of the
+ *        result's size and dtype), which the program's memory plan allocated, instead of
+ *        memory allocated per call.
+ */
+void Conv2dNhwcOut(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias, ffi::Shape padding,
+                   ffi::Shape stride, ffi::Shape dilation, int64_t groups, ffi::String attr,
+                   ffi::Tensor out) {
+  WriteResult(ConvWithEpilogue(NhwcAsNchw(x), packed, bias, padding, stride, dilation, groups,
+                               std::string(attr), at::MemoryFormat::ChannelsLast,
+                               NhwcAsNchw(out)),
+              out);
 }
 
 /*!
  * \brief Conv2dNhwc on a contiguous NCHW x (a program's input: oneDNN reads it as it is,
  *        instead of a TVM kernel transposing it to NHWC first); the result is NHWC.
  */
-ffi::Tensor Conv2dNchwInput(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
-                            ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
-                            int64_t groups, ffi::String attr) {
+at::Tensor NchwInput(const ffi::Tensor& x) {
   const at::Tensor input = ToTorchTensor(x);
   TORCH_CHECK(input.dim() == 4 && input.is_contiguous(),
               "tvm_torch.conv2d_nchw_input: expected a contiguous NCHW input, got ",
               input.sizes(), " / ", input.strides());
-  return ConvWithEpilogue(input, packed, bias, padding, stride, dilation, groups,
-                          std::string(attr), at::MemoryFormat::Contiguous);
+  return input;
+}
+
+ffi::Tensor Conv2dNchwInput(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
+                            ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
+                            int64_t groups, ffi::String attr) {
+  return NchwAsNhwc(ConvWithEpilogue(NchwInput(x), packed, bias, padding, stride, dilation,
+                                     groups, std::string(attr), at::MemoryFormat::Contiguous));
+}
+
+/*! \brief Conv2dNchwInput in destination-passing style (as Conv2dNhwcOut). */
+void Conv2dNchwInputOut(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
+                        ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
+                        int64_t groups, ffi::String attr, ffi::Tensor out) {
+  WriteResult(ConvWithEpilogue(NchwInput(x), packed, bias, padding, stride, dilation, groups,
+                               std::string(attr), at::MemoryFormat::Contiguous,
+                               NhwcAsNchw(out)),
+              out);
 }
 
 /*!
@@ -349,9 +391,11 @@ ffi::Tensor Conv2dNchwInput(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bi
  *        promotion makes it); an other in another dtype than the weight's is added in that
  *        promoted dtype after the convolution.
  */
-ffi::Tensor Conv2dAddNhwc(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packed,
-                          ffi::Tensor bias, ffi::Shape padding, ffi::Shape stride,
-                          ffi::Shape dilation, int64_t groups, ffi::String unary_attr) {
+/*! \brief Conv2dAddNhwc's result, channels-last: written into `out` where the kernel can. */
+at::Tensor ConvAdd(const ffi::Tensor& x, const ffi::Tensor& other, const ffi::ObjectRef& packed,
+                   const ffi::Tensor& bias, const ffi::Shape& padding, const ffi::Shape& stride,
+                   const ffi::Shape& dilation, int64_t groups, const std::string& unary,
+                   const std::optional<at::Tensor>& out = std::nullopt) {
   ConvWeightObj* weight = UnwrapConv(packed);
   const at::Tensor input = NhwcAsNchw(x);
   const at::Tensor residual = NhwcAsNchw(other);
@@ -362,15 +406,31 @@ ffi::Tensor Conv2dAddNhwc(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packe
   at::Tensor y;
   if (residual.scalar_type() == weight->plain.scalar_type()) {
     y = RunConv(weight, compute_input, compute_bias, "none", "none", residual, padding, stride,
-                dilation, groups);
+                dilation, groups, at::MemoryFormat::ChannelsLast, out);
   } else {
     y = InDtype(RunConv(weight, compute_input, compute_bias, "none", "none", std::nullopt,
                         padding, stride, dilation, groups),
                 out_dtype);
     y.add_(residual);
   }
-  if (std::string(unary_attr) == "relu") y.relu_();
-  return NchwAsNhwc(InDtype(y, out_dtype));
+  if (unary == "relu") y.relu_();
+  return InDtype(y, out_dtype);
+}
+
+ffi::Tensor Conv2dAddNhwc(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packed,
+                          ffi::Tensor bias, ffi::Shape padding, ffi::Shape stride,
+                          ffi::Shape dilation, int64_t groups, ffi::String unary_attr) {
+  return NchwAsNhwc(ConvAdd(x, other, packed, bias, padding, stride, dilation, groups,
+                            std::string(unary_attr)));
+}
+
+/*! \brief Conv2dAddNhwc in destination-passing style (as Conv2dNhwcOut). */
+void Conv2dAddNhwcOut(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packed, ffi::Tensor bias,
+                      ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
+                      int64_t groups, ffi::String unary_attr, ffi::Tensor out) {
+  WriteResult(ConvAdd(x, other, packed, bias, padding, stride, dilation, groups,
+                      std::string(unary_attr), NhwcAsNchw(out)),
+              out);
 }
 
 /*!
@@ -659,6 +719,9 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.conv2d_nhwc", tvm_torch::Conv2dNhwc)
       .def("tvm_torch.conv2d_nchw_input", tvm_torch::Conv2dNchwInput)
       .def("tvm_torch.conv2d_add_nhwc", tvm_torch::Conv2dAddNhwc)
+      .def("tvm_torch.conv2d_nhwc_out", tvm_torch::Conv2dNhwcOut)
+      .def("tvm_torch.conv2d_nchw_input_out", tvm_torch::Conv2dNchwInputOut)
+      .def("tvm_torch.conv2d_add_nhwc_out", tvm_torch::Conv2dAddNhwcOut)
       .def("tvm_torch.conv2d_nchw", tvm_torch::Conv2dNchw)
       .def("tvm_torch.conv2d_add_nchw", tvm_torch::Conv2dAddNchw)
       .def("tvm_torch.matmul_bias", tvm_torch::MatmulBias)

@@ -335,6 +335,7 @@ class PyTorchTVMModule:
                                                      tvm_wins=wins, sites=sites))
             if not gpu:
                 extra.append(vendor_kernels.nchw_input_pass())
+                extra.append(vendor_kernels.destination_passing_pass())
         bucket.prepared = passes.prepare_for_build(bucket.mod, bucket.params,
                                                    shapes_of(bucket.infos), self.default_dtype,
                                                    extra)

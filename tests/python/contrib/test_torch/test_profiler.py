@@ -41,9 +41,11 @@ def compiled(tmp_path_factory):
 def test_rows_name_each_kernel_with_its_calls_and_add_up(compiled):
     _, module, x, _ = compiled
     report = profile(module, [x], repeat=4, warmup=1)
-    # The first convolution reads the NCHW input itself (conv2d_nchw_input), the second NHWC.
+    # The first convolution reads the NCHW input itself (conv2d_nchw_input), the second NHWC;
+    # both write into the program's planned memory (their "_out" variants).
     convs = {r.name: r for r in report.rows if r.name.startswith("tvm_torch.conv2d_")}
-    assert sorted(convs) == ["tvm_torch.conv2d_nchw_input", "tvm_torch.conv2d_nhwc"], convs
+    assert sorted(convs) == ["tvm_torch.conv2d_nchw_input_out", "tvm_torch.conv2d_nhwc_out"], \
+        convs
     assert all(r.calls == 1 and r.kind == "vendor: oneDNN" for r in convs.values())
     assert any(r.kind == "TVM" for r in report.rows), report.table(top=None)
     names = {r.name for r in report.rows}
@@ -51,7 +53,7 @@ def test_rows_name_each_kernel_with_its_calls_and_add_up(compiled):
     assert sum(r.share for r in report.rows) == pytest.approx(1.0, abs=0.02)
     assert report.latency_ms > 0 and report.profiled_ms > 0
     text = report.table(top=None)
-    assert "tvm_torch.conv2d_nhwc" in text and "vendor: oneDNN" in text
+    assert "tvm_torch.conv2d_nhwc_out" in text and "vendor: oneDNN" in text
 
 
 def test_profiling_leaves_results_unchanged_and_switches_off(compiled):
@@ -61,7 +63,7 @@ def test_profiling_leaves_results_unchanged_and_switches_off(compiled):
         torch.testing.assert_close(module([x])[0], model(x), rtol=1e-4, atol=1e-4)
     # Off again: a second profile starts from zero, not from the first one's totals.
     second = profile(module, [x], repeat=1, warmup=0)
-    assert [r.calls for r in second.rows if r.name == "tvm_torch.conv2d_nhwc"] == [1]
+    assert [r.calls for r in second.rows if r.name == "tvm_torch.conv2d_nhwc_out"] == [1]
 
 
 def test_a_model_without_tvm_programs_is_refused(compiled):
@@ -83,7 +85,7 @@ def test_profile_command_prints_the_kernels_of_a_saved_model(compiled):
     proc = _cli("profile", "model.pt", "--input", "x:1x3x16x16:float32", "--repeat", "3",
                 cwd=export_dir)
     assert proc.returncode == 0, proc.stderr
-    assert "latency" in proc.stdout and "tvm_torch.conv2d_nhwc" in proc.stdout
+    assert "latency" in proc.stdout and "tvm_torch.conv2d_nhwc_out" in proc.stdout
     proc = _cli("profile", "model.pt", "--input", "x:1x3x16x16:float99", cwd=export_dir)
     assert proc.returncode == 2
     assert "unknown dtype 'float99'" in proc.stderr

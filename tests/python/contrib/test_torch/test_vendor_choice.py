@@ -72,8 +72,8 @@ def _conv_calls(module, x) -> float:
     """oneDNN convolution calls per model call, from the kernel profile."""
     report = profile(module, [x], repeat=2, warmup=1)
     return sum(row.calls for row in report.rows
-               if row.name in ("tvm_torch.conv2d_nhwc", "tvm_torch.conv2d_nchw_input",
-                               "tvm_torch.conv2d_add_nhwc"))
+               if row.name in ("tvm_torch.conv2d_nhwc_out", "tvm_torch.conv2d_nchw_input_out",
+                               "tvm_torch.conv2d_add_nhwc_out"))
 
 
 def test_race_is_recorded_and_its_choices_applied(tmp_path):

@@ -10,6 +10,7 @@ from typing import Callable, List, Tuple
 import numpy as np
 import pytest
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from tvm.contrib.torch import vendor_kernels
@@ -79,6 +80,48 @@ def test_convolution_of_the_program_input_reads_it_as_nchw():
         "tvm_torch.conv2d_nchw_input", "tvm_torch.conv2d_nhwc"]
     # Left: the result's transpose back to NCHW.
     assert ops.count("relax.permute_dims") == 1, ops
+
+
+def test_convolutions_write_into_planned_memory():
+    """destination_passing_pass: every CPU convolution call (plain, of the NCHW input, with a
+    residual add) becomes R.call_dps_packed of its "_out" variant with the same arguments and
+    result type, so that the program's memory plan allocates its result."""
+    def body(bb, p):
+        first = _conv(bb, p[0])
+        second = _conv(bb, bb.emit(relax.op.nn.relu(first)), weight_shape=(8, 8, 3, 3))
+        return bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(second, p[1]))))
+
+    offloaded = vendor_kernels.nchw_input_pass()(vendor_kernels.offload_pass()(
+        _module(IMAGE + [((1, 8, 8, 8), "float32")], body)))
+    before = [(str(c.args[0].global_symbol), [str(a) for a in c.args[1:]], c.ty)
+              for c in _pure_packed_calls(offloaded) if "prepack" not in
+              str(c.args[0].global_symbol)]
+    assert [name for name, _, _ in before] == [
+        "tvm_torch.conv2d_nchw_input", "tvm_torch.conv2d_add_nhwc"]
+    mod = vendor_kernels.destination_passing_pass()(offloaded)
+    packed, ops = _calls(mod)
+    assert [p for p in packed if not p.endswith("prepack")] == []
+    dps = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: dps.append(e) if isinstance(
+        e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_dps_packed"
+        else None)
+    after = [(str(c.args[0].global_symbol), [str(a) for a in c.args[1].fields], c.ty)
+             for c in dps]
+    assert [name for name, _, _ in after] == [
+        "tvm_torch.conv2d_nchw_input_out", "tvm_torch.conv2d_add_nhwc_out"]
+    for (_, args, ty), (_, args_after, ty_after) in zip(before, after):
+        assert args == args_after and tvm_ffi.structural_equal(ty, ty_after)
+    # A program without convolutions is left as it was.
+    plain = _module(IMAGE, lambda bb, p: bb.emit(relax.op.nn.relu(p[0])))
+    assert vendor_kernels.destination_passing_pass()(plain).same_as(plain)
+
+
+def _pure_packed_calls(mod: tvm.IRModule) -> List[relax.Call]:
+    calls = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(
+        e, relax.Call) and isinstance(e.op, tvm.ir.Op) and
+        e.op.name == "relax.call_pure_packed" else None)
+    return calls
 
 
 def test_conv2d_bias_relu_is_one_call():

@@ -59,11 +59,38 @@ dnnl::stream& ThreadStream() {
   return stream;
 }
 
+/*!
+ * \brief Scratch memory of the calling thread, grown as needed and kept: one primitive runs at
+ *        a time on a thread, so calls never share it, and none allocates it again.
+ */
+struct ThreadScratch {
+  at::Tensor scratchpad;  //!< oneDNN's scratchpad
+  at::Tensor input;       //!< the input reordered to NHWC
+
+  static void* Bytes(at::Tensor& buffer, size_t bytes) {
+    if (!buffer.defined() || static_cast<size_t>(buffer.numel()) < bytes) {
+      buffer = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
+    }
+    return buffer.data_ptr();
+  }
+};
+
+ThreadScratch& Scratch() {
+  thread_local ThreadScratch scratch;
+  return scratch;
+}
+
 }  // namespace
 
 struct OneDnnConv::Impl {
   dnnl::convolution_forward primitive;
   memory::desc src, bias, dst, scratchpad;
+  /*!
+   * \brief For an NCHW input that oneDNN has no fast kernel for: its reorder to NHWC (`src`)
+   *        before the primitive, and the layout it comes in.
+   */
+  std::optional<dnnl::reorder> input_reorder;
+  memory::desc input;
   /*! \brief The weight in the primitive's layout, owned by oneDNN. */
   memory weights;
   std::string implementation;
@@ -106,10 +133,10 @@ OneDnnConv::OneDnnConv(const at::Tensor& weight, const ConvGeometry& geometry,
                                    groups > 1 ? memory::format_tag::goihw
                                               : memory::format_tag::oihw);
   const memory::desc any_weights(weight_dims, type, memory::format_tag::any);
-  impl->src = memory::desc(Dims(input_size), type,
-                           input_format == at::MemoryFormat::Contiguous
-                               ? memory::format_tag::nchw
-                               : memory::format_tag::nhwc);
+  const memory::desc nhwc_input(Dims(input_size), type, memory::format_tag::nhwc);
+  impl->input = input_format == at::MemoryFormat::Contiguous
+                    ? memory::desc(Dims(input_size), type, memory::format_tag::nchw)
+                    : nhwc_input;
   impl->bias = memory::desc({plain.size(0)}, type, memory::format_tag::a);
   impl->dst = memory::desc(Dims(impl->output_size), type, memory::format_tag::nhwc);
   // oneDNN counts dilation from 0 (1 in PyTorch is 0 here).
@@ -125,18 +152,31 @@ OneDnnConv::OneDnnConv(const at::Tensor& weight, const ConvGeometry& geometry,
     if (residual) ops.append_binary(dnnl::algorithm::binary_add, impl->dst);
     dnnl::primitive_attr attr;
     attr.set_post_ops(ops);
-    // Scratch memory comes from each call (ATen's allocator), so that calls from several
+    // Scratch memory comes from the calling thread (ThreadScratch), so that calls from several
     // threads never share it.
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    const dnnl::convolution_forward::primitive_desc pd(
-        CpuEngine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
-        impl->src, any_weights, impl->bias, impl->dst, stride, dilation, padding, padding,
-        attr);
+    auto describe = [&](const memory::desc& src) {
+      return dnnl::convolution_forward::primitive_desc(
+          CpuEngine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+          src, any_weights, impl->bias, impl->dst, stride, dilation, padding, padding, attr);
+    };
+    // oneDNN's reference kernels are for correctness checks, 1000x slower than its JIT ones.
+    auto is_reference = [](const std::string& name) {
+      return name.find("ref") != std::string::npos;
+    };
+    dnnl::convolution_forward::primitive_desc pd = describe(impl->input);
+    impl->src = impl->input;
+    if (is_reference(pd.impl_info_str()) && input_format == at::MemoryFormat::Contiguous) {
+      // oneDNN 3.2 has no JIT kernel for an NCHW input with an NHWC result: reorder the input
+      // (a program's image, 3 channels: a small copy) and convolve NHWC.
+      pd = describe(nhwc_input);
+      impl->src = nhwc_input;
+      impl->input_reorder = dnnl::reorder(
+          dnnl::reorder::primitive_desc(CpuEngine(), impl->input, CpuEngine(), nhwc_input));
+    }
     impl->implementation = pd.impl_info_str();
-    // oneDNN's reference kernels are for correctness checks, 1000x slower than its JIT ones
-    // (oneDNN 3.2 has no JIT kernel for an NCHW input with an NHWC result, for one): leave
-    // such call sites to the Graph partitions, whose newer oneDNN has one.
-    if (impl->implementation.find("ref") != std::string::npos) return;
+    // Anything else without a JIT kernel runs on the Graph partitions instead.
+    if (is_reference(impl->implementation)) return;
     impl->scratchpad = pd.scratchpad_desc();
     impl->primitive = dnnl::convolution_forward(pd);
     impl->weights = memory(pd.weights_desc(), CpuEngine());
@@ -162,6 +202,7 @@ at::Tensor OneDnnConv::Run(const at::Tensor& x, const at::Tensor& bias,
                            const std::optional<at::Tensor>& out) const {
   TORCH_CHECK(ok(), "tvm_torch: this convolution has no oneDNN primitive");
   const Impl& p = *impl_;
+  ThreadScratch& scratch = Scratch();
   TORCH_CHECK(HasLayout(x, p.input_size, p.input_strides) && x.scalar_type() == p.dtype &&
                   x.is_cpu(),
               "tvm_torch: oneDNN convolution built for ", p.dtype, " CPU input of size ",
@@ -186,8 +227,16 @@ at::Tensor OneDnnConv::Run(const at::Tensor& x, const at::Tensor& bias,
                      : at::empty(p.output_size, x.options(), at::MemoryFormat::ChannelsLast);
   const dnnl::engine& engine = CpuEngine();
   try {
+    dnnl::stream& stream = ThreadStream();
+    memory src(p.input, engine, x.data_ptr());
+    if (p.input_reorder.has_value()) {
+      memory reordered(p.src, engine,
+                       ThreadScratch::Bytes(scratch.input, p.src.get_size()));
+      p.input_reorder->execute(stream, src, reordered);
+      src = reordered;
+    }
     std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, memory(p.src, engine, x.data_ptr())},
+        {DNNL_ARG_SRC, src},
         {DNNL_ARG_WEIGHTS, p.weights},
         {DNNL_ARG_BIAS, memory(p.bias, engine, bias.data_ptr())},
         {DNNL_ARG_DST, memory(p.dst, engine, y.data_ptr())}};
@@ -195,13 +244,11 @@ at::Tensor OneDnnConv::Run(const at::Tensor& x, const at::Tensor& bias,
       args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(p.residual_index) | DNNL_ARG_SRC_1,
                    memory(p.dst, engine, other->data_ptr()));
     }
-    at::Tensor scratch;
     if (p.scratchpad.get_size() > 0) {
-      scratch = at::empty({static_cast<int64_t>(p.scratchpad.get_size())},
-                          at::TensorOptions().dtype(at::kByte));
-      args.emplace(DNNL_ARG_SCRATCHPAD, memory(p.scratchpad, engine, scratch.data_ptr()));
+      args.emplace(DNNL_ARG_SCRATCHPAD,
+                   memory(p.scratchpad, engine,
+                          ThreadScratch::Bytes(scratch.scratchpad, p.scratchpad.get_size())));
     }
-    dnnl::stream& stream = ThreadStream();
     p.primitive.execute(stream, args);
     stream.wait();
   } catch (const dnnl::error& err) {

@@ -10,6 +10,10 @@
 #ifdef TVM_TORCH_WITH_ONEDNN
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include <atomic>
+#include <bit>
+#include <cstdint>
+#include <limits>
 #include <unordered_map>
 #endif
 
@@ -33,12 +37,23 @@ const dnnl::engine& CpuEngine() {
   return engine;
 }
 
+/*! \brief Whether `post_op` is a clip that oneDNN computes exactly only where no NaN comes in. */
+bool IsClip(const std::string& post_op) { return post_op == "relu" || post_op == "relu6"; }
+
 /*!
- * \brief The eltwise post-op computing PyTorch's `post_op` (NaN and Inf as PyTorch does: these
- *        four propagate NaN; ReLU, ReLU6 and hardsigmoid never come here, their oneDNN forms
- *        map NaN to a number).
+ * \brief The eltwise post-op computing PyTorch's `post_op`. hardswish, sigmoid, tanh and SiLU
+ *        propagate NaN and Inf as PyTorch does. ReLU and ReLU6 (oneDNN's relu and clip) map
+ *        NaN to a number: Run uses them only where it has shown that no NaN reaches them.
  */
 void AppendEpilogue(dnnl::post_ops& ops, const std::string& post_op) {
+  if (post_op == "relu") {
+    ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    return;
+  }
+  if (post_op == "relu6") {
+    ops.append_eltwise(dnnl::algorithm::eltwise_clip, 0.f, 6.f);
+    return;
+  }
   if (post_op == "hardswish") {
     // oneDNN's hardswish is x * max(0, min(1, alpha * x + beta)).
     ops.append_eltwise(dnnl::algorithm::eltwise_hardswish, 1.f / 6.f, 0.5f);
@@ -80,20 +95,75 @@ ThreadScratch& Scratch() {
   return scratch;
 }
 
+// The largest |x| of a buffer, as an integer maximum of the values' bits without the sign
+// (the order of non-negative floats; NaN and Inf sort above every finite value), which the
+// compiler vectorises for each instruction set (a float maximum it may not reorder).
+__attribute__((target_clones("avx512f", "avx2", "default"))) uint32_t MaxMagnitudeBits(
+    const uint32_t* words, int64_t n) {
+  uint32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, words[i] & 0x7fffffffu);
+  return m;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) uint16_t MaxMagnitudeBits16(
+    const uint16_t* words, int64_t n) {
+  uint16_t m = 0;
+  for (int64_t i = 0; i < n; ++i) m = std::max<uint16_t>(m, words[i] & 0x7fffu);
+  return m;
+}
+
+/*! \brief max |t| of a contiguous float32 or bfloat16 tensor; +Inf when it holds NaN or Inf. */
+float MaxMagnitude(const at::Tensor& t) {
+  uint32_t bits;
+  if (t.scalar_type() == at::kBFloat16) {
+    bits = static_cast<uint32_t>(
+               MaxMagnitudeBits16(static_cast<const uint16_t*>(t.const_data_ptr()), t.numel()))
+           << 16;
+  } else {
+    bits = MaxMagnitudeBits(static_cast<const uint32_t*>(t.const_data_ptr()), t.numel());
+  }
+  return bits >= 0x7f800000u ? std::numeric_limits<float>::infinity() : std::bit_cast<float>(bits);
+}
+
+/*!
+ * \brief Every pre-activation value stays below this (with max |x| * weight_l1 + max |bias|
+ *        under it, no partial sum overflows, so none is Inf or NaN); a quarter of FLT_MAX
+ *        leaves room for the sums' rounding.
+ */
+constexpr float kFiniteBound = std::numeric_limits<float>::max() / 4;
+
+/*! \brief Calls that ran with the clip fused, in this process (OneDnnConv::ClipsFused). */
+std::atomic<int64_t> g_clips_fused{0};
+
 }  // namespace
 
-struct OneDnnConv::Impl {
+/*! \brief One convolution primitive, with its scratchpad's size and its weight. */
+struct ConvPrimitive {
   dnnl::convolution_forward primitive;
-  memory::desc src, bias, dst, scratchpad;
+  memory::desc scratchpad;
+  /*! \brief The weight in the primitive's layout, owned by oneDNN. */
+  memory weights;
+  std::string implementation;
+};
+
+struct OneDnnConv::Impl {
+  /*! \brief The convolution with its epilogue (without it, for a clip). */
+  ConvPrimitive exact;
+  /*!
+   * \brief For a ReLU or ReLU6 epilogue: the convolution with it fused, which Run takes when
+   *        the input and bias bound every pre-activation value (clip_bound); else ATen applies
+   *        the clip after `exact`.
+   */
+  std::optional<ConvPrimitive> clipped;
+  /*! \brief max over output channels of the sum of |weight|; +Inf when a weight is not finite. */
+  float weight_l1 = std::numeric_limits<float>::infinity();
+  memory::desc src, bias, dst;
   /*!
    * \brief For an NCHW input that oneDNN has no fast kernel for: its reorder to NHWC (`src`)
    *        before the primitive, and the layout it comes in.
    */
   std::optional<dnnl::reorder> input_reorder;
   memory::desc input;
-  /*! \brief The weight in the primitive's layout, owned by oneDNN. */
-  memory weights;
-  std::string implementation;
   at::ScalarType dtype;
   bool residual;
   /*! \brief The residual add's place in the post-op chain (after the epilogue, if any). */
@@ -146,43 +216,63 @@ OneDnnConv::OneDnnConv(const at::Tensor& weight, const ConvGeometry& geometry,
 
   // oneDNN refuses what it has no kernel for (an error): the call site then runs elsewhere.
   try {
-    dnnl::post_ops ops;
-    AppendEpilogue(ops, post_op);
-    impl->residual_index = ops.len();
-    if (residual) ops.append_binary(dnnl::algorithm::binary_add, impl->dst);
-    dnnl::primitive_attr attr;
-    attr.set_post_ops(ops);
     // Scratch memory comes from the calling thread (ThreadScratch), so that calls from several
     // threads never share it.
-    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    auto describe = [&](const memory::desc& src) {
+    auto describe = [&](const memory::desc& src, const std::string& epilogue) {
+      dnnl::post_ops ops;
+      AppendEpilogue(ops, epilogue);
+      if (residual) ops.append_binary(dnnl::algorithm::binary_add, impl->dst);
+      dnnl::primitive_attr attr;
+      attr.set_post_ops(ops);
+      attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
       return dnnl::convolution_forward::primitive_desc(
           CpuEngine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
           src, any_weights, impl->bias, impl->dst, stride, dilation, padding, padding, attr);
     };
     // oneDNN's reference kernels are for correctness checks, 1000x slower than its JIT ones.
-    auto is_reference = [](const std::string& name) {
-      return name.find("ref") != std::string::npos;
+    auto is_reference = [](const dnnl::convolution_forward::primitive_desc& pd) {
+      return std::string(pd.impl_info_str()).find("ref") != std::string::npos;
     };
-    dnnl::convolution_forward::primitive_desc pd = describe(impl->input);
+    const bool clip = IsClip(post_op);
+    const std::string exact_epilogue = clip ? "none" : post_op;
+    impl->residual_index = exact_epilogue == "none" ? 0 : 1;
+    dnnl::convolution_forward::primitive_desc pd = describe(impl->input, exact_epilogue);
     impl->src = impl->input;
-    if (is_reference(pd.impl_info_str()) && input_format == at::MemoryFormat::Contiguous) {
+    if (is_reference(pd) && input_format == at::MemoryFormat::Contiguous) {
       // oneDNN 3.2 has no JIT kernel for an NCHW input with an NHWC result: reorder the input
       // (a program's image, 3 channels: a small copy) and convolve NHWC.
-      pd = describe(nhwc_input);
+      pd = describe(nhwc_input, exact_epilogue);
       impl->src = nhwc_input;
       impl->input_reorder = dnnl::reorder(
           dnnl::reorder::primitive_desc(CpuEngine(), impl->input, CpuEngine(), nhwc_input));
     }
-    impl->implementation = pd.impl_info_str();
     // Anything else without a JIT kernel runs on the Graph partitions instead.
-    if (is_reference(impl->implementation)) return;
-    impl->scratchpad = pd.scratchpad_desc();
-    impl->primitive = dnnl::convolution_forward(pd);
-    impl->weights = memory(pd.weights_desc(), CpuEngine());
-    memory source(plain_weights, CpuEngine(), plain.data_ptr());
+    if (is_reference(pd)) return;
     dnnl::stream stream(CpuEngine());
-    dnnl::reorder(source, impl->weights).execute(stream, source, impl->weights);
+    memory source(plain_weights, CpuEngine(), plain.data_ptr());
+    auto make = [&](const dnnl::convolution_forward::primitive_desc& desc,
+                    const ConvPrimitive* share) {
+      ConvPrimitive made{dnnl::convolution_forward(desc), desc.scratchpad_desc(), memory(),
+                         desc.impl_info_str()};
+      if (share != nullptr && share->weights.get_desc() == desc.weights_desc()) {
+        made.weights = share->weights;
+      } else {
+        made.weights = memory(desc.weights_desc(), CpuEngine());
+        dnnl::reorder(source, made.weights).execute(stream, source, made.weights);
+      }
+      return made;
+    };
+    impl->exact = make(pd, nullptr);
+    // The fused clip saves ATen's pass over the result (a read and a write) at the price of a
+    // read of the input: taken where the input is at most twice the result's size.
+    const int64_t input_numel = c10::multiply_integers(input_size);
+    const int64_t output_numel = c10::multiply_integers(impl->output_size);
+    if (clip && !residual && input_numel <= 2 * output_numel) {
+      const auto clipped = describe(impl->src, post_op);
+      if (!is_reference(clipped)) impl->clipped = make(clipped, &impl->exact);
+      impl->weight_l1 = plain.abs().to(at::kDouble).sum({1, 2, 3}).max().item<double>();
+      if (!(impl->weight_l1 < kFiniteBound)) impl->clipped.reset();
+    }
     stream.wait();
   } catch (const dnnl::error&) {
     return;
@@ -190,7 +280,11 @@ OneDnnConv::OneDnnConv(const at::Tensor& weight, const ConvGeometry& geometry,
   impl_ = std::move(impl);
 }
 
-std::string OneDnnConv::implementation() const { return ok() ? impl_->implementation : ""; }
+std::string OneDnnConv::implementation() const {
+  return ok() ? impl_->exact.implementation : "";
+}
+
+bool OneDnnConv::FusesClip() const { return ok() && impl_->clipped.has_value(); }
 
 bool OneDnnConv::CanWriteTo(const at::Tensor& out) const {
   return ok() && out.scalar_type() == impl_->dtype && out.is_cpu() &&
@@ -199,7 +293,7 @@ bool OneDnnConv::CanWriteTo(const at::Tensor& out) const {
 
 at::Tensor OneDnnConv::Run(const at::Tensor& x, const at::Tensor& bias,
                            const std::optional<at::Tensor>& other,
-                           const std::optional<at::Tensor>& out) const {
+                           const std::optional<at::Tensor>& out, bool* clipped) const {
   TORCH_CHECK(ok(), "tvm_torch: this convolution has no oneDNN primitive");
   const Impl& p = *impl_;
   ThreadScratch& scratch = Scratch();
@@ -225,6 +319,13 @@ at::Tensor OneDnnConv::Run(const at::Tensor& x, const at::Tensor& bias,
   at::Tensor y = out.has_value() && CanWriteTo(*out)
                      ? *out
                      : at::empty(p.output_size, x.options(), at::MemoryFormat::ChannelsLast);
+  // The fused clip where no pre-activation value can be NaN: finite inputs and bias, and sums
+  // bounded below overflow. Else the exact primitive, and the caller's clip keeps NaN.
+  const bool fuse_clip = p.clipped.has_value() &&
+                         MaxMagnitude(x) * p.weight_l1 + MaxMagnitude(bias) < kFiniteBound;
+  const ConvPrimitive& kernel = fuse_clip ? *p.clipped : p.exact;
+  if (clipped != nullptr) *clipped = fuse_clip;
+  if (fuse_clip) g_clips_fused.fetch_add(1, std::memory_order_relaxed);
   const dnnl::engine& engine = CpuEngine();
   try {
     dnnl::stream& stream = ThreadStream();
@@ -237,19 +338,19 @@ at::Tensor OneDnnConv::Run(const at::Tensor& x, const at::Tensor& bias,
     }
     std::unordered_map<int, memory> args{
         {DNNL_ARG_SRC, src},
-        {DNNL_ARG_WEIGHTS, p.weights},
+        {DNNL_ARG_WEIGHTS, kernel.weights},
         {DNNL_ARG_BIAS, memory(p.bias, engine, bias.data_ptr())},
         {DNNL_ARG_DST, memory(p.dst, engine, y.data_ptr())}};
     if (other.has_value()) {
       args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(p.residual_index) | DNNL_ARG_SRC_1,
                    memory(p.dst, engine, other->data_ptr()));
     }
-    if (p.scratchpad.get_size() > 0) {
+    if (kernel.scratchpad.get_size() > 0) {
       args.emplace(DNNL_ARG_SCRATCHPAD,
-                   memory(p.scratchpad, engine,
-                          ThreadScratch::Bytes(scratch.scratchpad, p.scratchpad.get_size())));
+                   memory(kernel.scratchpad, engine,
+                          ThreadScratch::Bytes(scratch.scratchpad, kernel.scratchpad.get_size())));
     }
-    p.primitive.execute(stream, args);
+    kernel.primitive.execute(stream, args);
     stream.wait();
   } catch (const dnnl::error& err) {
     TORCH_CHECK(false, "tvm_torch: oneDNN convolution failed: ", err.what());
@@ -258,6 +359,8 @@ at::Tensor OneDnnConv::Run(const at::Tensor& x, const at::Tensor& bias,
 }
 
 bool OneDnnConv::Available() { return true; }
+
+int64_t OneDnnConv::ClipsFused() { return g_clips_fused.load(); }
 
 #else  // !TVM_TORCH_WITH_ONEDNN
 
@@ -270,13 +373,17 @@ std::string OneDnnConv::implementation() const { return ""; }
 
 bool OneDnnConv::CanWriteTo(const at::Tensor&) const { return false; }
 
+bool OneDnnConv::FusesClip() const { return false; }
+
 at::Tensor OneDnnConv::Run(const at::Tensor&, const at::Tensor&,
                            const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&) const {
+                           const std::optional<at::Tensor>&, bool*) const {
   TORCH_CHECK(false, "tvm_torch: this library was built without oneDNN");
 }
 
 bool OneDnnConv::Available() { return false; }
+
+int64_t OneDnnConv::ClipsFused() { return 0; }
 
 #endif  // TVM_TORCH_WITH_ONEDNN
 

@@ -29,12 +29,22 @@ namespace tvm_torch {
  * \brief conv2d(x, weight) + bias, then `post_op` ("none", "hardswish", "sigmoid", "tanh",
  *        "silu"), then + other when `residual`, in the weight's dtype (float32 or bfloat16), as
  *        one oneDNN convolution primitive for inputs of one size and layout.
+ *
+ * With post_op "relu" or "relu6" (and no residual), Run fuses the clip only on calls where no
+ * NaN can reach it (oneDNN's clips map NaN to a number, PyTorch's keep it): where the input
+ * and bias are finite and max |x| times the largest per-channel sum of |weight|, plus
+ * max |bias|, is far below FLT_MAX, no partial sum can overflow, so no pre-activation value is
+ * NaN. That costs a read of the input, so it is built only where the input is at most twice
+ * the result's size (a pointwise expansion, a stride-1 depthwise convolution); elsewhere, and
+ * on calls that fail the check, the caller applies the clip after the exact primitive.
  */
 class OneDnnConv {
  public:
   /*!
    * \brief Create the primitive and reorder the weight for it. \ref ok says whether oneDNN
    *        took the convolution (it may refuse a dtype or post-op this CPU has no kernel for).
+   * \param post_op As in the class comment; "relu" and "relu6" are applied by Run only where
+   *        it says so (see Run's `clipped`).
    * \param weight The float32 or bfloat16 OIHW weight; x, bias and other come in its dtype.
    * \param input_size The NCHW size of x.
    * \param input_format How x is laid out: channels-last (a result of the program), or
@@ -56,17 +66,26 @@ class OneDnnConv {
    *        Safe to call from several threads at once.
    * \param out Where to write the result, when it is a channels-last tensor of the result's
    *        size and dtype (memory the program planned); else the result is allocated.
+   * \param clipped Set to whether the ReLU/ReLU6 epilogue was applied (fused); when false,
+   *        the caller applies it. Other epilogues are always applied.
    * \return The channels-last NCHW result (`out` when it was written).
    */
   at::Tensor Run(const at::Tensor& x, const at::Tensor& bias,
                  const std::optional<at::Tensor>& other,
-                 const std::optional<at::Tensor>& out = std::nullopt) const;
+                 const std::optional<at::Tensor>& out = std::nullopt,
+                 bool* clipped = nullptr) const;
+
+  /*! \brief Whether Run may fuse this call site's ReLU/ReLU6 (see the class comment). */
+  bool FusesClip() const;
 
   /*! \brief Whether Run can write its result into `out`. */
   bool CanWriteTo(const at::Tensor& out) const;
 
   /*! \brief Whether this library was built with oneDNN (else no instance is ever ok()). */
   static bool Available();
+
+  /*! \brief How many calls ran with their ReLU/ReLU6 fused, in this process (diagnostics). */
+  static int64_t ClipsFused();
 
  private:
   struct Impl;

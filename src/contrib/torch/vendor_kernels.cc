@@ -104,6 +104,9 @@ std::atomic<int64_t> g_graphs_built{0};
 /*! \brief Call sites kept per weight (one per input size and epilogue); past it, pointwise. */
 constexpr size_t kMaxKernelsPerWeight = 8;
 
+/*! \brief Whether an epilogue is a clip that only OneDnnConv fuses, on calls it checks. */
+bool IsClip(const std::string& epilogue) { return epilogue == "relu" || epilogue == "relu6"; }
+
 /*! \brief The kernel a call site runs on: one of the two, or neither (the pointwise op). */
 struct ConvKernels {
   const OneDnnConv* primitive = nullptr;
@@ -158,8 +161,10 @@ class ConvWeightObj : public ffi::Object {
     if (choice == kPrimitive && entry->primitive) return {entry->primitive.get(), nullptr};
     if (!entry->graph_tried) {
       entry->graph_tried = true;
-      auto conv = std::make_unique<OneDnnGraphConv>(plain, geometry, entry->x_size, post_op,
-                                                    residual, x_format);
+      // A partition never fuses a clip (oneDNN's maps NaN to a number): the caller applies it.
+      auto conv = std::make_unique<OneDnnGraphConv>(
+          plain, geometry, entry->x_size, IsClip(post_op) ? "none" : post_op, residual,
+          x_format);
       if (conv->ok()) {
         entry->graph = std::move(conv);
         ++g_graphs_built;
@@ -274,12 +279,18 @@ at::Tensor RunConv(ConvWeightObj* weight, const at::Tensor& input, const at::Ten
                    const std::optional<at::Tensor>& other, const ffi::Shape& padding,
                    const ffi::Shape& stride, const ffi::Shape& dilation, int64_t groups,
                    at::MemoryFormat input_format = at::MemoryFormat::ChannelsLast,
-                   const std::optional<at::Tensor>& out = std::nullopt) {
-  // The kernels take the fused epilogue by its PyTorch name ("silu", not oneDNN's "swish").
-  const ConvKernels kernels =
-      weight->Kernels(std::string(post_op) == "none" ? "none" : epilogue, other.has_value(),
-                      input.sizes(), input_format);
-  if (kernels.primitive != nullptr) return kernels.primitive->Run(input, bias, other, out);
+                   const std::optional<at::Tensor>& out = std::nullopt,
+                   bool* clipped = nullptr) {
+  if (clipped != nullptr) *clipped = false;
+  // The kernels take the fused epilogue by its PyTorch name ("silu", not oneDNN's "swish"),
+  // and a clip (which the primitive may fuse, call by call) when nothing is added after.
+  const bool clip = IsClip(epilogue) && !other.has_value();
+  const ConvKernels kernels = weight->Kernels(
+      std::string(post_op) != "none" || clip ? epilogue : "none", other.has_value(),
+      input.sizes(), input_format);
+  if (kernels.primitive != nullptr) {
+    return kernels.primitive->Run(input, bias, other, out, clipped);
+  }
   if (kernels.graph != nullptr) return kernels.graph->Run(input, bias, other);
   const at::Tensor w = weight->Packed();
   if (!other.has_value()) {
@@ -311,10 +322,12 @@ at::Tensor ConvWithEpilogue(const at::Tensor& input, const ffi::ObjectRef& packe
                             const std::optional<at::Tensor>& out = std::nullopt) {
   const char* post_op = FusedConvEpilogue(epilogue);
   ConvWeightObj* weight = UnwrapConv(packed);
+  bool clipped = false;
   at::Tensor y = RunConv(weight, AsComputeDtype(input, weight->plain),
                          AsComputeDtype(ToTorchTensor(bias), weight->plain), epilogue, post_op,
-                         std::nullopt, padding, stride, dilation, groups, input_format, out);
-  ApplyEpilogue(y, epilogue, std::string(post_op) != "none");
+                         std::nullopt, padding, stride, dilation, groups, input_format, out,
+                         &clipped);
+  ApplyEpilogue(y, epilogue, std::string(post_op) != "none" || clipped);
   return InDtype(y, input.scalar_type());
 }
 
@@ -741,5 +754,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.set_conv_kernel", tvm_torch::SetConvKernel)
       .def("tvm_torch.onednn_graph_convs_built", tvm_torch::OneDnnGraphConvsBuilt)
       .def("tvm_torch.onednn_primitive_convs_built", tvm_torch::OneDnnPrimitiveConvsBuilt)
-      .def("tvm_torch.onednn_available", tvm_torch::OneDnnConv::Available);
+      .def("tvm_torch.onednn_available", tvm_torch::OneDnnConv::Available)
+      .def("tvm_torch.onednn_clips_fused", tvm_torch::OneDnnConv::ClipsFused);
 }

@@ -226,3 +226,92 @@ def test_switch_returns_the_previous_setting():
         assert set_conv_kernel("graph") == "graph"
     finally:
         set_conv_kernel(first)
+
+
+def clips_fused() -> int:
+    return int(tvm.get_global_func("tvm_torch.onednn_clips_fused")())
+
+
+class _Clips(torch.nn.Module):
+    """A ReLU6 and a ReLU convolution whose inputs are no larger than twice their results
+    (where the primitive may fuse the clip), then a strided one (where it never does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = torch.nn.Conv2d(4, 16, 1)
+        self.depthwise = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.strided = torch.nn.Conv2d(16, 8, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        y = torch.nn.functional.relu6(self.expand(x))
+        y = torch.relu(self.depthwise(y))
+        return torch.relu(self.strided(y))
+
+
+@pytest.mark.skipif(not HAS_ONEDNN, reason="the runtime library was built without oneDNN "
+                    "(onednn-devel-cpu-gomp)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_clips_fuse_only_where_no_nan_can_reach_them(dtype, tmp_path):
+    """oneDNN's ReLU and ReLU6 turn NaN into a number. A call fuses them only where its input
+    and bias bound every pre-activation value below overflow; NaN, Inf and inputs large
+    enough to overflow run the exact convolution and ATen's clip, as PyTorch computes."""
+    if dtype == torch.bfloat16 and not cpu_has_bfloat16():
+        pytest.skip("this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX)")
+    torch.manual_seed(0)
+    model = _Clips().eval()
+    with torch.no_grad():
+        model.expand.weight[0, :2] = torch.tensor([2.0, 2.0]).view(2, 1, 1)
+    module = _compile(model, (1, 4, 8, 8), tmp_path,
+                      default_dtype=str(dtype).replace("torch.", ""))
+    low = dtype == torch.bfloat16
+    x = torch.randn(1, 4, 8, 8) * 4
+
+    def check(y, fused):
+        before = clips_fused()
+        y = y.to(dtype)
+        with torch.no_grad(), exact_fp32():
+            with torch.autocast("cpu", torch.bfloat16, enabled=low):
+                expected = model(y)
+            actual = module([y])[0]
+        tolerance = 4e-2 if low else 1e-4
+        torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=tolerance,
+                                   atol=tolerance, equal_nan=True)
+        assert clips_fused() - before == fused
+        return actual
+
+    # A finite input: the expansion's and the depthwise convolution's clips are fused.
+    check(x, 2)
+    # NaN at the input: the expansion runs exact (NaN kept), so the depthwise convolution's
+    # input holds NaN too, and it runs exact as well.
+    nan = x.clone()
+    nan[0, 1, 3, 3] = float("nan")
+    assert check(nan, 0).isnan().any()
+    # +-Inf at the input: the expansion runs exact; its ReLU6 maps the pixel's +-Inf results
+    # to 6 and 0, so the depthwise convolution's input is finite again, and it fuses.
+    for bad in (float("inf"), float("-inf")):
+        inf = x.clone()
+        inf[0, 2, 4, 4] = bad
+        check(inf, 1)
+    # Finite, but large enough for sums to overflow: the expansion runs exact (its sums reach
+    # +-Inf before its clip, as in PyTorch); its clipped result is finite, so the depthwise
+    # convolution fuses.
+    big = x.clone()
+    big[0, :2, 5, 5] = 3e38
+    check(big, 1)
+
+
+@pytest.mark.skipif(not HAS_ONEDNN, reason="the runtime library was built without oneDNN "
+                    "(onednn-devel-cpu-gomp)")
+def test_a_weight_too_large_to_bound_never_fuses_its_clip(tmp_path):
+    torch.manual_seed(0)
+    model = _Clips().eval()
+    with torch.no_grad():
+        model.expand.weight[3, 1] = 3e38
+    module = _compile(model, (1, 4, 8, 8), tmp_path)
+    x = torch.randn(1, 4, 8, 8)
+    before = clips_fused()
+    with torch.no_grad(), exact_fp32():
+        torch.testing.assert_close(module([x])[0], model(x), rtol=1e-4, atol=1e-4,
+                                   equal_nan=True)
+    # The depthwise convolution's input is bounded (it reads the clipped expansion) and fuses.
+    assert clips_fused() - before == 1

@@ -12,9 +12,11 @@
  * oneDNN primitives on this library's own oneDNN, see onednn_conv.h, or else as compiled
  * oneDNN Graph partitions, see onednn_graph_conv.h), and with the epilogues that
  * oneDNN computes exactly as PyTorch does (bias, residual add, SiLU, sigmoid, tanh,
- * hardswish) fused into the primitive; ReLU, ReLU6 and hardsigmoid are applied by ATen after it (oneDNN's map NaN to a
- * number). Linear layers are in linear_kernels.cc. All tensors cross the boundary through
- * DLPack without copies.
+ * hardswish) fused into the primitive; ReLU and ReLU6 fused only on calls where no NaN can
+ * reach them (OneDnnConv checks), else, like hardsigmoid, applied by ATen after it (oneDNN's
+ * map NaN to a number). The "_out" variants write into the destination the program passes
+ * (its planned memory). Linear layers are in linear_kernels.cc. All tensors cross the
+ * boundary through DLPack without copies.
  */
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>

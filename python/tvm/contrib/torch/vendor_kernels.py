@@ -12,8 +12,10 @@ libraries that libtorch already ships, on CPU and on CUDA. This pass rewrites th
   with fewer than 64K weights (squeeze-excite gates), ``tvm_torch.matmul_bias`` (MKL). The
   weight goes through ``tvm_torch.conv2d_nhwc_prepack``, which ``LiftTransformParams`` moves
   into ``main_transform_params``: the runtime prepares every weight once, at the first call,
-  and runs each float32 or bfloat16 chain as one compiled oneDNN Graph partition
-  (``src/contrib/torch/onednn_graph_conv.cc``). CPU ``conv1d`` (Whisper's, Wav2Vec's)
+  and runs each float32 or bfloat16 chain as one oneDNN primitive on its own oneDNN
+  (``src/contrib/torch/onednn_conv.cc``; else as a compiled oneDNN Graph partition inside
+  libtorch, ``onednn_graph_conv.cc``); :func:`destination_passing_pass` makes the calls
+  write into memory the program plans. CPU ``conv1d`` (Whisper's, Wav2Vec's)
   becomes such a conv2d of height 1 first. Convolutions
   whose tuned TVM kernel was measured faster (``tvm_wins``: :mod:`.vendor_choice`) stay TVM
   code.

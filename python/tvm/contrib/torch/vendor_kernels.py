@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import AbstractSet, Dict, List, Mapping, Optional, Tuple
+from typing import AbstractSet, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -1003,27 +1003,61 @@ def _convs_read_nchw_inputs(func: relax.Function) -> relax.Function:
     params = set(func.params)
     bound = _bindings(func)
 
+    def rewrite(call: relax.Call, name: str) -> Optional[relax.Expr]:
+        if name != "tvm_torch.conv2d_nhwc":
+            return None
+        permute = bound.get(call.args[1]) if isinstance(call.args[1], relax.Var) else None
+        if not isinstance(permute, relax.Call) or permute.op != tvm.ir.Op.get(
+                "relax.permute_dims") or permute.args[0] not in params or \
+                _permutation(permute) != [0, 2, 3, 1]:
+            return None
+        return relax.call_pure_packed("tvm_torch.conv2d_nchw_input", permute.args[0],
+                                      *call.args[2:], ty_args=call.ty)
+
+    return _rewrite_packed_calls(func, rewrite)
+
+
+def _rewrite_packed_calls(
+        func: relax.Function,
+        rewrite: Callable[[relax.Call, str], Optional[relax.Expr]]) -> relax.Function:
+    """``rewrite(call, name)`` for each ``R.call_pure_packed`` call of ``func`` (``name``: the
+    packed function's), which returns its replacement or None to keep it; the function as it
+    was when it kept them all."""
+
     @mutator
     class _Rewrite(PyExprMutator):  # pylint: disable=abstract-method
         rewrote = 0
 
         def visit_call_(self, call):  # pylint: disable=arguments-renamed
             call = super().visit_call_(call)
-            if call.op != tvm.ir.Op.get("relax.call_pure_packed") or \
-                    str(call.args[0].global_symbol) != "tvm_torch.conv2d_nhwc":
+            if call.op != tvm.ir.Op.get("relax.call_pure_packed"):
                 return call
-            permute = bound.get(call.args[1]) if isinstance(call.args[1], relax.Var) else None
-            if not isinstance(permute, relax.Call) or permute.op != tvm.ir.Op.get(
-                    "relax.permute_dims") or permute.args[0] not in params or \
-                    _permutation(permute) != [0, 2, 3, 1]:
+            replacement = rewrite(call, str(call.args[0].global_symbol))
+            if replacement is None:
                 return call
             self.rewrote += 1
-            return relax.call_pure_packed("tvm_torch.conv2d_nchw_input", permute.args[0],
-                                          *call.args[2:], ty_args=call.ty)
+            return replacement
 
     rewriter = _Rewrite()
     rewritten = rewriter.visit_expr(func)
     return rewritten if rewriter.rewrote else func
+
+
+def _main_pass(name: str, rewrite_main: Callable[[relax.Function], relax.Function],
+               dead_code: bool) -> tvm.transform.Pass:
+    """A module pass applying ``rewrite_main`` to ``main`` (then dead-code elimination when
+    ``dead_code``); the module as it was when ``main`` comes back unchanged."""
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        func = rewrite_main(mod["main"])
+        if func.same_as(mod["main"]):
+            return mod
+        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+        mod["main"] = func
+        return relax.transform.DeadCodeElimination(["main"])(mod) if dead_code else mod
+
+    return _pass
 
 
 def _drop_row_zeroing(func: relax.Function) -> relax.Function:
@@ -1407,17 +1441,7 @@ def nchw_input_pass() -> tvm.transform.Pass:
     """A CPU program's convolutions of its own NCHW inputs read them as they are
     (``tvm_torch.conv2d_nchw_input``, see :func:`_convs_read_nchw_inputs`); run after
     :func:`offload_pass`."""
-
-    @tvm.transform.module_pass(opt_level=0, name="TvmTorchConvNchwInputs")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        func = _convs_read_nchw_inputs(mod["main"])
-        if func.same_as(mod["main"]):
-            return mod
-        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        mod["main"] = func
-        return relax.transform.DeadCodeElimination(["main"])(mod)
-
-    return _pass
+    return _main_pass("TvmTorchConvNchwInputs", _convs_read_nchw_inputs, dead_code=True)
 
 
 #: CPU vendor kernels and their destination-passing variants, which write their result into
@@ -1435,41 +1459,20 @@ def _results_in_planned_memory(func: relax.Function) -> relax.Function:
     """Each call of a kernel of :data:`_DESTINATION_PASSING` -> ``R.call_dps_packed`` of its
     destination-passing variant, with the same arguments and result type."""
 
-    @mutator
-    class _Rewrite(PyExprMutator):  # pylint: disable=abstract-method
-        rewrote = 0
+    def rewrite(call: relax.Call, name: str) -> Optional[relax.Expr]:
+        out = _DESTINATION_PASSING.get(name)
+        if out is None or not isinstance(call.ty, relax.TensorType):
+            return None
+        return relax.call_dps_packed(out, relax.Tuple(list(call.args[1:])), call.ty)
 
-        def visit_call_(self, call):  # pylint: disable=arguments-renamed
-            call = super().visit_call_(call)
-            if call.op != tvm.ir.Op.get("relax.call_pure_packed") or \
-                    not isinstance(call.ty, relax.TensorType):
-                return call
-            name = _DESTINATION_PASSING.get(str(call.args[0].global_symbol))
-            if name is None:
-                return call
-            self.rewrote += 1
-            return relax.call_dps_packed(name, relax.Tuple(list(call.args[1:])), call.ty)
-
-    rewriter = _Rewrite()
-    rewritten = rewriter.visit_expr(func)
-    return rewritten if rewriter.rewrote else func
+    return _rewrite_packed_calls(func, rewrite)
 
 
 def destination_passing_pass() -> tvm.transform.Pass:
     """A CPU program's convolutions write their results into memory the program plans
     (:func:`_results_in_planned_memory`); run last among the vendor passes (the others match
     the ``R.call_pure_packed`` form)."""
-
-    @tvm.transform.module_pass(opt_level=0, name="TvmTorchDestinationPassing")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        func = _results_in_planned_memory(mod["main"])
-        if func.same_as(mod["main"]):
-            return mod
-        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        mod["main"] = func
-        return mod
-
-    return _pass
+    return _main_pass("TvmTorchDestinationPassing", _results_in_planned_memory, dead_code=False)
 
 
 __all__ = ["ConvSite", "conv_key", "destination_passing_pass", "nchw_input_pass",

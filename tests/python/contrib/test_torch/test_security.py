@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -244,6 +245,15 @@ def test_a_library_path_that_is_not_a_regular_file_is_refused(cpu_program, tmp_p
         assert f"the compiled library file '{path}' is not a regular file" in proc.stdout
 
 
+def _onednn_libraries() -> list:
+    """The oneDNN library the runtime library links (from the onednn-cpu-gomp wheel), if any."""
+    try:
+        files = importlib.metadata.files("onednn-cpu-gomp") or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    return [str(f.locate().resolve()) for f in files if str(f).endswith("libdnnl.so.3")]
+
+
 def test_a_second_copy_of_the_runtime_library_is_left_inert(tmp_path):
     copy = tmp_path / "libtvm_torch_runtime_copy.so"
     shutil.copy(runtime_library_path(), copy)
@@ -257,11 +267,14 @@ def test_a_second_copy_of_the_runtime_library_is_left_inert(tmp_path):
     assert proc.stdout.strip() == "cpu"
     assert f"the copy at '{copy}' is left uninitialised" in proc.stderr
     # From Python: a copy loaded first (by a C++ host, say) serves the package too. The copy's
-    # $ORIGIN-relative rpath does not reach libtvm_ffi / libtvm_runtime from tmp_path (a host
-    # links them): importing tvm loads them first.
+    # $ORIGIN-relative rpath does not reach libtvm_ffi / libtvm_runtime / libdnnl from tmp_path
+    # (a host links them): importing tvm loads the first two, and oneDNN is loaded here.
     proc = _isolated(f"""
+        import ctypes
         import torch
         import tvm
+        for path in {_onednn_libraries()!r}:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         torch.ops.load_library({str(copy)!r})
         import tvm.contrib.torch as t
         print(t.load_runtime_library())

@@ -1,7 +1,8 @@
 /*!
  * \file onednn_conv.cc
  * \brief OneDnnConv: a convolution, its bias, fused epilogue and residual add as one oneDNN
- *        primitive, built once per call site and input size.
+ *        primitive, built once per call site and input size; a ReLU/ReLU6 fused on the calls
+ *        whose input bounds every sum (see onednn_conv.h).
  */
 #include "onednn_conv.h"
 
@@ -36,9 +37,6 @@ const dnnl::engine& CpuEngine() {
   static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   return engine;
 }
-
-/*! \brief Whether `post_op` is a clip that oneDNN computes exactly only where no NaN comes in. */
-bool IsClip(const std::string& post_op) { return post_op == "relu" || post_op == "relu6"; }
 
 /*!
  * \brief The eltwise post-op computing PyTorch's `post_op`. hardswish, sigmoid, tanh and SiLU
@@ -233,7 +231,7 @@ OneDnnConv::OneDnnConv(const at::Tensor& weight, const ConvGeometry& geometry,
     auto is_reference = [](const dnnl::convolution_forward::primitive_desc& pd) {
       return std::string(pd.impl_info_str()).find("ref") != std::string::npos;
     };
-    const bool clip = IsClip(post_op);
+    const bool clip = OneDnnConv::IsClip(post_op);
     const std::string exact_epilogue = clip ? "none" : post_op;
     impl->residual_index = exact_epilogue == "none" ? 0 : 1;
     dnnl::convolution_forward::primitive_desc pd = describe(impl->input, exact_epilogue);
@@ -388,5 +386,9 @@ int64_t OneDnnConv::ClipsFused() { return 0; }
 #endif  // TVM_TORCH_WITH_ONEDNN
 
 OneDnnConv::~OneDnnConv() = default;
+
+bool OneDnnConv::IsClip(const std::string& post_op) {
+  return post_op == "relu" || post_op == "relu6";
+}
 
 }  // namespace tvm_torch

@@ -81,6 +81,9 @@ class OneDnnConv {
   /*! \brief Whether Run can write its result into `out`. */
   bool CanWriteTo(const at::Tensor& out) const;
 
+  /*! \brief Whether `post_op` is a ReLU or ReLU6, which Run fuses only on calls it checks. */
+  static bool IsClip(const std::string& post_op);
+
   /*! \brief Whether this library was built with oneDNN (else no instance is ever ok()). */
   static bool Available();
 

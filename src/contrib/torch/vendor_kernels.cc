@@ -106,9 +106,6 @@ std::atomic<int64_t> g_graphs_built{0};
 /*! \brief Call sites kept per weight (one per input size and epilogue); past it, pointwise. */
 constexpr size_t kMaxKernelsPerWeight = 8;
 
-/*! \brief Whether an epilogue is a clip that only OneDnnConv fuses, on calls it checks. */
-bool IsClip(const std::string& epilogue) { return epilogue == "relu" || epilogue == "relu6"; }
-
 /*! \brief The kernel a call site runs on: one of the two, or neither (the pointwise op). */
 struct ConvKernels {
   const OneDnnConv* primitive = nullptr;
@@ -164,9 +161,9 @@ class ConvWeightObj : public ffi::Object {
     if (!entry->graph_tried) {
       entry->graph_tried = true;
       // A partition never fuses a clip (oneDNN's maps NaN to a number): the caller applies it.
-      auto conv = std::make_unique<OneDnnGraphConv>(
-          plain, geometry, entry->x_size, IsClip(post_op) ? "none" : post_op, residual,
-          x_format);
+      const std::string graph_post_op = OneDnnConv::IsClip(post_op) ? "none" : post_op;
+      auto conv = std::make_unique<OneDnnGraphConv>(plain, geometry, entry->x_size,
+                                                    graph_post_op, residual, x_format);
       if (conv->ok()) {
         entry->graph = std::move(conv);
         ++g_graphs_built;
@@ -286,7 +283,7 @@ at::Tensor RunConv(ConvWeightObj* weight, const at::Tensor& input, const at::Ten
   if (clipped != nullptr) *clipped = false;
   // The kernels take the fused epilogue by its PyTorch name ("silu", not oneDNN's "swish"),
   // and a clip (which the primitive may fuse, call by call) when nothing is added after.
-  const bool clip = IsClip(epilogue) && !other.has_value();
+  const bool clip = OneDnnConv::IsClip(epilogue) && !other.has_value();
   const ConvKernels kernels = weight->Kernels(
       std::string(post_op) != "none" || clip ? epilogue : "none", other.has_value(),
       input.sizes(), input_format);

@@ -133,6 +133,9 @@ constexpr float kFiniteBound = std::numeric_limits<float>::max() / 4;
 /*! \brief Calls that ran with the clip fused, in this process (OneDnnConv::ClipsFused). */
 std::atomic<int64_t> g_clips_fused{0};
 
+/*! \brief Whether Run may fuse clips at all (OneDnnConv::SetFuseClips). */
+std::atomic<bool> g_fuse_clips{true};
+
 }  // namespace
 
 /*! \brief One convolution primitive, with its scratchpad's size and its weight. */
@@ -320,6 +323,7 @@ at::Tensor OneDnnConv::Run(const at::Tensor& x, const at::Tensor& bias,
   // The fused clip where no pre-activation value can be NaN: finite inputs and bias, and sums
   // bounded below overflow. Else the exact primitive, and the caller's clip keeps NaN.
   const bool fuse_clip = p.clipped.has_value() &&
+                         g_fuse_clips.load(std::memory_order_relaxed) &&
                          MaxMagnitude(x) * p.weight_l1 + MaxMagnitude(bias) < kFiniteBound;
   const ConvPrimitive& kernel = fuse_clip ? *p.clipped : p.exact;
   if (clipped != nullptr) *clipped = fuse_clip;
@@ -360,6 +364,8 @@ bool OneDnnConv::Available() { return true; }
 
 int64_t OneDnnConv::ClipsFused() { return g_clips_fused.load(); }
 
+bool OneDnnConv::SetFuseClips(bool enabled) { return g_fuse_clips.exchange(enabled); }
+
 #else  // !TVM_TORCH_WITH_ONEDNN
 
 struct OneDnnConv::Impl {};
@@ -382,6 +388,8 @@ at::Tensor OneDnnConv::Run(const at::Tensor&, const at::Tensor&,
 bool OneDnnConv::Available() { return false; }
 
 int64_t OneDnnConv::ClipsFused() { return 0; }
+
+bool OneDnnConv::SetFuseClips(bool) { return false; }
 
 #endif  // TVM_TORCH_WITH_ONEDNN
 

@@ -90,6 +90,13 @@ class OneDnnConv {
   /*! \brief How many calls ran with their ReLU/ReLU6 fused, in this process (diagnostics). */
   static int64_t ClipsFused();
 
+  /*!
+   * \brief Allow or forbid fusing ReLU/ReLU6 (every call then applies ATen's after the exact
+   *        primitive), for every loaded program: for A/B runs and as a way out.
+   * \return The previous setting.
+   */
+  static bool SetFuseClips(bool enabled);
+
  private:
   struct Impl;
   /*! \brief The primitive and its reordered weight; null when oneDNN refused. */

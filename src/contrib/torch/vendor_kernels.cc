@@ -754,5 +754,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("tvm_torch.onednn_graph_convs_built", tvm_torch::OneDnnGraphConvsBuilt)
       .def("tvm_torch.onednn_primitive_convs_built", tvm_torch::OneDnnPrimitiveConvsBuilt)
       .def("tvm_torch.onednn_available", tvm_torch::OneDnnConv::Available)
-      .def("tvm_torch.onednn_clips_fused", tvm_torch::OneDnnConv::ClipsFused);
+      .def("tvm_torch.onednn_clips_fused", tvm_torch::OneDnnConv::ClipsFused)
+      .def("tvm_torch.set_fused_clips", tvm_torch::OneDnnConv::SetFuseClips);
 }

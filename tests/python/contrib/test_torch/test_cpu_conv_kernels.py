@@ -302,6 +302,26 @@ def test_clips_fuse_only_where_no_nan_can_reach_them(dtype, tmp_path):
 
 @pytest.mark.skipif(not HAS_ONEDNN, reason="the runtime library was built without oneDNN "
                     "(onednn-devel-cpu-gomp)")
+def test_fused_clips_can_be_switched_off(tmp_path):
+    torch.manual_seed(0)
+    model = _Clips().eval()
+    module = _compile(model, (1, 4, 8, 8), tmp_path)
+    x = torch.randn(1, 4, 8, 8)
+    switch = tvm.get_global_func("tvm_torch.set_fused_clips")
+    assert switch(False) is True
+    try:
+        before = clips_fused()
+        with torch.no_grad(), exact_fp32():
+            torch.testing.assert_close(module([x])[0], model(x), rtol=1e-4, atol=1e-4)
+        assert clips_fused() == before
+    finally:
+        assert switch(True) is False
+    module([x])
+    assert clips_fused() - before == 2
+
+
+@pytest.mark.skipif(not HAS_ONEDNN, reason="the runtime library was built without oneDNN "
+                    "(onednn-devel-cpu-gomp)")
 def test_a_weight_too_large_to_bound_never_fuses_its_clip(tmp_path):
     torch.manual_seed(0)
     model = _Clips().eval()

@@ -144,7 +144,6 @@ struct ConvPrimitive {
   memory::desc scratchpad;
   /*! \brief The weight in the primitive's layout, owned by oneDNN. */
   memory weights;
-  std::string implementation;
 };
 
 struct OneDnnConv::Impl {
@@ -253,8 +252,7 @@ OneDnnConv::OneDnnConv(const at::Tensor& weight, const ConvGeometry& geometry,
     memory source(plain_weights, CpuEngine(), plain.data_ptr());
     auto make = [&](const dnnl::convolution_forward::primitive_desc& desc,
                     const ConvPrimitive* share) {
-      ConvPrimitive made{dnnl::convolution_forward(desc), desc.scratchpad_desc(), memory(),
-                         desc.impl_info_str()};
+      ConvPrimitive made{dnnl::convolution_forward(desc), desc.scratchpad_desc(), memory()};
       if (share != nullptr && share->weights.get_desc() == desc.weights_desc()) {
         made.weights = share->weights;
       } else {
@@ -271,8 +269,13 @@ OneDnnConv::OneDnnConv(const at::Tensor& weight, const ConvGeometry& geometry,
     if (clip && !residual && input_numel <= 2 * output_numel) {
       const auto clipped = describe(impl->src, post_op);
       if (!is_reference(clipped)) impl->clipped = make(clipped, &impl->exact);
-      impl->weight_l1 = plain.abs().to(at::kDouble).sum({1, 2, 3}).max().item<double>();
-      if (!(impl->weight_l1 < kFiniteBound)) impl->clipped.reset();
+      // In double: a sum past FLT_MAX (or a NaN weight) leaves weight_l1 at +Inf.
+      const double l1 = plain.abs().to(at::kDouble).sum({1, 2, 3}).max().item<double>();
+      if (l1 < kFiniteBound) {
+        impl->weight_l1 = static_cast<float>(l1);
+      } else {
+        impl->clipped.reset();
+      }
     }
     stream.wait();
   } catch (const dnnl::error&) {
@@ -280,12 +283,6 @@ OneDnnConv::OneDnnConv(const at::Tensor& weight, const ConvGeometry& geometry,
   }
   impl_ = std::move(impl);
 }
-
-std::string OneDnnConv::implementation() const {
-  return ok() ? impl_->exact.implementation : "";
-}
-
-bool OneDnnConv::FusesClip() const { return ok() && impl_->clipped.has_value(); }
 
 bool OneDnnConv::CanWriteTo(const at::Tensor& out) const {
   return ok() && out.scalar_type() == impl_->dtype && out.is_cpu() &&
@@ -373,11 +370,7 @@ struct OneDnnConv::Impl {};
 OneDnnConv::OneDnnConv(const at::Tensor&, const ConvGeometry&, const std::vector<int64_t>&,
                        const std::string&, bool, at::MemoryFormat) {}
 
-std::string OneDnnConv::implementation() const { return ""; }
-
 bool OneDnnConv::CanWriteTo(const at::Tensor&) const { return false; }
-
-bool OneDnnConv::FusesClip() const { return false; }
 
 at::Tensor OneDnnConv::Run(const at::Tensor&, const at::Tensor&,
                            const std::optional<at::Tensor>&,

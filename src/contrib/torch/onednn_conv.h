@@ -58,9 +58,6 @@ class OneDnnConv {
   /*! \brief Whether the primitive was created (Run may be called). */
   bool ok() const { return impl_ != nullptr; }
 
-  /*! \brief The name of the kernel oneDNN chose (for diagnostics). */
-  std::string implementation() const;
-
   /*!
    * \brief Run on x in the input format (and other, of the result's size, channels-last).
    *        Safe to call from several threads at once.
@@ -75,8 +72,6 @@ class OneDnnConv {
                  const std::optional<at::Tensor>& out = std::nullopt,
                  bool* clipped = nullptr) const;
 
-  /*! \brief Whether Run may fuse this call site's ReLU/ReLU6 (see the class comment). */
-  bool FusesClip() const;
 
   /*! \brief Whether Run can write its result into `out`. */
   bool CanWriteTo(const at::Tensor& out) const;

@@ -145,7 +145,8 @@ class ConvWeightObj : public ffi::Object {
     }
     if (entry == nullptr) {
       if (kernels_.size() >= kMaxKernelsPerWeight) return {};
-      kernels_.push_back({post_op, residual, x_size.vec(), x_format, false, nullptr, false, nullptr});
+      kernels_.push_back(
+          {post_op, residual, x_size.vec(), x_format, false, nullptr, false, nullptr});
       entry = &kernels_.back();
     }
     if (choice == kPrimitive && !entry->primitive_tried) {

@@ -335,8 +335,7 @@ at::Tensor ConvWithEpilogue(const at::Tensor& input, const ffi::ObjectRef& packe
  * \brief Put a result into the destination a program passed (a no-op when the kernel wrote it
  *        there already), converting its dtype if needed.
  */
-void WriteResult(const at::Tensor& y, const ffi::Tensor& out) {
-  at::Tensor target = NhwcAsNchw(out);
+void WriteResult(const at::Tensor& y, const at::Tensor& target) {
   TORCH_CHECK(target.sizes() == y.sizes(), "tvm_torch: the program passed a destination of size ",
               target.sizes(), " for a convolution result of size ", y.sizes());
   if (y.data_ptr() != target.data_ptr()) target.copy_(y);
@@ -363,16 +362,13 @@ ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
 void Conv2dNhwcOut(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias, ffi::Shape padding,
                    ffi::Shape stride, ffi::Shape dilation, int64_t groups, ffi::String attr,
                    ffi::Tensor out) {
+  const at::Tensor target = NhwcAsNchw(out);
   WriteResult(ConvWithEpilogue(NhwcAsNchw(x), packed, bias, padding, stride, dilation, groups,
-                               std::string(attr), at::MemoryFormat::ChannelsLast,
-                               NhwcAsNchw(out)),
-              out);
+                               std::string(attr), at::MemoryFormat::ChannelsLast, target),
+              target);
 }
 
-/*!
- * \brief Conv2dNhwc on a contiguous NCHW x (a program's input: oneDNN reads it as it is,
- *        instead of a TVM kernel transposing it to NHWC first); the result is NHWC.
- */
+/*! \brief x as a contiguous NCHW torch tensor (a program's input), checked. */
 at::Tensor NchwInput(const ffi::Tensor& x) {
   const at::Tensor input = ToTorchTensor(x);
   TORCH_CHECK(input.dim() == 4 && input.is_contiguous(),
@@ -381,6 +377,10 @@ at::Tensor NchwInput(const ffi::Tensor& x) {
   return input;
 }
 
+/*!
+ * \brief Conv2dNhwc on a contiguous NCHW x (a program's input: oneDNN reads it as it is,
+ *        instead of a TVM kernel transposing it to NHWC first); the result is NHWC.
+ */
 ffi::Tensor Conv2dNchwInput(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
                             ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
                             int64_t groups, ffi::String attr) {
@@ -392,18 +392,12 @@ ffi::Tensor Conv2dNchwInput(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bi
 void Conv2dNchwInputOut(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
                         ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
                         int64_t groups, ffi::String attr, ffi::Tensor out) {
+  const at::Tensor target = NhwcAsNchw(out);
   WriteResult(ConvWithEpilogue(NchwInput(x), packed, bias, padding, stride, dilation, groups,
-                               std::string(attr), at::MemoryFormat::Contiguous,
-                               NhwcAsNchw(out)),
-              out);
+                               std::string(attr), at::MemoryFormat::Contiguous, target),
+              target);
 }
 
-/*!
- * \brief conv2d(x NHWC) + other (NHWC), then "relu" or "none" (ATen's, as in Conv2dNhwc). The
- *        result has the dtype of x + other (bfloat16 when both are, as torch.autocast's type
- *        promotion makes it); an other in another dtype than the weight's is added in that
- *        promoted dtype after the convolution.
- */
 /*! \brief Conv2dAddNhwc's result, channels-last: written into `out` where the kernel can. */
 at::Tensor ConvAdd(const ffi::Tensor& x, const ffi::Tensor& other, const ffi::ObjectRef& packed,
                    const ffi::Tensor& bias, const ffi::Shape& padding, const ffi::Shape& stride,
@@ -430,6 +424,12 @@ at::Tensor ConvAdd(const ffi::Tensor& x, const ffi::Tensor& other, const ffi::Ob
   return InDtype(y, out_dtype);
 }
 
+/*!
+ * \brief conv2d(x NHWC) + other (NHWC), then "relu" or "none" (ATen's, as in Conv2dNhwc). The
+ *        result has the dtype of x + other (bfloat16 when both are, as torch.autocast's type
+ *        promotion makes it); an other in another dtype than the weight's is added in that
+ *        promoted dtype after the convolution.
+ */
 ffi::Tensor Conv2dAddNhwc(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packed,
                           ffi::Tensor bias, ffi::Shape padding, ffi::Shape stride,
                           ffi::Shape dilation, int64_t groups, ffi::String unary_attr) {
@@ -441,9 +441,10 @@ ffi::Tensor Conv2dAddNhwc(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packe
 void Conv2dAddNhwcOut(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packed, ffi::Tensor bias,
                       ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
                       int64_t groups, ffi::String unary_attr, ffi::Tensor out) {
+  const at::Tensor target = NhwcAsNchw(out);
   WriteResult(ConvAdd(x, other, packed, bias, padding, stride, dilation, groups,
-                      std::string(unary_attr), NhwcAsNchw(out)),
-              out);
+                      std::string(unary_attr), target),
+              target);
 }
 
 /*!

@@ -94,19 +94,15 @@ def test_convolutions_write_into_planned_memory():
     offloaded = vendor_kernels.nchw_input_pass()(vendor_kernels.offload_pass()(
         _module(IMAGE + [((1, 8, 8, 8), "float32")], body)))
     before = [(str(c.args[0].global_symbol), [str(a) for a in c.args[1:]], c.ty)
-              for c in _pure_packed_calls(offloaded) if "prepack" not in
+              for c in _op_calls(offloaded, "relax.call_pure_packed") if "prepack" not in
               str(c.args[0].global_symbol)]
     assert [name for name, _, _ in before] == [
         "tvm_torch.conv2d_nchw_input", "tvm_torch.conv2d_add_nhwc"]
     mod = vendor_kernels.destination_passing_pass()(offloaded)
-    packed, ops = _calls(mod)
+    packed, _ = _calls(mod)
     assert [p for p in packed if not p.endswith("prepack")] == []
-    dps = []
-    relax.analysis.post_order_visit(mod["main"], lambda e: dps.append(e) if isinstance(
-        e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_dps_packed"
-        else None)
     after = [(str(c.args[0].global_symbol), [str(a) for a in c.args[1].fields], c.ty)
-             for c in dps]
+             for c in _op_calls(mod, "relax.call_dps_packed")]
     assert [name for name, _, _ in after] == [
         "tvm_torch.conv2d_nchw_input_out", "tvm_torch.conv2d_add_nhwc_out"]
     for (_, args, ty), (_, args_after, ty_after) in zip(before, after):
@@ -116,11 +112,11 @@ def test_convolutions_write_into_planned_memory():
     assert vendor_kernels.destination_passing_pass()(plain).same_as(plain)
 
 
-def _pure_packed_calls(mod: tvm.IRModule) -> List[relax.Call]:
+def _op_calls(mod: tvm.IRModule, op_name: str) -> List[relax.Call]:
+    """The calls of the Relax operator ``op_name`` in ``main``, in order."""
     calls = []
     relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(
-        e, relax.Call) and isinstance(e.op, tvm.ir.Op) and
-        e.op.name == "relax.call_pure_packed" else None)
+        e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == op_name else None)
     return calls
 
 

@@ -4,6 +4,7 @@
  */
 #include "compiled_program.h"
 
+#include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <dlfcn.h>
@@ -15,6 +16,7 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -24,8 +26,34 @@
 #include "load_checks.h"
 #include "tensor_bridge.h"
 
+// Exported by libtvm_runtime (declared in its src/runtime/threading_backend.h, which is not
+// among the installed headers). The limit is per calling thread.
+namespace tvm::runtime::threading {
+__attribute__((visibility("default"))) int MaxConcurrency();
+__attribute__((visibility("default"))) void SetMaxConcurrency(int value);
+}  // namespace tvm::runtime::threading
+
 namespace tvm_torch {
 namespace {
+
+/*!
+ * \brief Give TVM's kernels on this thread the threads torch.set_num_threads allows, at most
+ *        TVM's own default (one per physical core), unless TVM_NUM_THREADS says otherwise.
+ *        Left alone, TVM takes one per physical core whatever torch is told (a serving
+ *        process set to one thread per worker would run every TVM kernel on all cores), and
+ *        counts the CPUs again at each parallel kernel (a syscall).
+ */
+void MatchTvmThreadsToTorch() {
+  static const bool user_set = std::getenv("TVM_NUM_THREADS") != nullptr;
+  if (user_set) return;
+  thread_local const int tvm_default = tvm::runtime::threading::MaxConcurrency();
+  thread_local int applied = 0;
+  const int wanted = std::max(1, std::min(at::get_num_threads(), tvm_default));
+  if (wanted != applied) {
+    tvm::runtime::threading::SetMaxConcurrency(wanted);
+    applied = wanted;
+  }
+}
 
 /*! \brief Relax VM allocator kind: pooled (memory reused across calls). */
 constexpr int kPooledAllocator = 2;
@@ -292,6 +320,7 @@ std::vector<at::Tensor> CompiledProgram::Run(const std::vector<at::Tensor>& inpu
 
   c10::OptionalDeviceGuard guard(device_.is_cuda() ? std::make_optional(device_) : std::nullopt);
   ScopedTvmStream stream(device_);
+  MatchTvmThreadsToTorch();
   std::unique_ptr<VMInstance> vm = AcquireVM();
   tvm::ffi::Any result;
   {

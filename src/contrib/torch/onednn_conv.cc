@@ -11,6 +11,7 @@
 #ifdef TVM_TORCH_WITH_ONEDNN
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include <array>
 #include <atomic>
 #include <bit>
 #include <cstdint>
@@ -110,15 +111,13 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) uint16_t MaxMagnitu
   return m;
 }
 
-/*! \brief max |t| of a contiguous float32 or bfloat16 tensor; +Inf when it holds NaN or Inf. */
-float MaxMagnitude(const at::Tensor& t) {
+/*! \brief max |v| of n float32 or bfloat16 values; +Inf when they hold NaN or Inf. */
+float MaxMagnitude(const void* data, int64_t n, at::ScalarType dtype) {
   uint32_t bits;
-  if (t.scalar_type() == at::kBFloat16) {
-    bits = static_cast<uint32_t>(
-               MaxMagnitudeBits16(static_cast<const uint16_t*>(t.const_data_ptr()), t.numel()))
-           << 16;
+  if (dtype == at::kBFloat16) {
+    bits = static_cast<uint32_t>(MaxMagnitudeBits16(static_cast<const uint16_t*>(data), n)) << 16;
   } else {
-    bits = MaxMagnitudeBits(static_cast<const uint32_t*>(t.const_data_ptr()), t.numel());
+    bits = MaxMagnitudeBits(static_cast<const uint32_t*>(data), n);
   }
   return bits >= 0x7f800000u ? std::numeric_limits<float>::infinity() : std::bit_cast<float>(bits);
 }
@@ -146,6 +145,24 @@ struct ConvPrimitive {
   memory weights;
 };
 
+/*!
+ * \brief oneDNN memory objects for one call, pointed at its buffers per call: making them per
+ *        call (each a few heap allocations) cost as much as a small convolution.
+ */
+struct CallMemories {
+  memory input, src, bias, dst, other;
+  memory scratchpad[2];  //!< for the exact primitive, and the clipped one
+};
+
+/*! \brief CallMemories that one call at a time holds (busy), made at its first use. */
+struct MemorySlot {
+  std::atomic<bool> busy{false};
+  std::unique_ptr<CallMemories> memories;
+};
+
+/*! \brief Slots per primitive: calls from more threads at once make their own memories. */
+constexpr size_t kMemorySlots = 4;
+
 struct OneDnnConv::Impl {
   /*! \brief The convolution with its epilogue (without it, for a clip). */
   ConvPrimitive exact;
@@ -169,6 +186,25 @@ struct OneDnnConv::Impl {
   /*! \brief The residual add's place in the post-op chain (after the epilogue, if any). */
   int residual_index = 0;
   std::vector<int64_t> input_size, input_strides, output_size, output_strides;
+  int64_t input_numel = 0;
+  mutable std::array<MemorySlot, kMemorySlots> slots;
+
+  std::unique_ptr<CallMemories> MakeMemories() const {
+    auto made = std::make_unique<CallMemories>();
+    const dnnl::engine& engine = CpuEngine();
+    made->input = memory(input, engine, nullptr);
+    made->src = memory(src, engine, nullptr);
+    made->bias = memory(bias, engine, nullptr);
+    made->dst = memory(dst, engine, nullptr);
+    made->other = memory(dst, engine, nullptr);
+    if (exact.scratchpad.get_size() > 0) {
+      made->scratchpad[0] = memory(exact.scratchpad, engine, nullptr);
+    }
+    if (clipped.has_value() && clipped->scratchpad.get_size() > 0) {
+      made->scratchpad[1] = memory(clipped->scratchpad, engine, nullptr);
+    }
+    return made;
+  }
 };
 
 OneDnnConv::OneDnnConv(const at::Tensor& weight, const ConvGeometry& geometry,
@@ -187,6 +223,7 @@ OneDnnConv::OneDnnConv(const at::Tensor& weight, const ConvGeometry& geometry,
   impl->residual = residual;
   impl->input_size = input_size;
   impl->output_size = ConvOutputSize(input_size, weight.sizes(), geometry);
+  impl->input_numel = c10::multiply_integers(input_size);
   impl->input_strides = at::empty(input_size, input_format).strides().vec();
   impl->output_strides =
       at::empty(impl->output_size, at::MemoryFormat::ChannelsLast).strides().vec();
@@ -294,7 +331,6 @@ at::Tensor OneDnnConv::Run(const at::Tensor& x, const at::Tensor& bias,
                            const std::optional<at::Tensor>& out, bool* clipped) const {
   TORCH_CHECK(ok(), "tvm_torch: this convolution has no oneDNN primitive");
   const Impl& p = *impl_;
-  ThreadScratch& scratch = Scratch();
   TORCH_CHECK(HasLayout(x, p.input_size, p.input_strides) && x.scalar_type() == p.dtype &&
                   x.is_cpu(),
               "tvm_torch: oneDNN convolution built for ", p.dtype, " CPU input of size ",
@@ -317,45 +353,90 @@ at::Tensor OneDnnConv::Run(const at::Tensor& x, const at::Tensor& bias,
   at::Tensor y = out.has_value() && CanWriteTo(*out)
                      ? *out
                      : at::empty(p.output_size, x.options(), at::MemoryFormat::ChannelsLast);
+  Execute({x.const_data_ptr(), bias.const_data_ptr(),
+           other.has_value() ? other->const_data_ptr() : nullptr, y.data_ptr()},
+          clipped);
+  return y;
+}
+
+void OneDnnConv::Execute(const Buffers& buffers, bool* clipped) const {
+  const Impl& p = *impl_;
   // The fused clip where no pre-activation value can be NaN: finite inputs and bias, and sums
   // bounded below overflow. Else the exact primitive, and the caller's clip keeps NaN.
-  const bool fuse_clip = p.clipped.has_value() &&
-                         g_fuse_clips.load(std::memory_order_relaxed) &&
-                         MaxMagnitude(x) * p.weight_l1 + MaxMagnitude(bias) < kFiniteBound;
+  const bool fuse_clip =
+      p.clipped.has_value() && g_fuse_clips.load(std::memory_order_relaxed) &&
+      MaxMagnitude(buffers.x, p.input_numel, p.dtype) * p.weight_l1 +
+              MaxMagnitude(buffers.bias, p.output_size[1], p.dtype) <
+          kFiniteBound;
   const ConvPrimitive& kernel = fuse_clip ? *p.clipped : p.exact;
   if (clipped != nullptr) *clipped = fuse_clip;
   if (fuse_clip) g_clips_fused.fetch_add(1, std::memory_order_relaxed);
-  const dnnl::engine& engine = CpuEngine();
-  try {
-    dnnl::stream& stream = ThreadStream();
-    memory src(p.input, engine, x.data_ptr());
-    if (p.input_reorder.has_value()) {
-      memory reordered(p.src, engine,
-                       ThreadScratch::Bytes(scratch.input, p.src.get_size()));
-      p.input_reorder->execute(stream, src, reordered);
-      src = reordered;
+  // A free slot's memories, or (more calls at once than slots) this call's own.
+  MemorySlot* slot = nullptr;
+  for (MemorySlot& candidate : p.slots) {
+    if (!candidate.busy.exchange(true, std::memory_order_acquire)) {
+      slot = &candidate;
+      break;
     }
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, src},
-        {DNNL_ARG_WEIGHTS, kernel.weights},
-        {DNNL_ARG_BIAS, memory(p.bias, engine, bias.data_ptr())},
-        {DNNL_ARG_DST, memory(p.dst, engine, y.data_ptr())}};
-    if (other.has_value()) {
-      args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(p.residual_index) | DNNL_ARG_SRC_1,
-                   memory(p.dst, engine, other->data_ptr()));
+  }
+  struct Release {
+    MemorySlot* slot;
+    ~Release() {
+      if (slot != nullptr) slot->busy.store(false, std::memory_order_release);
+    }
+  } release{slot};
+  std::unique_ptr<CallMemories> own;
+  CallMemories* m;
+  try {
+    if (slot == nullptr) {
+      own = p.MakeMemories();
+      m = own.get();
+    } else {
+      if (slot->memories == nullptr) slot->memories = p.MakeMemories();
+      m = slot->memories.get();
+    }
+    ThreadScratch& scratch = Scratch();
+    dnnl::stream& stream = ThreadStream();
+    m->input.set_data_handle(const_cast<void*>(buffers.x));
+    const memory* src = &m->input;
+    if (p.input_reorder.has_value()) {
+      m->src.set_data_handle(ThreadScratch::Bytes(scratch.input, p.src.get_size()));
+      p.input_reorder->execute(stream, m->input, m->src);
+      src = &m->src;
+    }
+    m->bias.set_data_handle(const_cast<void*>(buffers.bias));
+    m->dst.set_data_handle(buffers.out);
+    // The C API takes the arguments as an array: the C++ one builds a hash map per call.
+    dnnl_exec_arg_t args[6] = {{DNNL_ARG_SRC, src->get()},
+                               {DNNL_ARG_WEIGHTS, kernel.weights.get()},
+                               {DNNL_ARG_BIAS, m->bias.get()},
+                               {DNNL_ARG_DST, m->dst.get()}};
+    int count = 4;
+    if (p.residual) {
+      m->other.set_data_handle(const_cast<void*>(buffers.other));
+      args[count++] = {DNNL_ARG_ATTR_MULTIPLE_POST_OP(p.residual_index) | DNNL_ARG_SRC_1,
+                       m->other.get()};
     }
     if (kernel.scratchpad.get_size() > 0) {
-      args.emplace(DNNL_ARG_SCRATCHPAD,
-                   memory(kernel.scratchpad, engine,
-                          ThreadScratch::Bytes(scratch.scratchpad, kernel.scratchpad.get_size())));
+      const memory& pad = m->scratchpad[fuse_clip ? 1 : 0];
+      pad.set_data_handle(ThreadScratch::Bytes(scratch.scratchpad, kernel.scratchpad.get_size()));
+      args[count++] = {DNNL_ARG_SCRATCHPAD, pad.get()};
     }
-    kernel.primitive.execute(stream, args);
+    const dnnl_status_t status =
+        dnnl_primitive_execute(kernel.primitive.get(), stream.get(), count, args);
+    TORCH_CHECK(status == dnnl_success, "tvm_torch: oneDNN convolution failed (status ",
+                static_cast<int>(status), ")");
     stream.wait();
   } catch (const dnnl::error& err) {
     TORCH_CHECK(false, "tvm_torch: oneDNN convolution failed: ", err.what());
   }
-  return y;
 }
+
+const std::vector<int64_t>& OneDnnConv::input_size() const { return impl_->input_size; }
+
+const std::vector<int64_t>& OneDnnConv::output_size() const { return impl_->output_size; }
+
+at::ScalarType OneDnnConv::dtype() const { return impl_->dtype; }
 
 bool OneDnnConv::Available() { return true; }
 
@@ -375,6 +456,22 @@ bool OneDnnConv::CanWriteTo(const at::Tensor&) const { return false; }
 at::Tensor OneDnnConv::Run(const at::Tensor&, const at::Tensor&,
                            const std::optional<at::Tensor>&,
                            const std::optional<at::Tensor>&, bool*) const {
+  TORCH_CHECK(false, "tvm_torch: this library was built without oneDNN");
+}
+
+void OneDnnConv::Execute(const Buffers&, bool*) const {
+  TORCH_CHECK(false, "tvm_torch: this library was built without oneDNN");
+}
+
+const std::vector<int64_t>& OneDnnConv::input_size() const {
+  TORCH_CHECK(false, "tvm_torch: this library was built without oneDNN");
+}
+
+const std::vector<int64_t>& OneDnnConv::output_size() const {
+  TORCH_CHECK(false, "tvm_torch: this library was built without oneDNN");
+}
+
+at::ScalarType OneDnnConv::dtype() const {
   TORCH_CHECK(false, "tvm_torch: this library was built without oneDNN");
 }
 

@@ -342,6 +342,75 @@ void WriteResult(const at::Tensor& y, const at::Tensor& target) {
 }
 
 /*!
+ * \brief The data of a dense CPU tensor of `dtype` and exactly `sizes`; null for anything else
+ *        (the caller then takes the general path, which converts, or checks and reports).
+ */
+void* DenseData(const ffi::Tensor& t, at::ScalarType dtype, at::IntArrayRef sizes) {
+  const DLTensor* d = t.GetDLTensorPtr();
+  const bool type_ok = dtype == at::kBFloat16
+                           ? d->dtype.code == kDLBfloat && d->dtype.bits == 16
+                           : dtype == at::kFloat && d->dtype.code == kDLFloat && d->dtype.bits == 32;
+  if (!type_ok || d->dtype.lanes != 1 || d->device.device_type != kDLCPU ||
+      d->ndim != static_cast<int>(sizes.size()) || !ffi::IsContiguous(*d)) {
+    return nullptr;
+  }
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (d->shape[i] != sizes[i]) return nullptr;
+  }
+  return static_cast<char*>(d->data) + d->byte_offset;
+}
+
+/*!
+ * \brief A destination-passing convolution straight on its oneDNN primitive, without making
+ *        ATen tensors: for mobile networks' small convolutions these cost as much as the
+ *        kernel. Taken where x (NHWC, or the program's NCHW input), other and out are dense,
+ *        of the weight's dtype and the primitive's sizes.
+ * \param other The residual (NHWC), or null.
+ * \param unary For a residual: "relu" (ATen's, after the add) or "none".
+ * \return false, having written nothing, where the general path must run instead (another
+ *         kernel, a dtype to convert).
+ */
+bool RunPrimitiveDirect(const ffi::ObjectRef& packed, const ffi::Tensor& x, bool nchw_input,
+                        const ffi::Tensor& bias, const ffi::Tensor* other,
+                        const ffi::Tensor& out, const std::string& epilogue,
+                        const std::string& unary) {
+  ConvWeightObj* weight = UnwrapConv(packed);
+  const at::ScalarType dtype = weight->plain.scalar_type();
+  const DLTensor* xd = x.GetDLTensorPtr();
+  if (xd->ndim != 4) return false;
+  const std::array<int64_t, 4> x_dims{xd->shape[0], xd->shape[1], xd->shape[2], xd->shape[3]};
+  const void* x_data = DenseData(x, dtype, x_dims);
+  if (x_data == nullptr) return false;
+  const std::array<int64_t, 4> x_size =
+      nchw_input ? x_dims : std::array<int64_t, 4>{x_dims[0], x_dims[3], x_dims[1], x_dims[2]};
+  // As RunConv picks the kernel.
+  const std::string post_op = other == nullptr ? FusedConvEpilogue(epilogue) : "none";
+  const bool clip = other == nullptr && OneDnnConv::IsClip(epilogue);
+  const ConvKernels kernels = weight->Kernels(
+      post_op != "none" || clip ? epilogue : "none", other != nullptr, x_size,
+      nchw_input ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast);
+  if (kernels.primitive == nullptr || kernels.primitive->dtype() != dtype) return false;
+  const std::vector<int64_t>& y = kernels.primitive->output_size();
+  const std::array<int64_t, 4> y_nhwc{y[0], y[2], y[3], y[1]};
+  void* out_data = DenseData(out, dtype, y_nhwc);
+  const void* other_data = other == nullptr ? nullptr : DenseData(*other, dtype, y_nhwc);
+  const void* bias_data = DenseData(bias, dtype, {y[1]});
+  if (out_data == nullptr || (other != nullptr && other_data == nullptr) || bias_data == nullptr) {
+    return false;
+  }
+  bool clipped = false;
+  kernels.primitive->Execute({x_data, bias_data, other_data, out_data}, &clipped);
+  // What the primitive left out: ATen's, on the result in place.
+  const bool epilogue_left = other == nullptr && post_op == "none" && epilogue != "none" && !clipped;
+  if (epilogue_left || unary == "relu") {
+    at::Tensor result = NhwcAsNchw(out);
+    if (epilogue_left) ApplyEpilogue(result, epilogue, false);
+    if (unary == "relu") result.relu_();
+  }
+  return true;
+}
+
+/*!
  * \brief conv2d(x NHWC) with a prepared weight (ConvWeightObj) and bias, then an epilogue:
  *        "none", "relu", "relu6", "silu", "sigmoid", "tanh", "hardswish" or "hardsigmoid" (see
  *        FusedConvEpilogue). It computes in the weight's dtype and returns x's: in a bfloat16
@@ -362,6 +431,7 @@ ffi::Tensor Conv2dNhwc(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
 void Conv2dNhwcOut(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias, ffi::Shape padding,
                    ffi::Shape stride, ffi::Shape dilation, int64_t groups, ffi::String attr,
                    ffi::Tensor out) {
+  if (RunPrimitiveDirect(packed, x, false, bias, nullptr, out, std::string(attr), "none")) return;
   const at::Tensor target = NhwcAsNchw(out);
   WriteResult(ConvWithEpilogue(NhwcAsNchw(x), packed, bias, padding, stride, dilation, groups,
                                std::string(attr), at::MemoryFormat::ChannelsLast, target),
@@ -392,6 +462,7 @@ ffi::Tensor Conv2dNchwInput(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bi
 void Conv2dNchwInputOut(ffi::Tensor x, ffi::ObjectRef packed, ffi::Tensor bias,
                         ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
                         int64_t groups, ffi::String attr, ffi::Tensor out) {
+  if (RunPrimitiveDirect(packed, x, true, bias, nullptr, out, std::string(attr), "none")) return;
   const at::Tensor target = NhwcAsNchw(out);
   WriteResult(ConvWithEpilogue(NchwInput(x), packed, bias, padding, stride, dilation, groups,
                                std::string(attr), at::MemoryFormat::Contiguous, target),
@@ -441,6 +512,9 @@ ffi::Tensor Conv2dAddNhwc(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packe
 void Conv2dAddNhwcOut(ffi::Tensor x, ffi::Tensor other, ffi::ObjectRef packed, ffi::Tensor bias,
                       ffi::Shape padding, ffi::Shape stride, ffi::Shape dilation,
                       int64_t groups, ffi::String unary_attr, ffi::Tensor out) {
+  if (RunPrimitiveDirect(packed, x, false, bias, &other, out, "none", std::string(unary_attr))) {
+    return;
+  }
   const at::Tensor target = NhwcAsNchw(out);
   WriteResult(ConvAdd(x, other, packed, bias, padding, stride, dilation, groups,
                       std::string(unary_attr), target),

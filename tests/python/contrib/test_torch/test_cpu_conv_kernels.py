@@ -214,6 +214,37 @@ def test_concurrent_first_calls(tmp_path):
             torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-4)
 
 
+def test_more_concurrent_calls_than_memory_slots(tmp_path):
+    """A primitive keeps oneDNN memory objects for 4 calls at a time; calls from more threads
+    at once make their own. Every call gets its own input's result."""
+    torch.manual_seed(0)
+    model = _Chains().eval()
+    module = _compile(model, (1, 8, 16, 16), tmp_path / "export")
+    inputs = [torch.randn(1, 8, 16, 16) for _ in range(10)]
+    with torch.no_grad(), exact_fp32():
+        expected = [model(x) for x in inputs]
+        module([inputs[0]])  # builds the kernels
+    errors = []
+    start = threading.Barrier(10)
+
+    def call(i):
+        try:
+            start.wait()
+            with torch.no_grad():
+                for _ in range(20):
+                    for actual, reference in zip(module([inputs[i]]), expected[i]):
+                        torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-4)
+        except Exception as err:  # pylint: disable=broad-except
+            errors.append(err)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[0]
+
+
 def test_switch_returns_the_previous_setting():
     first = set_conv_kernel("pointwise")
     try:

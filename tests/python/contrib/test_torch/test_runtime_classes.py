@@ -147,6 +147,29 @@ def test_concurrent_calls_from_threads_are_correct(tmp_path):
     assert not failures, failures[0]
 
 
+@pytest.mark.parametrize("torch_threads", [1, 2])
+def test_tvm_kernels_take_the_threads_torch_allows(tmp_path, torch_threads):
+    """A call gives TVM's kernels on the calling thread torch.get_num_threads() threads, at most
+    TVM's own default (here 2, from OMP_NUM_THREADS), instead of that default whatever torch
+    is told."""
+    program = AffineProgram(str(tmp_path / "export"), "cpu")
+    out = run_fresh_python(f"""
+        import os
+        os.environ.pop("TVM_NUM_THREADS", None)
+        os.environ["OMP_NUM_THREADS"] = "2"
+        import torch
+        import tvm
+        from tvm.contrib.torch import GraphModule
+        torch.set_num_threads({torch_threads})
+        module = GraphModule(num_inputs=1, num_outputs=2, device="cpu")
+        module.init([[4, 8]], *{program.files.as_tuple()!r})
+        module([torch.randn(4, 8)])
+        # TVM's pool for this thread, made now, takes the limit the call set.
+        print(tvm.get_global_func("runtime.NumThreads")())
+    """, str(tmp_path))
+    assert int(out.split()[-1]) == torch_threads
+
+
 @pytest.mark.parametrize("inputs, message", [
     (lambda: [], r"expected 1 input tensor\(s\), got 0"),
     (lambda: [torch.randn(4, 8), torch.randn(4, 8)], r"expected 1 input tensor\(s\), got 2"),

@@ -362,9 +362,9 @@ void* DenseData(const ffi::Tensor& t, at::ScalarType dtype, at::IntArrayRef size
 
 /*!
  * \brief A destination-passing convolution straight on its oneDNN primitive, without making
- *        ATen tensors: for mobile networks' small convolutions these cost as much as the
- *        kernel. Taken where x (NHWC, or the program's NCHW input), other and out are dense,
- *        of the weight's dtype and the primitive's sizes.
+ *        ATen tensors, which cost as much as a small convolution's kernel. Taken where x
+ *        (NHWC, or the program's NCHW input), other and out are dense, of the weight's dtype
+ *        and the primitive's sizes.
  * \param other The residual (NHWC), or null.
  * \param unary For a residual: "relu" (ATen's, after the add) or "none".
  * \return false, having written nothing, where the general path must run instead (another

@@ -179,6 +179,28 @@ def test_large_squeeze_excite_gates(dtype, tmp_path):
     assert sum(built_since(before)) == 2
 
 
+def _run_at_once(work, count: int) -> list:
+    """Run work(i) for i < count on as many threads, started together (no grad); returns the
+    exceptions they raised."""
+    errors = []
+    start = threading.Barrier(count)
+
+    def run(i):
+        try:
+            start.wait()
+            with torch.no_grad():
+                work(i)
+        except Exception as err:  # pylint: disable=broad-except
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return errors
+
+
 def test_concurrent_first_calls(tmp_path):
     """Threads calling a freshly loaded module at once build each kernel once and all get
     PyTorch's result."""
@@ -191,22 +213,12 @@ def test_concurrent_first_calls(tmp_path):
     inputs = [torch.randn(1, 8, 16, 16) for _ in range(4)]
     with torch.no_grad(), exact_fp32():
         expected = [model(x) for x in inputs]
-    results, errors = [None] * 4, []
-    start = threading.Barrier(4)
+    results = [None] * 4
 
     def call(i):
-        try:
-            start.wait()
-            with torch.no_grad():
-                results[i] = module([inputs[i]])
-        except Exception as err:  # pylint: disable=broad-except
-            errors.append(err)
+        results[i] = module([inputs[i]])
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    errors = _run_at_once(call, 4)
     assert not errors, errors
     assert sum(built_since(before)) == CHAINS
     for got, want in zip(results, expected):
@@ -224,24 +236,13 @@ def test_more_concurrent_calls_than_memory_slots(tmp_path):
     with torch.no_grad(), exact_fp32():
         expected = [model(x) for x in inputs]
         module([inputs[0]])  # builds the kernels
-    errors = []
-    start = threading.Barrier(10)
 
     def call(i):
-        try:
-            start.wait()
-            with torch.no_grad():
-                for _ in range(20):
-                    for actual, reference in zip(module([inputs[i]]), expected[i]):
-                        torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-4)
-        except Exception as err:  # pylint: disable=broad-except
-            errors.append(err)
+        for _ in range(20):
+            for actual, reference in zip(module([inputs[i]]), expected[i]):
+                torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-4)
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(10)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    errors = _run_at_once(call, 10)
     assert not errors, errors[0]
 
 

@@ -360,6 +360,7 @@ at::Tensor OneDnnConv::Run(const at::Tensor& x, const at::Tensor& bias,
 }
 
 void OneDnnConv::Execute(const Buffers& buffers, bool* clipped) const {
+  TORCH_CHECK(ok(), "tvm_torch: this convolution has no oneDNN primitive");
   const Impl& p = *impl_;
   // The fused clip where no pre-activation value can be NaN: finite inputs and bias, and sums
   // bounded below overflow. Else the exact primitive, and the caller's clip keeps NaN.

@@ -269,6 +269,17 @@ void ApplyEpilogue(at::Tensor& y, const std::string& epilogue, bool fused) {
 }
 
 /*!
+ * \brief The epilogue a call site's kernel is built with (ConvWeightObj::Kernels' key): the
+ *        fused one by its PyTorch name ("silu", not oneDNN's "swish"), or a clip (which the
+ *        primitive may fuse, call by call) when nothing is added after; else "none".
+ * \param post_op FusedConvEpilogue(epilogue).
+ */
+std::string KernelEpilogue(const std::string& epilogue, const char* post_op, bool residual) {
+  const bool clip = OneDnnConv::IsClip(epilogue) && !residual;
+  return std::string(post_op) != "none" || clip ? epilogue : "none";
+}
+
+/*!
  * \brief conv2d(input NCHW, laid out as `input_format` says: channels-last, or contiguous)
  *        + bias, then oneDNN's post-op `post_op` (or the residual `other`, with "none"), in
  *        the weight's dtype: on the call site's oneDNN primitive or Graph partition, or else
@@ -282,12 +293,9 @@ at::Tensor RunConv(ConvWeightObj* weight, const at::Tensor& input, const at::Ten
                    const std::optional<at::Tensor>& out = std::nullopt,
                    bool* clipped = nullptr) {
   if (clipped != nullptr) *clipped = false;
-  // The kernels take the fused epilogue by its PyTorch name ("silu", not oneDNN's "swish"),
-  // and a clip (which the primitive may fuse, call by call) when nothing is added after.
-  const bool clip = OneDnnConv::IsClip(epilogue) && !other.has_value();
-  const ConvKernels kernels = weight->Kernels(
-      std::string(post_op) != "none" || clip ? epilogue : "none", other.has_value(),
-      input.sizes(), input_format);
+  const ConvKernels kernels =
+      weight->Kernels(KernelEpilogue(epilogue, post_op, other.has_value()), other.has_value(),
+                      input.sizes(), input_format);
   if (kernels.primitive != nullptr) {
     return kernels.primitive->Run(input, bias, other, out, clipped);
   }
@@ -383,11 +391,9 @@ bool RunPrimitiveDirect(const ffi::ObjectRef& packed, const ffi::Tensor& x, bool
   if (x_data == nullptr) return false;
   const std::array<int64_t, 4> x_size =
       nchw_input ? x_dims : std::array<int64_t, 4>{x_dims[0], x_dims[3], x_dims[1], x_dims[2]};
-  // As RunConv picks the kernel.
-  const std::string post_op = other == nullptr ? FusedConvEpilogue(epilogue) : "none";
-  const bool clip = other == nullptr && OneDnnConv::IsClip(epilogue);
+  const char* post_op = other == nullptr ? FusedConvEpilogue(epilogue) : "none";
   const ConvKernels kernels = weight->Kernels(
-      post_op != "none" || clip ? epilogue : "none", other != nullptr, x_size,
+      KernelEpilogue(epilogue, post_op, other != nullptr), other != nullptr, x_size,
       nchw_input ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast);
   if (kernels.primitive == nullptr || kernels.primitive->dtype() != dtype) return false;
   const std::vector<int64_t>& y = kernels.primitive->output_size();
@@ -400,11 +406,13 @@ bool RunPrimitiveDirect(const ffi::ObjectRef& packed, const ffi::Tensor& x, bool
   }
   bool clipped = false;
   kernels.primitive->Execute({x_data, bias_data, other_data, out_data}, &clipped);
-  // What the primitive left out: ATen's, on the result in place.
-  const bool epilogue_left = other == nullptr && post_op == "none" && epilogue != "none" && !clipped;
+  // What the primitive left out: ATen's, on the result in place (as ConvWithEpilogue and
+  // ConvAdd apply it).
+  const bool fused = std::string(post_op) != "none" || clipped;
+  const bool epilogue_left = other == nullptr && !fused && epilogue != "none";
   if (epilogue_left || unary == "relu") {
     at::Tensor result = NhwcAsNchw(out);
-    if (epilogue_left) ApplyEpilogue(result, epilogue, false);
+    ApplyEpilogue(result, epilogue, fused);
     if (unary == "relu") result.relu_();
   }
   return true;
